@@ -1,0 +1,22 @@
+"""solvers: explicit Runge-Kutta ODE integration, an O(1)-memory adjoint, and an SDE front.
+
+``from solvers import odeint`` is a drop-in for ``from torchdiffeq import odeint``.
+"""
+
+from solvers.adjoint import odeint_adjoint
+from solvers.errors import (
+    MaxStepsExceededError,
+    NonFiniteStateError,
+    SolverError,
+    SolverInputError,
+    StepSizeUnderflowError,
+)
+from solvers.odeint import odeint
+from solvers.stats import SolverStats
+from solvers.tableau import METHODS, ButcherTableau, get_tableau
+
+__all__ = [
+    "odeint", "odeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
+    "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
+    "MaxStepsExceededError",
+]

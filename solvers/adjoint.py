@@ -1,0 +1,302 @@
+"""``odeint_adjoint``: gradients by solving the adjoint ODE backward, in O(1) memory.
+
+Forward: integrate without a graph and keep only the outputs. Backward: integrate the
+augmented state (x, a, a_theta) from t_N to t_0 (ALGORITHM.md section 1.2):
+
+    dx/dt = F(t, x),   da/dt = -F_x^T a,   da_theta/dt = -F_theta^T a,
+
+re-integrating x backward (Chen et al. 2018, "Neural Ordinary Differential Equations"), with
+a jump a += dL/dy(t_i) at every output time. The result is a(t_0) = dL/dy0 and
+a_theta(t_0) = dL/dtheta; time gradients are dL/dt_i = <dL/dy(t_i), F(t_i, y_i)> for i >= 1
+and dL/dt_0 = -<a(t_0), F(t_0, y_0)> (a(t_0) without the direct dL/dy(t_0) term).
+
+An optional observer receives (t_j, x(t_j), a(t_j)) during the backward solve at the grid
+t_j = t_0 + j * observer_dt (j >= 1, within [t_0, t_N]), through dense output, so the
+adaptive steps do not change and nothing is stored: this is where second-order statistics
+(SNOpt, Liu-Chen-Theodorou 2021) are collected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from solvers.errors import SolverInputError
+from solvers.integrate import Norm, segment_norm
+from solvers.odeint import (
+    FlatState,
+    State,
+    _CountingFunc,
+    _check_backend,
+    check_options,
+    check_times,
+    flat_state,
+    make_rhs,
+    solve_flat,
+)
+from solvers.stats import SolverStats
+
+Observer = Callable[[float, State, State], None]
+
+
+@dataclass
+class _Config:
+    """Everything the autograd.Function needs besides tensors."""
+
+    func: Callable
+    flat: FlatState
+    times: list[float]
+    direction: float
+    method: str
+    options: dict
+    rtol: float
+    atol: float
+    adjoint_method: str
+    adjoint_options: dict
+    adjoint_rtol: float
+    adjoint_atol: float
+    seminorm: bool
+    observer: Observer | None
+    observer_dt: float | None
+    stats: SolverStats
+    adjoint_stats: SolverStats
+    t_dtype: torch.dtype = torch.float32
+    n_params: list[int] = field(default_factory=list)
+
+
+def observer_grid(times: Sequence[float], dt: float) -> list[float]:
+    """Sampling times t_0 + j*dt, j = 1..N, that lie within [t_0, t_N] (either direction)."""
+    span = abs(times[-1] - times[0])
+    n = math.floor(span / dt + 1e-9)
+    sign = 1.0 if times[-1] >= times[0] else -1.0
+    return [times[0] + sign * j * dt for j in range(1, n + 1)]
+
+
+def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.device,
+             direction: float) -> Callable[[float, torch.Tensor], torch.Tensor]:
+    """Right-hand side of the augmented backward system on internal time s = direction * t."""
+    n, flat = sum(math.prod(s) for s in cfg.flat.shapes), cfg.flat
+    grad_params = [p for p in params if p.requires_grad]
+
+    def rhs(s: float, z: torch.Tensor) -> torch.Tensor:
+        cfg.adjoint_stats.nfe += 1
+        t = torch.tensor(direction * s, dtype=cfg.t_dtype, device=device)
+        with torch.enable_grad():
+            x = z[:n].detach().requires_grad_(True)
+            fx = flat.flatten(cfg.func(t, flat.unflatten(x)))
+            vjps = torch.autograd.grad(fx, (x, *grad_params), -z[n:2 * n], allow_unused=True)
+        parts = [fx.detach(), *(_or_zeros(g, v) for g, v in zip(vjps, (x, *grad_params)))]
+        out = torch.cat([p.reshape(-1) for p in parts])
+        return out if direction > 0 else -out
+    return rhs
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """Forward without graph; backward by the augmented adjoint solve."""
+
+    @staticmethod
+    def forward(ctx: Any, cfg: _Config, y0: torch.Tensor, t: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        rhs = make_rhs(cfg.func, cfg.flat, cfg.t_dtype, y0.device, cfg.direction, cfg.stats)
+        outs: list[torch.Tensor] = []
+        with torch.no_grad():
+            solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
+                       lambda j, s, y: outs.append(y), cfg.method, cfg.options, cfg.rtol,
+                       cfg.atol, cfg.flat, cfg.stats)
+            ys = torch.stack(outs)
+        ctx.cfg = cfg
+        ctx.save_for_backward(ys, t, *params)
+        return ys
+
+    @staticmethod
+    def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple:
+        cfg: _Config = ctx.cfg
+        ys, t, *params = ctx.saved_tensors
+        with torch.no_grad():
+            a0, a_theta, grad_t = _backward_solve(cfg, ys, grad_ys, tuple(params),
+                                                  need_t=ctx.needs_input_grad[2])
+        grads_p = _split_params(a_theta, params)
+        return (None, a0, grad_t, *grads_p)
+
+
+def _split_params(a_theta: torch.Tensor, params: Sequence[torch.Tensor]) -> list:
+    out, start = [], 0
+    for p in params:
+        if p.requires_grad:
+            out.append(a_theta[start:start + p.numel()].view_as(p))
+            start += p.numel()
+        else:
+            out.append(None)
+    return out
+
+
+def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
+                    params: tuple[torch.Tensor, ...], need_t: bool) -> tuple:
+    """Integrate (x, a, a_theta) from t_N to t_0; returns (dL/dy0, dL/dtheta, dL/dt)."""
+    n, times = ys.shape[1], cfg.times
+    n_theta = sum(p.numel() for p in params if p.requires_grad)
+    direction = -cfg.direction  # the backward solve runs against the forward direction
+    rhs = _aug_rhs(cfg, params, ys.device, direction)
+    norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.seminorm)
+    grid = observer_grid(times, cfg.observer_dt) if cfg.observer is not None else []
+    z = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(n_theta)])
+    if len(times) == 1:
+        z[n:2 * n] = 0.0
+    for i in range(len(times) - 1, 0, -1):
+        z = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm, direction, n)
+        z[:n] = ys[i - 1]  # restart x from the stored forward value (limits drift)
+        if i > 1:
+            z[n:2 * n] += grad_ys[i - 1]
+    grad_t = _time_grads(cfg, ys, grad_ys, z[n:2 * n], ys.device) if need_t else None
+    return z[n:2 * n] + grad_ys[0], z[2 * n:], grad_t
+
+
+def _interval_outputs(t_from: float, t_to: float, grid: list[float],
+                      direction: float) -> tuple[list[float], bool]:
+    """Internal output times of one backward interval: its start, the grid points in
+    [t_from, t_to) (backward order) and its end; plus whether the start is a grid point."""
+    s_from, s_to = direction * t_from, direction * t_to
+    tol = 1e-9 * max(1.0, abs(s_from), abs(s_to))
+    inside = sorted(direction * g for g in grid if s_from - tol <= direction * g < s_to - tol)
+    on_start = bool(inside) and abs(inside[0] - s_from) <= tol
+    return [s_from, *(inside[1:] if on_start else inside), s_to], on_start
+
+
+def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float, t_to: float,
+                    grid: list[float], norm: Norm, direction: float, n: int) -> torch.Tensor:
+    """Backward solve over one output interval, streaming grid samples to the observer."""
+    s_out, on_start = _interval_outputs(t_from, t_to, grid, direction)
+    result: list[torch.Tensor] = []
+
+    def emit(j: int, s: float, zj: torch.Tensor) -> None:
+        if j == len(s_out) - 1:
+            result.append(zj.clone())
+        elif j > 0 or on_start:
+            _observe(cfg, direction * s, zj, n)
+
+    solve_flat(rhs, z, s_out, emit, cfg.adjoint_method, cfg.adjoint_options,
+               cfg.adjoint_rtol, cfg.adjoint_atol, cfg.flat, cfg.adjoint_stats, norm=norm)
+    return result[0]
+
+
+def _observe(cfg: _Config, t: float, z: torch.Tensor, n: int) -> None:
+    assert cfg.observer is not None
+    cfg.observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]))
+
+
+def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool) -> Norm:
+    """Max-RMS over the state's components, the adjoint's and (unless seminorm) a_theta."""
+    bounds = flat.bounds + [(a + n, b + n) for a, b in flat.bounds]
+    if not seminorm and n_theta:
+        bounds.append((2 * n, 2 * n + n_theta))
+    return segment_norm(bounds)
+
+
+def _time_grads(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor, a0: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """dL/dt_i = <dL/dy_i, F(t_i, y_i)> (i >= 1) and dL/dt_0 = -<a(t_0), F(t_0, y_0)>."""
+    rhs = make_rhs(cfg.func, cfg.flat, cfg.t_dtype, device, 1.0, cfg.adjoint_stats)
+    f = [rhs(t_i, ys[i]) for i, t_i in enumerate(cfg.times)]
+    grads = [-(a0 * f[0]).sum()] + [(grad_ys[i] * f[i]).sum() for i in range(1, len(f))]
+    return torch.stack(grads).to(cfg.t_dtype)
+
+
+def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
+                   atol: float = 1e-9, method: str | None = None, options: dict | None = None,
+                   event_fn: Callable | None = None, adjoint_rtol: float | None = None,
+                   adjoint_atol: float | None = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None,
+                   adjoint_params: Sequence[torch.Tensor] | None = None,
+                   observer: Observer | None = None, observer_dt: float | None = None,
+                   stats: SolverStats | None = None, adjoint_stats: SolverStats | None = None,
+                   backend: str = "ocnode") -> State:
+    """:func:`solvers.odeint` whose gradients come from the adjoint ODE (O(1) memory).
+
+    torchdiffeq's ``odeint_adjoint`` signature, plus an observer for the backward solve.
+
+    Args:
+        func: f(t, y); an nn.Module unless ``adjoint_params`` is given.
+        y0, t, rtol, atol, method, options: as :func:`solvers.odeint`.
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: settings of the
+            backward solve (default: the forward ones). ``adjoint_options={'norm':
+            'seminorm'}`` leaves a_theta out of the error control (Kidger et al. 2021).
+        adjoint_params: tensors to differentiate (default ``func.parameters()``).
+        observer: called as observer(t_j, x(t_j), a(t_j)) at t_j = t_0 + j*observer_dt during
+            the backward solve (tensors valid during the call only: clone to keep).
+        observer_dt: spacing of the observer grid (> 0), required with an observer.
+        stats: filled by the forward solve; adjoint_stats: filled when backward runs.
+        backend: 'ocnode' or 'torchdiffeq' (no observer there).
+
+    Returns:
+        y at each time, shape (T, ...), as :func:`solvers.odeint`.
+    """
+    method = method or "dopri5"
+    stats = stats if stats is not None else SolverStats()
+    adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
+    params = _adjoint_params(func, adjoint_params)
+    if backend == "torchdiffeq" or event_fn is not None:
+        return _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn,
+                                    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
+                                    params, observer, stats, backend)
+    _check_backend(backend)
+    cfg = _config(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
+                  adjoint_method, adjoint_options, observer, observer_dt, stats, adjoint_stats)
+    y0_flat = cfg.flat.flatten(y0)
+    ys = _AdjointFunction.apply(cfg, y0_flat, t, *params)
+    return cfg.flat.unflatten(ys)
+
+
+def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | None) -> tuple:
+    if adjoint_params is not None:
+        return tuple(adjoint_params)
+    if not isinstance(func, torch.nn.Module):
+        raise SolverInputError(
+            "odeint_adjoint needs func to be an nn.Module, or adjoint_params=(tensors...) "
+            "naming what to differentiate")
+    return tuple(func.parameters())
+
+
+def _config(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
+            adjoint_method, adjoint_options, observer, observer_dt, stats, adjoint_stats):
+    opts = check_options(method, options, rtol, atol)
+    adj_method = adjoint_method or method
+    adj_rtol = rtol if adjoint_rtol is None else adjoint_rtol
+    adj_atol = atol if adjoint_atol is None else adjoint_atol
+    adj_opts = dict(opts if adjoint_options is None else adjoint_options)
+    seminorm = adj_opts.pop("norm", None) == "seminorm"
+    if "norm" in (adjoint_options or {}) and not seminorm:
+        raise SolverInputError("adjoint_options['norm'] supports only 'seminorm'")
+    adj_opts = check_options(adj_method, adj_opts, adj_rtol, adj_atol)
+    if observer is not None and not (isinstance(observer_dt, (int, float)) and observer_dt > 0):
+        raise SolverInputError(f"an observer needs observer_dt > 0, got {observer_dt!r}")
+    flat = flat_state(y0)
+    times, direction = check_times(t, flat.flatten(y0))
+    return _Config(func, flat, times, direction, method, opts, rtol, atol, adj_method,
+                   adj_opts, adj_rtol, adj_atol, seminorm, observer, observer_dt, stats,
+                   adjoint_stats, t.dtype)
+
+
+def _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
+                         adjoint_atol, adjoint_method, adjoint_options, params, observer,
+                         stats, backend):
+    _check_backend(backend)
+    if backend != "torchdiffeq":
+        raise NotImplementedError(
+            "event_fn is not implemented by the ocnode engine; pass backend='torchdiffeq'")
+    if observer is not None:
+        raise SolverInputError("the torchdiffeq backend has no observer; use backend='ocnode'")
+    import torchdiffeq
+
+    return torchdiffeq.odeint_adjoint(
+        _CountingFunc(func, stats), y0, t, rtol=rtol, atol=atol, method=method,
+        options=options, event_fn=event_fn, adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options, adjoint_params=params)

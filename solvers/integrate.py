@@ -1,0 +1,319 @@
+"""The explicit Runge-Kutta engine on flat state vectors.
+
+Everything here works on a 1-D state ``y`` of shape (n,) and a right-hand side
+``rhs(t: float, y) -> (n,)``; :mod:`solvers.odeint` adapts user functions, tuples and
+decreasing time to this form. Time is a Python float (float64) throughout; the state keeps the
+caller's dtype.
+
+The loop streams outputs: at each requested time it calls ``emit(index, t, y)`` with a view
+that is only valid during the call, instead of stacking a trajectory. Adaptive methods step
+freely and produce outputs by dense interpolation, so requesting more output times never
+changes the steps taken (Hairer-Norsett-Wanner I, II.4 and II.6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from solvers.errors import (
+    MaxStepsExceededError,
+    NonFiniteStateError,
+    SolverInputError,
+    StepSizeUnderflowError,
+)
+from solvers.stats import SolverStats
+from solvers.tableau import ButcherTableau
+
+Rhs = Callable[[float, torch.Tensor], torch.Tensor]
+Emit = Callable[[int, float, torch.Tensor], None]
+Norm = Callable[[torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class StepControl:
+    """Options of the adaptive step-size controller (names follow torchdiffeq).
+
+    The step factor is ``safety * r**(-icoeff/q) * r_prev**(pcoeff/q)`` clipped to
+    [dfactor, ifactor], with r the error ratio and q the estimator order: an integral (I)
+    controller by default, a PI controller when ``pcoeff > 0`` (Gustafsson 1991; Hairer-Wanner
+    II.4 suggest icoeff=0.7, pcoeff=0.4).
+    """
+
+    rtol: float
+    atol: float
+    first_step: float | None = None
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    icoeff: float = 1.0
+    pcoeff: float = 0.0
+    min_step: float = 0.0
+    max_step: float = math.inf
+    max_num_steps: int = 2**31 - 1
+
+
+@lru_cache(maxsize=64)
+def _coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device) -> tuple:
+    """Tableau arrays as tensors of the state's dtype/device (cached per method and dtype)."""
+    def as_t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=dtype, device=device)
+    b_err = as_t(tab.b_err) if tab.b_err is not None else None
+    return [as_t(row) for row in tab.a], as_t(tab.b), b_err
+
+
+def rms_norm(v: torch.Tensor) -> float:
+    """Root-mean-square norm, the default error norm. v: (n,)."""
+    return float(torch.linalg.vector_norm(v)) / math.sqrt(max(v.numel(), 1))
+
+
+def segment_norm(bounds: Sequence[tuple[int, int]]) -> Norm:
+    """Max of the RMS norms of the given [start, stop) segments (tuple states, seminorm)."""
+    def norm(v: torch.Tensor) -> float:
+        return max(rms_norm(v[a:b]) for a, b in bounds)
+    return norm
+
+
+class _Stages:
+    """Holds the stage derivatives k_i of one step, shape (S, n), and forms combinations.
+
+    Without autograd the stages live in one reused buffer and a combination is one ``addmv``;
+    when a graph is being recorded the stages are kept as separate tensors so that
+    backpropagation through the solver sees no in-place writes.
+    """
+
+    def __init__(self, s: int, y: torch.Tensor, graph: bool) -> None:
+        self.graph = graph
+        self.ks: list[torch.Tensor] = [y] * s
+        self.buf = None if graph else torch.empty((s, y.numel()), dtype=y.dtype, device=y.device)
+
+    def set(self, i: int, k: torch.Tensor) -> None:
+        if self.graph:
+            self.ks[i] = k
+        else:
+            self.buf[i].copy_(k)  # type: ignore[index]
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.ks[i] if self.graph else self.buf[i]  # type: ignore[index]
+
+    def combine(self, y: torch.Tensor | None, w: torch.Tensor, dt: float) -> torch.Tensor:
+        """y + dt * sum_i w_i k_i over the first len(w) stages (y None: the sum alone)."""
+        m = w.shape[0]
+        if self.graph:
+            mat = torch.stack(self.ks[:m], dim=1)
+        else:
+            mat = self.buf[:m].t()  # type: ignore[index]
+        if y is None:
+            return torch.mv(mat, w).mul_(dt)
+        return torch.addmv(y, mat, w, alpha=dt)
+
+
+def rk_step(rhs: Rhs, tab: ButcherTableau, coeffs: tuple, t: float, y: torch.Tensor,
+            dt: float, stages: _Stages) -> torch.Tensor:
+    """One explicit Runge-Kutta step; stage 0 must already hold f(t, y).
+
+    Returns:
+        y_new, shape (n,). For FSAL tableaux the last stage is f(t + dt, y_new).
+    """
+    a_rows, b, _ = coeffs
+    y_new = None
+    for i in range(1, tab.stages):
+        y_i = stages.combine(y, a_rows[i][:i], dt)
+        stages.set(i, rhs(t + float(tab.c[i]) * dt, y_i))
+        y_new = y_i
+    if not tab.fsal or y_new is None:
+        y_new = stages.combine(y, b, dt)
+    return y_new
+
+
+def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: StepControl,
+                norm: Norm) -> float:
+    """norm(err / (atol + rtol * max(|y0|, |y1|))); NaN when anything is non-finite."""
+    with torch.no_grad():
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(ctl.rtol).add_(ctl.atol)
+        ratio = norm(err.div_(scale))
+    return ratio if math.isfinite(ratio) else math.nan
+
+
+def next_step(dt: float, ratio: float, prev_ratio: float, order: int, ctl: StepControl) -> float:
+    """The controller: a new step size from the last error ratio (I or PI control)."""
+    if ratio == 0.0:
+        return dt * ctl.ifactor
+    if math.isnan(ratio):
+        return dt * ctl.dfactor
+    factor = ctl.safety * ratio ** (-ctl.icoeff / order)
+    if ctl.pcoeff:
+        factor *= prev_ratio ** (ctl.pcoeff / order)
+    low = ctl.dfactor if ratio > 1.0 else 1.0
+    return dt * min(ctl.ifactor, max(low, factor))
+
+
+def initial_step(rhs: Rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, order: int,
+                 ctl: StepControl, norm: Norm) -> float:
+    """Hairer's starting step (Hairer-Norsett-Wanner I, II.4): one extra evaluation."""
+    with torch.no_grad():
+        scale = y0.abs() * ctl.rtol + ctl.atol
+        d0, d1 = norm(y0 / scale), norm(f0 / scale)
+        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        f1 = rhs(t0 + h0, y0 + h0 * f0)
+        d2 = norm((f1 - f0) / scale) / h0
+    big = max(d1, d2)
+    h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** (1.0 / order)
+    return min(100.0 * h0, h1)
+
+
+def _check_finite(y: torch.Tensor, t: float, what: str) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise NonFiniteStateError(t, what)
+
+
+def _hermite(y0: torch.Tensor, y1: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor,
+             dt: float, theta: float) -> torch.Tensor:
+    """Cubic Hermite interpolation on one step (used by the fixed-step methods)."""
+    h00 = 2 * theta**3 - 3 * theta**2 + 1
+    h10 = theta**3 - 2 * theta**2 + theta
+    h01 = -2 * theta**3 + 3 * theta**2
+    h11 = theta**3 - theta**2
+    return h00 * y0 + h01 * y1 + (dt * h10) * f0 + (dt * h11) * f1
+
+
+class _Outputs:
+    """Walks the requested output times (increasing) and emits those a step has passed."""
+
+    def __init__(self, t_out: Sequence[float], emit: Emit) -> None:
+        self.t_out, self.emit, self.j = t_out, emit, 1
+        self.tol = 1e-12 * max(1.0, abs(t_out[0]), abs(t_out[-1]))
+
+    @property
+    def done(self) -> bool:
+        return self.j >= len(self.t_out)
+
+    @property
+    def last(self) -> float:
+        return self.t_out[-1]
+
+    def flush(self, t0: float, t1: float, value_at: Callable[[float], torch.Tensor]) -> None:
+        """Emit every output time in (t0, t1]; value_at(theta) gives the state there."""
+        while self.j < len(self.t_out) and self.t_out[self.j] <= t1 + self.tol:
+            tj = self.t_out[self.j]
+            self.emit(self.j, tj, value_at(min(1.0, (tj - t0) / (t1 - t0))))
+            self.j += 1
+
+
+def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
+                       tab: ButcherTableau, ctl: StepControl, norm: Norm = rms_norm,
+                       stats: SolverStats | None = None) -> None:
+    """Integrate with an embedded pair and PI/I step control, emitting at each of t_out.
+
+    Args:
+        rhs: f(t, y) on flat states, y of shape (n,).
+        y0: initial state at t_out[0], shape (n,).
+        t_out: strictly increasing output times (floats); t_out[0] is the start.
+        emit: called as emit(j, t_out[j], y) for every j, in order.
+        tab: an adaptive FSAL tableau.
+        ctl: tolerances and controller options.
+        norm: error norm of the scaled error vector.
+        stats: optional counters to increment.
+    """
+    stats = stats if stats is not None else SolverStats()
+    coeffs = _coefficients(tab, y0.dtype, y0.device)
+    graph = torch.is_grad_enabled()
+    stages = _Stages(tab.stages, y0, graph)
+    out = _Outputs(t_out, emit)
+    t, y = t_out[0], y0
+    f0 = rhs(t, y)
+    _check_finite(f0, t, "derivative")
+    dt = ctl.first_step or initial_step(rhs, t, y, f0, tab.err_order, ctl, norm)
+    emit(0, t, y)
+    prev_ratio, ratio, steps = 1.0, 0.0, 0
+    while not out.done:
+        dt = min(ctl.max_step, max(ctl.min_step, dt))
+        if dt < 1e-12 * max(1.0, abs(t)):
+            if math.isnan(ratio):
+                raise NonFiniteStateError(t, "state (NaN or inf at every step size tried)")
+            raise StepSizeUnderflowError(t, dt)
+        steps += 1
+        if steps > ctl.max_num_steps:
+            raise MaxStepsExceededError(t, dt, ctl.max_num_steps)
+        stages.set(0, f0)
+        y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages)
+        err = stages.combine(None, coeffs[2], dt).detach()
+        ratio = error_ratio(err, y.detach(), y1.detach(), ctl, norm)
+        if ratio <= 1.0:
+            stats.n_accepted += 1
+            out.flush(t, t + dt, _dense(tab, stages, y, dt))
+            # f0 may be a row of the stage buffer: the next step copies it to row 0 first
+            t, y, f0 = t + dt, y1, stages.get(tab.stages - 1)
+            prev_ratio = max(ratio, 1e-4)
+        else:
+            stats.n_rejected += 1
+            if dt <= ctl.min_step:
+                raise StepSizeUnderflowError(t, dt, f"rejected at min_step={ctl.min_step:g}")
+        dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
+
+
+def _dense(tab: ButcherTableau, stages: _Stages, y: torch.Tensor,
+           dt: float) -> Callable[[float], torch.Tensor]:
+    """The dense output of the step just taken, as a function of theta in [0, 1]."""
+    def value_at(theta: float) -> torch.Tensor:
+        w = torch.as_tensor(tab.dense_weights(theta), dtype=y.dtype, device=y.device)
+        return stages.combine(y, w, dt)
+    return value_at
+
+
+def fixed_grid(t_out: Sequence[float], step_size: float | None) -> list[float]:
+    """Step times of a fixed-step solve: the output times, or t0 + k*step_size up to t_end."""
+    if step_size is None:
+        return list(t_out)
+    if not step_size > 0:
+        raise SolverInputError(f"options['step_size'] must be positive, got {step_size}")
+    t0, t_end = t_out[0], t_out[-1]
+    n = max(1, math.ceil((t_end - t0) / step_size - 1e-9))
+    return [t0 + k * step_size for k in range(n)] + [t_end]
+
+
+def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
+                    tab: ButcherTableau, step_size: float | None = None,
+                    stats: SolverStats | None = None) -> None:
+    """Integrate on a fixed grid, emitting at t_out (cubic Hermite between grid points).
+
+    Args: as :func:`integrate_adaptive`, plus ``step_size`` (None: one step per output
+    interval, as torchdiffeq's fixed-grid solvers).
+    """
+    stats = stats if stats is not None else SolverStats()
+    coeffs = _coefficients(tab, y0.dtype, y0.device)
+    stages = _Stages(tab.stages, y0, torch.is_grad_enabled())
+    out = _Outputs(t_out, emit)
+    grid = fixed_grid(t_out, step_size)
+    y, f0 = y0, rhs(grid[0], y0)
+    emit(0, grid[0], y)
+    for t, t1 in zip(grid[:-1], grid[1:]):
+        _check_finite(f0, t, "derivative")
+        stages.set(0, f0)
+        y1 = rk_step(rhs, tab, coeffs, t, y, t1 - t, stages)
+        stats.n_accepted += 1
+        last = t1 >= grid[-1]
+        f1 = None if last and not _needs_interior(out, t1) else rhs(t1, y1)
+        out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t))
+        y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
+    _check_finite(y, grid[-1], "state")
+
+
+def _needs_interior(out: _Outputs, t1: float) -> bool:
+    """Whether an output time falls strictly inside the final step (needs f at its end)."""
+    return any(tj < t1 - out.tol for tj in out.t_out[out.j:])
+
+
+def _hermite_at(y0: torch.Tensor, y1: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor | None,
+                dt: float) -> Callable[[float], torch.Tensor]:
+    def value_at(theta: float) -> torch.Tensor:
+        if theta >= 1.0 - 1e-12:
+            return y1
+        assert f1 is not None
+        return _hermite(y0, y1, f0, f1, dt, theta)
+    return value_at
