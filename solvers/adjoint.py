@@ -30,8 +30,8 @@ from solvers.integrate import Norm, segment_norm
 from solvers.odeint import (
     FlatState,
     State,
-    _CountingFunc,
     _check_backend,
+    _CountingFunc,
     check_options,
     check_times,
     flat_state,

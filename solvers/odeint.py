@@ -88,9 +88,14 @@ def flat_state(y0: State) -> FlatState:
 
 
 def check_times(t: torch.Tensor, y_ref: torch.Tensor) -> tuple[list[float], float]:
-    """Validate t (1-D, floating, strictly monotone, y0's device) -> (float64 list, direction)."""
+    """Validate t (1-D, floating, strictly monotone, on y0's device).
+
+    Returns:
+        (times as float64 Python floats, direction +1.0 or -1.0)
+    """
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 1:
-        raise SolverInputError("t must be a 1-D tensor of output times, e.g. torch.tensor([0., 1.])")
+        raise SolverInputError(
+            "t must be a 1-D tensor of output times, e.g. torch.tensor([0., 1.])")
     if not t.is_floating_point():
         raise SolverInputError(f"t must have a floating dtype, got {t.dtype}; use t.float()")
     if t.device != y_ref.device:
@@ -138,7 +143,8 @@ def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
             "create the model in the state's dtype")
 
 
-def step_control(options: dict, rtol: float, atol: float, flat: FlatState) -> tuple[StepControl, Norm]:
+def step_control(options: dict, rtol: float, atol: float,
+                 flat: FlatState) -> tuple[StepControl, Norm]:
     """Adaptive options -> (StepControl, error norm). Tuple states use the max of RMS norms."""
     kw = {k: v for k, v in options.items() if k != "norm"}
     for key in ("max_step", "min_step", "first_step"):

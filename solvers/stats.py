@@ -23,7 +23,7 @@ class SolverStats:
         """Zero every counter (a stats object can be reused across calls)."""
         self.nfe = self.n_accepted = self.n_rejected = 0
 
-    def add(self, other: "SolverStats") -> None:
+    def add(self, other: SolverStats) -> None:
         """Add another call's counts to this one."""
         self.nfe += other.nfe
         self.n_accepted += other.n_accepted

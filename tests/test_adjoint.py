@@ -1,0 +1,156 @@
+"""The adjoint: gradients vs backprop and finite differences, time gradients, the observer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from solvers import SolverInputError, SolverStats, odeint, odeint_adjoint
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+class Field(torch.nn.Module):
+    """A small time-dependent vector field (float64)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 16) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(dim + 1, hidden)
+        self.l2 = torch.nn.Linear(hidden, dim)
+        self.double()
+
+    def forward(self, t, y):
+        tt = t.expand(*y.shape[:-1], 1).to(y.dtype)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], -1))))
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    f = Field()
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 2, dtype=torch.float64)
+    return f, y0, w
+
+
+def _loss(ys, w):
+    return (ys * w).sum() + 0.5 * (ys**2).sum()
+
+
+@pytest.mark.parametrize("t_values", [[0.0, 0.4, 1.1], [1.0, 0.3, -0.2]])
+def test_adjoint_gradients_match_backprop_through_the_solver(problem, t_values):
+    f, y0, w = problem
+    t = torch.tensor(t_values, dtype=torch.float64, requires_grad=True)
+    inputs = [y0, t, *f.parameters()]
+    g_bp = torch.autograd.grad(_loss(odeint(f, y0, t, **TOL), w), inputs)
+    g_adj = torch.autograd.grad(_loss(odeint_adjoint(f, y0, t, **TOL), w), inputs)
+    for a, b in zip(g_bp, g_adj):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_time_gradients_match_finite_differences(problem):
+    f, y0, w = problem
+    t = torch.tensor([0.0, 0.4, 1.1], dtype=torch.float64, requires_grad=True)
+    grad_t, = torch.autograd.grad(_loss(odeint_adjoint(f, y0, t, **TOL), w), t)
+    eps = 1e-6
+    for k in range(3):
+        bump = torch.zeros(3, dtype=torch.float64)
+        bump[k] = eps
+        with torch.no_grad():
+            up = _loss(odeint(f, y0, t + bump, rtol=1e-12, atol=1e-12), w)
+            down = _loss(odeint(f, y0, t - bump, rtol=1e-12, atol=1e-12), w)
+        assert float(grad_t[k]) == pytest.approx(float(up - down) / (2 * eps), rel=1e-5)
+
+
+def test_gradcheck_of_a_fixed_step_adjoint():
+    torch.manual_seed(1)
+    f = Field(hidden=4)
+    y0 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def fn(y0, t, *params):
+        return odeint_adjoint(f, y0, t, method="rk4", options={"step_size": 0.01},
+                              adjoint_params=params)
+
+    assert torch.autograd.gradcheck(fn, (y0, t, *f.parameters()), atol=1e-6, rtol=1e-5)
+
+
+def test_tuple_state_and_seminorm_give_backprop_gradients(problem):
+    f, y0, _ = problem
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def aug(t, state):
+        y, _ = state
+        return f(t, y), (y**2).sum(-1)
+
+    def loss(ode, **kw):
+        y, q = ode(aug, (y0, torch.zeros(4, dtype=torch.float64)), t, **kw)
+        return (y[-1] ** 3).sum() + q[-1].sum()
+
+    inputs = [y0, *f.parameters()]
+    g_bp = torch.autograd.grad(loss(odeint, **TOL), inputs)
+    g_adj = torch.autograd.grad(
+        loss(odeint_adjoint, adjoint_params=tuple(f.parameters()),
+             adjoint_options={"norm": "seminorm"}, **TOL), inputs)
+    for a, b in zip(g_bp, g_adj):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adjoint_stats_are_filled_by_forward_and_backward(problem):
+    f, y0, w = problem
+    fwd, bwd = SolverStats(), SolverStats()
+    ys = odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), stats=fwd, adjoint_stats=bwd)
+    assert fwd.nfe > 0 and bwd.nfe == 0
+    ys[-1].sum().backward()
+    assert bwd.nfe > 0 and bwd.n_accepted > 0
+
+
+def test_observer_samples_match_the_forward_trajectory_and_the_true_adjoint(problem):
+    f, y0, w = problem
+    samples = []
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ys = odeint_adjoint(f, y0, t, observer=lambda tj, x, a: samples.append(
+        (tj, x.clone(), a.clone())), observer_dt=0.1, **TOL)
+    (ys[-1] * w[-1]).sum().backward()
+    times = [s[0] for s in samples]
+    assert times == pytest.approx([1.0 - 0.1 * k for k in range(10)])
+    assert torch.equal(samples[0][2], w[-1])  # a(t_N) = dL/dy(t_N)
+    for tj, x, a in samples[1:]:
+        xj = odeint(f, y0.detach(), torch.tensor([0.0, tj], dtype=torch.float64),
+                    rtol=1e-12, atol=1e-12)[-1]
+        assert torch.allclose(x, xj, atol=1e-7)
+        xj.requires_grad_(True)
+        end = odeint(f, xj, torch.tensor([tj, 1.0], dtype=torch.float64), **TOL)[-1]
+        a_true, = torch.autograd.grad((end * w[-1]).sum(), xj)
+        assert torch.allclose(a, a_true, atol=1e-6)
+
+
+def test_observer_does_not_change_the_adaptive_steps(problem):
+    f, y0, _ = problem
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    plain, observed = SolverStats(), SolverStats()
+    odeint_adjoint(f, y0, t, adjoint_stats=plain)[-1].sum().backward()
+    odeint_adjoint(f, y0, t, adjoint_stats=observed, observer=lambda *s: None,
+                   observer_dt=0.01)[-1].sum().backward()
+    assert (plain.nfe, plain.n_accepted) == (observed.nfe, observed.n_accepted)
+
+
+def test_observer_visits_each_grid_point_once_across_output_intervals(problem):
+    f, y0, _ = problem
+    seen = []
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    ys = odeint_adjoint(f, y0, t, observer=lambda tj, x, a: seen.append(tj),
+                        observer_dt=0.125)
+    ys.sum().backward()
+    assert sorted(seen) == pytest.approx([0.125 * k for k in range(1, 9)])
+
+
+def test_adjoint_needs_a_module_or_explicit_params():
+    with pytest.raises(SolverInputError, match="adjoint_params"):
+        odeint_adjoint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]))
+
+
+def test_observer_needs_a_positive_spacing(problem):
+    f, y0, _ = problem
+    with pytest.raises(SolverInputError, match="observer_dt"):
+        odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), observer=print, observer_dt=0)
