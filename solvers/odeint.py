@@ -68,6 +68,8 @@ class FlatState:
     def unflatten(self, v: torch.Tensor) -> State:
         """flat (..., n) -> the user's structure with leading dims kept."""
         lead = v.shape[:-1]
+        if not self.is_tuple:
+            return v.view(*lead, *self.shapes[0])
         parts = [v[..., a:b].reshape(*lead, *s) for (a, b), s in zip(self.bounds, self.shapes)]
         return tuple(parts) if self.is_tuple else parts[0]
 
