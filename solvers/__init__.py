@@ -12,11 +12,12 @@ from solvers.errors import (
     StepSizeUnderflowError,
 )
 from solvers.odeint import odeint
+from solvers.sde import sdeint, sdeint_adjoint
 from solvers.stats import SolverStats
 from solvers.tableau import METHODS, ButcherTableau, get_tableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
+    "odeint", "odeint_adjoint", "sdeint", "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
     "MaxStepsExceededError",
 ]
