@@ -17,7 +17,8 @@ from solvers.stats import SolverStats
 from solvers.tableau import METHODS, ButcherTableau, get_tableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "sdeint", "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
+    "odeint", "odeint_adjoint", "sdeint", "sdeint_adjoint", "SolverStats", "METHODS",
+    "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
     "MaxStepsExceededError",
 ]

@@ -1,0 +1,127 @@
+"""Optimisation of the integration horizon T = t1 (SNOpt, ALGORITHM.md section 1.7).
+
+Objective J(theta, T) = L(theta, T) + (c/2) T^2. From the adjoint, s = dL/dT (the time
+gradient of t1; L is the batch-mean loss, so s is not divided by the batch size again).
+With Gauss-Newton, rank-one approximations
+
+    Q_T = c T + s,    Q_TT = c + s^2,    Q_Ttheta = s * grad_theta L,
+
+exponential moving averages of Q_T and Q_TT, and every ``update_freq`` iterations
+
+    open loop ('baseline'):  dT = -lr * EMA[Q_T]
+    feedback ('feedback'):   dT = -lr * (EMA[Q_T] + s <grad_theta L, d theta>) / EMA[Q_TT]
+    T <- max(T_min, T + dT),
+
+where d theta is the parameter step just taken (the feedback term of the second-order
+policy, Liu-Chen-Theodorou 2021).
+
+Use with any parameter optimizer::
+
+    loss.backward()
+    horizon.observe()   # reads dL/dT and grad_theta, clears t1's grad
+    opt.step()
+    horizon.step()      # updates T (every update_freq iterations)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ocnode.models import ODEBlock
+
+POLICIES = ("baseline", "feedback")
+
+
+class HorizonOptimizer:
+    """Second-order (or open-loop) policy for an ODE block's trainable horizon t1.
+
+    Args:
+        block: an :class:`ODEBlock` built with ``trainable_t1=True``.
+        params: the parameters theta of the network (for the feedback term); default the
+            block's vector field's parameters.
+        policy: 'feedback' (the paper's) or 'baseline' (first-order, open loop).
+        lr: eta_T (0.05-0.1).
+        reg: c, the T^2 regularisation (1e-4-1e-3; the paper calls it quite sensitive).
+        update_freq: iterations between T updates (50-100).
+        t_min: lower bound of T (above t0).
+        ema: momentum of the moving averages of Q_T and Q_TT.
+    """
+
+    def __init__(self, block: ODEBlock, params: Iterable[torch.Tensor] | None = None,
+                 policy: str = "feedback", lr: float = 0.1, reg: float = 1e-4,
+                 update_freq: int = 50, t_min: float = 0.1, ema: float = 0.99) -> None:
+        if not isinstance(getattr(block, "t1_tensor", None), torch.nn.Parameter):
+            raise ValueError("the ODE block needs trainable_t1=True for horizon optimisation")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not (lr > 0 and reg >= 0 and update_freq >= 1 and 0 <= ema < 1):
+            raise ValueError("need lr > 0, reg >= 0, update_freq >= 1 and 0 <= ema < 1")
+        if not t_min > block.t0:
+            raise ValueError(f"t_min must exceed the block's t0={block.t0}, got {t_min}")
+        self.block, self.policy, self.lr, self.reg = block, policy, lr, reg
+        self.update_freq, self.t_min, self.ema = update_freq, t_min, ema
+        t1 = block.t1_tensor
+        self.params = [p for p in (block.func.parameters() if params is None else params)
+                       if p is not t1]
+        self.state = {"step": 0, "ema_qt": None, "ema_qtt": None, "s": 0.0}
+        self._grad_theta: torch.Tensor | None = None
+        self._theta_old: torch.Tensor | None = None
+
+    def _flat(self, grads: bool) -> torch.Tensor:
+        parts = [(p.grad if grads else p).detach().reshape(-1) for p in self.params
+                 if not grads or p.grad is not None]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def observe(self) -> float:
+        """Read s = dL/dT after backward, update the moving averages, clear t1's gradient.
+
+        Call before the parameter optimizer's step (which then leaves t1 alone).
+
+        Returns:
+            s, the derivative of the loss w.r.t. T.
+        """
+        t1 = self.block.t1_tensor
+        s = float(t1.grad) if t1.grad is not None else 0.0
+        t1.grad = None
+        q_t, q_tt = self.reg * self.block.t1 + s, self.reg + s * s
+        st = self.state
+        st["ema_qt"] = q_t if st["ema_qt"] is None else self.ema * st["ema_qt"] + (
+            1 - self.ema) * q_t
+        st["ema_qtt"] = q_tt if st["ema_qtt"] is None else self.ema * st["ema_qtt"] + (
+            1 - self.ema) * q_tt
+        st["s"] = s
+        if (st["step"] + 1) % self.update_freq == 0 and self.policy == "feedback":
+            self._grad_theta, self._theta_old = self._flat(True), self._flat(False).clone()
+        return s
+
+    def step(self) -> float:
+        """After the parameter step: update T when due. Returns the current T."""
+        st = self.state
+        st["step"] += 1
+        if st["step"] % self.update_freq or st["ema_qt"] is None:
+            return self.block.t1
+        d_t = -self.lr * self._direction()
+        new_t = max(self.t_min, self.block.t1 + d_t)
+        self.block.set_t1(new_t)
+        return new_t
+
+    def _direction(self) -> float:
+        st = self.state
+        if self.policy == "baseline":
+            return st["ema_qt"]
+        feedback = 0.0
+        if self._grad_theta is not None and self._grad_theta.numel():
+            d_theta = self._flat(False) - self._theta_old
+            if d_theta.shape == self._grad_theta.shape:
+                feedback = st["s"] * float(self._grad_theta @ d_theta)
+        return (st["ema_qt"] + feedback) / max(st["ema_qtt"], 1e-12)
+
+    def state_dict(self) -> dict:
+        """Counters and moving averages (T itself lives in the model's state_dict)."""
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.state = dict(state)
