@@ -148,7 +148,7 @@ class ODEBlock(nn.Module):
                              "solve; build the block with adjoint=True")
         if self.observer is not None:
             raise ValueError(f"ODE block {self.name!r} already has an observer; remove() its "
-                             "handle first")
+                             "handle first (another SNOpt on this model? call its close())")
         if dt is not None and not dt > 0:
             raise ValueError(f"observer dt must be > 0 or None, got {dt}")
         self.observer, self.observer_dt = observer, dt
@@ -204,7 +204,7 @@ class ODEBlock(nn.Module):
         if self.observer is None:
             return {}
         obs = self.observer
-        dt = self.observer_dt or 0.01 * abs(float(t[-1]) - float(t[0]))
+        dt = self.observer_dt or 0.01 * abs(float(t[-1].detach()) - float(t[0].detach()))
         return {"observer": lambda tj, x, a: obs(tj, x, a, dt), "observer_dt": dt}
 
     def extra_repr(self) -> str:

@@ -4,12 +4,21 @@
 
 - ``metrics.csv``: one row per logging step (columns :data:`METRIC_COLUMNS`). ``wall_time``
   is training time only: the clock pauses while evaluating and checkpointing.
+  ``nfe_forward``/``nfe_backward`` are the vector-field evaluations per iteration (summed
+  over the model's ODE blocks), averaged over the iterations since the previous row; ``t1``
+  is the horizon at the row's time (mean over the ODE blocks; NaN without blocks).
 - ``checkpoint.pt``: written atomically at the end of every epoch, with the model, the
   optimizer, the counters, the elapsed training time and every RNG state, so that
-  ``resume=True`` continues bit-identically to an uninterrupted run.
+  ``resume=True`` continues bit-identically to an uninterrupted run (SNOpt's factors,
+  eigenbases and second moments, and the horizon optimizer's averages, included).
 - ``curves.png``: train loss and test accuracy against wall-clock time.
 
 Models and optimizers come from the registries :data:`MODELS` and :data:`OPTIMIZERS`.
+With ``adaptive_t1`` other than ``"off"``, the ODE blocks get a trainable horizon ``t1``,
+which the parameter optimizer leaves out and a :class:`ocnode.optim.HorizonOptimizer` per
+block updates (ALGORITHM.md section 1.7)::
+
+    loss.backward(); horizon.observe(); optimizer.step(); horizon.step()
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,12 +44,17 @@ from tqdm.auto import tqdm
 
 from ocnode.data import DATASETS, load_dataset
 from ocnode.models import ConvODEClassifier, MLPODEClassifier, ode_blocks
+from ocnode.optim import HorizonOptimizer, SNOpt
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
 METRIC_COLUMNS = ("step", "epoch", "wall_time", "train_loss", "test_loss", "test_acc",
-                  "nfe_forward", "nfe_backward", "lr")
+                  "nfe_forward", "nfe_backward", "lr", "t1")
+#: Choices of ``TrainConfig.damping``, ``.fisher`` and ``.adaptive_t1``.
+DAMPINGS = ("ekfac", "tikhonov")
+FISHERS = ("empirical", "true")
+ADAPTIVE_T1 = ("off", "baseline", "feedback")
 # Fields that may change when a run is resumed; any other change would break bit-identity.
 _RESUMABLE_FIELDS = {"epochs", "out", "resume", "overwrite", "device", "progress",
                      "log_every", "eval_batch_size"}
@@ -52,11 +66,24 @@ class TrainConfig:
 
     Attributes:
         dataset: a key of ``ocnode.data.DATASETS``.
-        data_dir: folder with the dataset files, for datasets read from disk.
+        data_dir: folder with the dataset files, for datasets read from disk (None: the
+            dataset's default folder, e.g. the Debian package's for ``"fashion-mnist"``).
+        train_size: cap the training split at this many examples (a stratified draw seeded
+            by ``seed``); None uses all. The test split is never reduced.
         model: a key of :data:`MODELS` (``"mlp"`` or ``"conv"``).
         width: ODE state width (MLP) or channels (conv).
-        optimizer: a key of :data:`OPTIMIZERS` (``"adam"`` or ``"sgd"``).
-        lr, momentum, weight_decay: optimizer hyperparameters (momentum: SGD only).
+        optimizer: a key of :data:`OPTIMIZERS`: ``"adam"``, ``"sgd"``, ``"snopt"``
+            (:class:`ocnode.optim.SNOpt`) or ``"kfac"`` (SNOpt with ``alpha = 1``: plain K-FAC
+            with eigenvalue damping).
+        lr, weight_decay: optimizer hyperparameters.
+        momentum: SGD/SNOpt momentum (Adam ignores it); None: 0.9 for ``"sgd"``, 0 for
+            ``"snopt"``/``"kfac"`` (the SNOpt authors' defaults).
+        eps, alpha, update_freq, full, damping, observer_dt, fisher: SNOpt/K-FAC settings
+            (ALGORITHM.md 1.5-1.6): damping epsilon; EKFAC second-moment rate (``"kfac"``
+            fixes it to 1); refresh period of the factors in iterations; also precondition
+            the layers outside ODE blocks; ``"ekfac"`` or ``"tikhonov"`` damping; spacing of
+            the curvature grid along each adjoint solve (None: 0.01 of the horizon);
+            ``"empirical"`` or ``"true"`` Fisher. Other optimizers ignore them.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``; 1 keeps it
             constant. A per-epoch factor, so extending ``epochs`` on resume stays exact.
         epochs: total epochs of the run (a resumed run continues up to this number).
@@ -67,7 +94,11 @@ class TrainConfig:
         resume: continue the run saved in ``out``.
         overwrite: start a new run in an ``out`` that already holds one.
         method, rtol, atol, step_size, adjoint, t1: ODE block settings (``step_size`` for
-            fixed-step methods).
+            fixed-step methods; ``t1`` is the initial horizon when it is adaptive).
+        adaptive_t1: ``"off"`` (fixed horizon), ``"baseline"`` (first-order open loop) or
+            ``"feedback"`` (SNOpt's second-order policy) optimisation of the horizon t1.
+        t1_lr, t1_reg, t1_update_freq, t1_min: the horizon optimizer's step size eta_T,
+            T^2 regularisation c, iterations between T updates and lower bound of T.
         log_every: a metrics row (with a test evaluation) every this many steps, and at
             the end of every epoch.
         eval_batch_size: batch size of the test evaluation.
@@ -76,12 +107,20 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    train_size: int | None = None
     model: str = "mlp"
     width: int = 64
     optimizer: str = "adam"
     lr: float = 1e-2
-    momentum: float = 0.9
+    momentum: float | None = None
     weight_decay: float = 0.0
+    eps: float = 0.05
+    alpha: float = 0.75
+    update_freq: int = 100
+    full: bool = False
+    damping: str = "ekfac"
+    observer_dt: float | None = None
+    fisher: str = "empirical"
     lr_decay: float = 0.8
     epochs: int = 15
     batch_size: int = 64
@@ -96,6 +135,11 @@ class TrainConfig:
     step_size: float | None = None
     adjoint: bool = True
     t1: float = 1.0
+    adaptive_t1: str = "off"
+    t1_lr: float = 0.1
+    t1_reg: float = 1e-4
+    t1_update_freq: int = 50
+    t1_min: float = 0.1
     log_every: int = 10
     eval_batch_size: int = 1024
     progress: bool = True
@@ -105,27 +149,48 @@ class TrainConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1}
+        _check_choice("damping", self.damping, DAMPINGS)
+        _check_choice("fisher", self.fisher, FISHERS)
+        _check_choice("adaptive_t1", self.adaptive_t1, ADAPTIVE_T1)
+        positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1,
+                    "eps": self.eps, "t1_lr": self.t1_lr, "t1_min": self.t1_min}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         at_least_one = {"epochs": self.epochs, "batch_size": self.batch_size,
                         "log_every": self.log_every, "width": self.width,
-                        "eval_batch_size": self.eval_batch_size}
+                        "eval_batch_size": self.eval_batch_size,
+                        "update_freq": self.update_freq, "t1_update_freq": self.t1_update_freq}
         for name, value in at_least_one.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be > 0 or None, got {self.step_size}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError("momentum and weight_decay must be >= 0, got "
-                             f"{self.momentum} and {self.weight_decay}")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be >= 1 (an int), got {value!r}")
+        for name, opt in {"step_size": self.step_size, "observer_dt": self.observer_dt}.items():
+            if opt is not None and not opt > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {opt}")
+        if self.train_size is not None and (not isinstance(self.train_size, int)
+                                            or self.train_size < 1):
+            raise ValueError(f"train_size must be an int >= 1 or None, got {self.train_size!r}")
+        self._validate_rates()
         resolve_device(self.device)
 
+    def _validate_rates(self) -> None:
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        momentum = self.momentum if self.momentum is not None else 0.0
+        if not 0 <= momentum < 1 or self.weight_decay < 0:
+            raise ValueError("momentum must be in [0, 1) and weight_decay >= 0, got "
+                             f"{self.momentum} and {self.weight_decay}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha (EKFAC second-moment rate) must be in [0, 1], got "
+                             f"{self.alpha}; 1 freezes the second moments (plain K-FAC)")
+        if self.t1_reg < 0:
+            raise ValueError(f"t1_reg must be >= 0, got {self.t1_reg}")
+        if self.adaptive_t1 != "off" and self.t1_min > self.t1:
+            raise ValueError(f"t1_min ({self.t1_min}) must not exceed the initial horizon t1 "
+                             f"({self.t1}); lower t1_min or raise t1")
 
-def _check_choice(field: str, value: str, registry: dict[str, Any]) -> None:
+
+def _check_choice(field: str, value: str, registry: Collection[str]) -> None:
     if value not in registry:
         raise ValueError(f"unknown {field} {value!r}; choose one of {', '.join(sorted(registry))}")
 
@@ -135,7 +200,8 @@ def _check_choice(field: str, value: str, registry: dict[str, Any]) -> None:
 def _block_kwargs(config: TrainConfig) -> dict[str, Any]:
     options = {"step_size": config.step_size} if config.step_size is not None else None
     return {"method": config.method, "rtol": config.rtol, "atol": config.atol,
-            "adjoint": config.adjoint, "t1": config.t1, "options": options}
+            "adjoint": config.adjoint, "t1": config.t1, "options": options,
+            "trainable_t1": config.adaptive_t1 != "off"}
 
 
 def _build_mlp(config: TrainConfig, info: dict[str, Any]) -> nn.Module:
@@ -152,13 +218,47 @@ def _build_conv(config: TrainConfig, info: dict[str, Any]) -> nn.Module:
     )
 
 
+def horizon_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable horizons (``t1`` parameters) of the model's ODE blocks."""
+    return [b.t1_tensor for b in ode_blocks(model) if isinstance(b.t1_tensor, nn.Parameter)]
+
+
+def optimizer_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """The parameters the parameter optimizer trains: all of them, except the horizons
+    when a horizon optimizer owns them (``adaptive_t1`` on)."""
+    if config.adaptive_t1 == "off":
+        return list(model.parameters())
+    horizons = {id(p) for p in horizon_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in horizons]
+
+
+def _momentum(config: TrainConfig, default: float) -> float:
+    return default if config.momentum is None else config.momentum
+
+
 def _build_adam(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(optimizer_parameters(model, config), lr=config.lr,
+                            weight_decay=config.weight_decay)
 
 
 def _build_sgd(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(optimizer_parameters(model, config), lr=config.lr,
+                           momentum=_momentum(config, 0.9), weight_decay=config.weight_decay)
+
+
+def _build_snopt(model: nn.Module, config: TrainConfig,
+                 alpha: float | None = None) -> torch.optim.Optimizer:
+    return SNOpt(model, lr=config.lr, momentum=_momentum(config, 0.0),
+                 weight_decay=config.weight_decay, eps=config.eps,
+                 alpha=config.alpha if alpha is None else alpha,
+                 update_freq=config.update_freq, full=config.full, damping=config.damping,
+                 observer_dt=config.observer_dt, fisher=config.fisher,
+                 params=optimizer_parameters(model, config))
+
+
+def _build_kfac(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SNOpt with frozen second moments (alpha = 1): K-FAC with eigenvalue damping."""
+    return _build_snopt(model, config, alpha=1.0)
 
 
 ModelBuilder = Callable[[TrainConfig, dict[str, Any]], nn.Module]
@@ -167,7 +267,8 @@ OptimizerBuilder = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
 MODELS: dict[str, ModelBuilder] = {"mlp": _build_mlp, "conv": _build_conv}
 #: name -> builder(model, config). Builders get the model, not only its parameters,
 #: because curvature-based optimizers hook its layers.
-OPTIMIZERS: dict[str, OptimizerBuilder] = {"adam": _build_adam, "sgd": _build_sgd}
+OPTIMIZERS: dict[str, OptimizerBuilder] = {"adam": _build_adam, "sgd": _build_sgd,
+                                            "snopt": _build_snopt, "kfac": _build_kfac}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -347,9 +448,11 @@ class _Run:
         self.config, self.out = config, Path(config.out)
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
-        train_set, test_set, info = load_dataset(config.dataset, config.data_dir, config.seed)
+        train_set, test_set, info = load_dataset(config.dataset, config.data_dir, config.seed,
+                                                 subset=config.train_size)
         self.model = MODELS[config.model](config, info).to(self.device)
         self.optimizer = OPTIMIZERS[config.optimizer](self.model, config)
+        self.horizons = _build_horizons(self.model, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(train_set, config.batch_size, shuffle=True,
                                        generator=self.generator)
@@ -366,6 +469,7 @@ class _Run:
             "config": dataclasses.asdict(self.config),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "horizon": [h.state_dict() for h in self.horizons],
             "epoch": self.epoch,
             "step": self.step,
             "wall_time": self.clock.elapsed(),
@@ -377,6 +481,13 @@ class _Run:
         _check_resumable(ckpt["config"], self.config)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        saved_horizons = ckpt.get("horizon", [])
+        if len(saved_horizons) != len(self.horizons):
+            raise ValueError(f"cannot resume {self.out}: the checkpoint holds "
+                             f"{len(saved_horizons)} horizon optimizer states, the model needs "
+                             f"{len(self.horizons)}")
+        for horizon, state in zip(self.horizons, saved_horizons):
+            horizon.load_state_dict(state)
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.saved_wall_time = ckpt["wall_time"]
         _set_rng_states(ckpt["rng"], self.generator)
@@ -391,7 +502,11 @@ class _Run:
         self.window.nfe_forward += sum(b.nfe_forward for b in self.blocks)
         loss.backward()
         self.window.nfe_backward += sum(b.nfe_backward for b in self.blocks)
+        for horizon in self.horizons:
+            horizon.observe()  # reads dL/dT and clears t1's gradient
         self.optimizer.step()
+        for horizon in self.horizons:
+            horizon.step()
         self.window.loss_sum += value
         self.window.steps += 1
         self.step += 1
@@ -405,9 +520,14 @@ class _Run:
             row = {"step": self.step, "epoch": self.step / len(self.train_loader),
                    "wall_time": wall_time, "train_loss": train_loss, "test_loss": test_loss,
                    "test_acc": test_acc, "nfe_forward": nfe_forward,
-                   "nfe_backward": nfe_backward, "lr": self.optimizer.param_groups[0]["lr"]}
+                   "nfe_backward": nfe_backward, "lr": self.optimizer.param_groups[0]["lr"],
+                   "t1": self.current_t1()}
             self.log.append(row)
         return row
+
+    def current_t1(self) -> float:
+        """The current integration horizon (mean over the ODE blocks; NaN without blocks)."""
+        return sum(b.t1 for b in self.blocks) / len(self.blocks) if self.blocks else math.nan
 
     def run(self) -> dict[str, float]:
         config, n_batches = self.config, len(self.train_loader)
@@ -437,6 +557,20 @@ class _Run:
         return (f"training loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}; "
                 f"stopped before the optimizer step, and {kept}. Start a new run with a "
                 f"smaller lr (now {self.config.lr:g}), tighter rtol/atol or weight decay.")
+
+
+def _build_horizons(model: nn.Module, config: TrainConfig) -> list[HorizonOptimizer]:
+    """One horizon optimizer per ODE block when ``adaptive_t1`` is on, else none."""
+    if config.adaptive_t1 == "off":
+        return []
+    blocks = [b for b in ode_blocks(model) if isinstance(b.t1_tensor, nn.Parameter)]
+    if not blocks:
+        raise ValueError(f"adaptive_t1={config.adaptive_t1!r} needs a model whose ODE blocks "
+                         f"have a trainable t1; model {config.model!r} has none: use "
+                         "adaptive_t1='off' or a model built from TrainConfig's block settings")
+    return [HorizonOptimizer(b, policy=config.adaptive_t1, lr=config.t1_lr, reg=config.t1_reg,
+                             update_freq=config.t1_update_freq, t_min=config.t1_min)
+            for b in blocks]
 
 
 def _set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -16,12 +16,16 @@ from torch import Tensor, nn
 import ocnode.training as train_module
 from ocnode.cli import main
 from ocnode.data import load_dataset
+from ocnode.models import ode_blocks
+from ocnode.optim import SNOpt
 from ocnode.training import (
     CHECKPOINT,
     METRIC_COLUMNS,
     MODELS,
+    OPTIMIZERS,
     TrainConfig,
     atomic_torch_save,
+    horizon_parameters,
     train,
 )
 
@@ -29,6 +33,15 @@ from ocnode.training import (
 FAST = {"width": 16, "method": "rk4", "step_size": 0.5, "batch_size": 128, "lr": 1e-2,
         "log_every": 5, "progress": False}
 STEPS_PER_EPOCH = 12  # ceil(1437 / 128)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny models: one intra-op thread is faster, and fair to other jobs on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(tmp_path: Path, name: str = "run", **overrides: object) -> TrainConfig:
@@ -42,6 +55,22 @@ def _rows(out: str | Path) -> list[dict[str, str]]:
 
 def _load(out: str | Path) -> dict:
     return torch.load(Path(out) / CHECKPOINT, weights_only=True)
+
+
+def _assert_identical(a: object, b: object, where: str = "") -> None:
+    """Tensors equal bit for bit, containers recursively, other values by ==."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}/{i}")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -203,7 +232,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of digits"),
-    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose one of adam, sgd"),
+    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose one of adam, kfac, sgd, snopt"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"lr": 0.0}, "lr must be > 0"),
     ({"epochs": 0}, "epochs must be >= 1"),
@@ -211,12 +240,35 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     ({"rtol": -1.0}, "rtol must be > 0"),
     ({"device": "gpu7"}, "unknown device"),
     ({"resume": True}, "no checkpoint at"),
+    ({"eps": 0.0}, "eps must be > 0"),
+    ({"alpha": 1.5}, r"alpha .* must be in \[0, 1\]"),
+    ({"update_freq": 0}, "update_freq must be >= 1"),
+    ({"update_freq": 2.5}, "update_freq must be >= 1"),
+    ({"damping": "svd"}, "unknown damping 'svd'; choose one of ekfac, tikhonov"),
+    ({"fisher": "exact"}, "unknown fisher 'exact'; choose one of empirical, true"),
+    ({"observer_dt": 0.0}, "observer_dt must be > 0 or None"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"adaptive_t1": "on"}, "unknown adaptive_t1 'on'; choose one of baseline, feedback, off"),
+    ({"t1_lr": 0.0}, "t1_lr must be > 0"),
+    ({"t1_reg": -1.0}, "t1_reg must be >= 0"),
+    ({"t1_min": 0.0}, "t1_min must be > 0"),
+    ({"t1_update_freq": 0}, "t1_update_freq must be >= 1"),
+    ({"adaptive_t1": "feedback", "t1_min": 2.0}, "t1_min .* must not exceed .* t1"),
+    ({"train_size": 0}, "train_size must be an int >= 1"),
 ])
 def test_bad_config_raises_a_value_error_saying_what_to_do(
     tmp_path: Path, overrides: dict, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path, **overrides))
+
+
+def test_adaptive_t1_needs_a_model_with_a_trainable_horizon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(MODELS, "plain", lambda config, info: nn.Linear(info["input_dim"], 10))
+    with pytest.raises(ValueError, match="needs a model whose ODE blocks have a trainable t1"):
+        train(_config(tmp_path, model="plain", adaptive_t1="feedback"))
 
 
 def test_an_out_folder_holding_a_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
@@ -226,6 +278,70 @@ def test_an_out_folder_holding_a_run_needs_resume_or_overwrite(tmp_path: Path) -
     with pytest.raises(ValueError, match="already holds a run.*resume.*overwrite"):
         train(config)
     assert train(dataclasses.replace(config, overwrite=True))["step"] == STEPS_PER_EPOCH
+
+
+# ----------------------------------------------------------------------------- SNOpt, T
+
+SNOPT = {"optimizer": "snopt", "lr": 2e-2, "update_freq": 5}
+
+
+@pytest.mark.parametrize("overrides", [
+    SNOPT,
+    {**SNOPT, "adaptive_t1": "feedback", "t1_update_freq": 5, "t1_reg": 1e-2},
+    {"optimizer": "adam", "adaptive_t1": "baseline", "t1_update_freq": 4, "t1_reg": 1e-1},
+], ids=["snopt", "snopt-feedback-t1", "adam-baseline-t1"])
+def test_resuming_snopt_and_adaptive_t1_runs_is_bit_identical(
+    tmp_path: Path, overrides: dict
+) -> None:
+    full = _config(tmp_path, "full", epochs=2, **overrides)
+    train(full)
+    split = _config(tmp_path, "split", epochs=1, **overrides)
+    train(split)
+    train(dataclasses.replace(split, epochs=2, resume=True))
+
+    a, b = _load(full.out), _load(split.out)
+    for key in ("model", "optimizer", "horizon", "epoch", "step"):
+        _assert_identical(a[key], b[key], key)
+    rows = _rows(full.out)
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "wall_time"} for r in _rows(split.out)]
+    if overrides["optimizer"] == "snopt":  # factors were refreshed (steps 0, 5, ..., 20)
+        assert a["optimizer"]["state"]["snopt"]["step"] == 2 * STEPS_PER_EPOCH
+        assert any("m2" in st for k, st in a["optimizer"]["state"].items() if k != "snopt")
+    if "adaptive_t1" in overrides:  # the horizon moved and its averages were saved
+        assert {float(r["t1"]) for r in rows} != {1.0}
+        assert a["horizon"][0]["step"] == 2 * STEPS_PER_EPOCH
+        assert a["horizon"][0]["ema_qt"] is not None
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "snopt", "kfac"])
+def test_the_parameter_optimizer_leaves_an_adaptive_t1_to_the_horizon_optimizer(
+    name: str
+) -> None:
+    config = TrainConfig(optimizer=name, adaptive_t1="feedback", width=8)
+    model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})
+    (t1,) = horizon_parameters(model)
+    optimized = [p for g in OPTIMIZERS[name](model, config).param_groups for p in g["params"]]
+    assert all(p is not t1 for p in optimized)
+    assert len(optimized) == len(list(model.parameters())) - 1
+    fixed = MODELS["mlp"](TrainConfig(width=8), {"input_dim": 4, "n_classes": 3})
+    assert horizon_parameters(fixed) == [] and ode_blocks(fixed)[0].t1 == 1.0
+
+
+def test_optimizer_defaults_follow_the_authors_scripts() -> None:
+    def build(**fields: object) -> torch.optim.Optimizer:
+        config = TrainConfig(width=8, **fields)  # type: ignore[arg-type]
+        model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})  # one per optimizer
+        return OPTIMIZERS[config.optimizer](model, config)
+
+    sgd, snopt = build(optimizer="sgd"), build(optimizer="snopt")
+    kfac = build(optimizer="kfac", alpha=0.5)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    assert isinstance(snopt, SNOpt) and isinstance(kfac, SNOpt)
+    assert snopt.param_groups[0]["momentum"] == 0.0
+    assert (snopt.param_groups[0]["alpha"], kfac.param_groups[0]["alpha"]) == (0.75, 1.0)
+    assert snopt.param_groups[0]["eps"] == 0.05 and snopt.update_freq == 100
+    assert build(optimizer="snopt", momentum=0.5).param_groups[0]["momentum"] == 0.5
 
 
 # ----------------------------------------------------------------------------- CLI

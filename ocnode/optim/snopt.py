@@ -168,7 +168,13 @@ class SNOpt(torch.optim.Optimizer):
             return
         sources = [p for p in self.model.parameters() if p.requires_grad]
 
+        fired = False
+
         def hook(_grad: torch.Tensor) -> None:
+            nonlocal fired
+            if fired:  # the nested backward below reaches this tensor again
+                return
+            fired = True
             with torch.no_grad():
                 probs = torch.softmax(logits.detach().float(), dim=-1)
                 y_hat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(
@@ -293,6 +299,10 @@ class SNOpt(torch.optim.Optimizer):
                         buf.mul_(group["momentum"]).add_(d_p)
                     d_p = buf
                 p.add_(d_p, alpha=-group["lr"])
+
+    def close(self) -> None:
+        """Detach every observer and hook from the model (to build another optimizer on it)."""
+        self._disarm()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore factors, eigenbases, m2, momentum and counters; re-arm collection."""

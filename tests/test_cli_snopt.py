@@ -1,0 +1,130 @@
+"""``ocnode train`` with SNOpt, K-FAC and an adaptive horizon; new flags and their errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ocnode.cli import build_parser, main
+from ocnode.optim import SNOpt
+from ocnode.training import CHECKPOINT, METRIC_COLUMNS, MODELS, OPTIMIZERS, TrainConfig
+
+# Tiny settings: 12 steps of 128 digits, two RK4 steps per solve, width 8.
+TINY = ["--epochs", "1", "--width", "8", "--method", "rk4", "--step-size", "0.5",
+        "--batch-size", "128", "--log-every", "3", "--lr", "0.02", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(out: Path, *flags: str) -> list[dict[str, float]]:
+    assert main(["train", "--out", str(out), *TINY, *flags]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    assert {"t1", "nfe_forward", "nfe_backward"} <= set(rows[0])
+    values = [{k: float(v) for k, v in row.items()} for row in rows]
+    assert all(math.isfinite(v) for row in values for v in row.values())
+    return values
+
+
+@pytest.mark.parametrize("optimizer", ["snopt", "kfac"])
+def test_snopt_and_kfac_runs_write_finite_metrics_with_horizon_and_nfe(
+    tmp_path: Path, optimizer: str
+) -> None:
+    rows = _train(tmp_path / optimizer, "--optimizer", optimizer, "--update-freq", "5",
+                  "--eps", "0.1")
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert all(r["t1"] == 1.0 and r["nfe_forward"] == 8 and r["nfe_backward"] > 0
+               for r in rows)  # fixed horizon; rk4 with two steps: 8 evaluations
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    saved = torch.load(tmp_path / optimizer / CHECKPOINT, weights_only=True)["optimizer"]
+    group = saved["param_groups"][0]
+    assert (group["alpha"], group["eps"]) == ((1.0 if optimizer == "kfac" else 0.75), 0.1)
+    assert saved["state"]["snopt"]["step"] == 12
+    # Without --full only the vector field's two layers are preconditioned.
+    assert sum("basis_a" in st for k, st in saved["state"].items() if k != "snopt") == 2
+
+
+def test_adaptive_feedback_horizon_moves_t1_and_respects_t1_min(tmp_path: Path) -> None:
+    # A strong T^2 regulariser pulls T down by about t1_lr per update until the floor.
+    rows = _train(tmp_path / "t1", "--optimizer", "snopt", "--update-freq", "5",
+                  "--adaptive-t1", "feedback", "--t1-update-freq", "2", "--t1-reg", "1",
+                  "--t1-lr", "0.1", "--t1-min", "0.75", "--log-every", "1")
+    horizons = [r["t1"] for r in rows]
+    assert horizons[0] == 1.0 and horizons[1] < 1.0  # first update after step 2
+    assert all(b <= a for a, b in zip(horizons, horizons[1:])) and len(set(horizons)) > 2
+    assert min(horizons) >= 0.75 and abs(horizons[-1] - 0.75) < 1e-6
+    assert all(r["nfe_backward"] > 0 for r in rows)
+    checkpoint = torch.load(tmp_path / "t1" / CHECKPOINT, weights_only=True)
+    assert checkpoint["horizon"][0]["step"] == 12
+    assert abs(float(checkpoint["model"]["ode.t1_tensor"]) - 0.75) < 1e-6
+
+
+def test_adaptive_baseline_horizon_runs_with_adam(tmp_path: Path) -> None:
+    rows = _train(tmp_path / "base", "--adaptive-t1", "baseline", "--t1-update-freq", "3",
+                  "--t1-reg", "0.1")
+    assert rows[-1]["t1"] < 1.0 and min(r["t1"] for r in rows) >= 0.1
+
+
+def test_snopt_flags_reach_the_optimizer() -> None:
+    args = vars(build_parser().parse_args([
+        "train", "--optimizer", "snopt", "--eps", "0.03", "--alpha", "0.5", "--update-freq",
+        "7", "--full", "--damping", "tikhonov", "--observer-dt", "0.02", "--fisher", "true",
+        "--momentum", "0.9"]))
+    args.pop("command")
+    config = TrainConfig(**args)
+    config.validate()
+    model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})
+    opt = OPTIMIZERS["snopt"](model, config)
+    assert isinstance(opt, SNOpt)
+    group = opt.param_groups[0]
+    assert (group["eps"], group["alpha"], group["momentum"]) == (0.03, 0.5, 0.9)
+    assert (opt.update_freq, opt.full, opt.damping, opt.observer_dt, opt.fisher) == (
+        7, True, "tikhonov", 0.02, "true")
+    assert len(opt.preconditioned_layers) == 4  # 2 in the vector field + stem + head
+
+
+def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -> None:
+    rows = _train(tmp_path / "fmnist", "--dataset", "fashion-mnist", "--model", "conv",
+                  "--train-size", "256", "--width", "4", "--log-every", "100")
+    assert rows[-1]["step"] == 2  # 256 stratified images in batches of 128
+    saved = torch.load(tmp_path / "fmnist" / CHECKPOINT, weights_only=True)
+    assert saved["config"]["train_size"] == 256
+    assert saved["model"]["1.stem.0.weight"].shape == (4, 1, 3, 3)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'; choose one of adam, kfac, sgd"),
+    (["--optimizer", "snopt", "--eps", "0"], "eps must be > 0"),
+    (["--optimizer", "snopt", "--alpha", "1.5"], "alpha"),
+    (["--update-freq", "0"], "update_freq must be >= 1"),
+    (["--damping", "svd"], "invalid choice: 'svd'"),
+    (["--fisher", "exact"], "invalid choice: 'exact'"),
+    (["--observer-dt", "-1"], "observer_dt must be > 0"),
+    (["--adaptive-t1", "on"], "invalid choice: 'on'"),
+    (["--adaptive-t1", "feedback", "--t1-min", "2"], "t1_min .* must not exceed"),
+    (["--t1-lr", "0"], "t1_lr must be > 0"),
+    (["--t1-reg", "-1"], "t1_reg must be >= 0"),
+    (["--t1-update-freq", "0"], "t1_update_freq must be >= 1"),
+    (["--momentum", "1.5"], "momentum must be in"),
+    (["--train-size", "0"], "train_size must be an int >= 1"),
+    (["--dataset", "mnist"], "mnist: no data_dir given.*--data-dir"),
+])
+def test_bad_flags_are_usage_errors_saying_what_to_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "bad"), "--no-progress", *flags])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err.replace("\n", " "))
