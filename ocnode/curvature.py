@@ -51,16 +51,16 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input as rows z, shape (M, d_in [+1]); conv inputs become unfolded patches."""
+    """Layer input as rows z, shape (M, d_in); conv inputs become unfolded patches.
+
+    The bias's constant 1 is not appended here: :func:`factor_sums` adds its row and column
+    to the factor without copying the (large) patch matrix.
+    """
     if isinstance(module, nn.Conv2d):
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
                            padding=_conv_padding(module), stride=module.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-    if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -70,21 +70,27 @@ def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, g.shape[-1])
 
 
-def factor_sums(z: torch.Tensor, g: torch.Tensor, rows_per_use: int,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def factor_sums(z: torch.Tensor, g: torch.Tensor, rows_per_use: int, scale: float,
+                bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over uses of the per-use factors E_rows[z z^T] and E_rows[(s g)(s g)^T].
 
     Args:
-        z: layer inputs, (M, d_in [+1]) rows (Linear rows or conv patches), M = uses * rows.
+        z: layer inputs, (M, d_in) rows (Linear rows or conv patches), M = uses * rows.
         g: output gradients, (M, d_out).
         rows_per_use: rows contributed by one use (batch * locations).
         scale: s, the factor that turns g into per-sample scale (batch size, times dt for
             samples along an ODE trajectory).
+        bias: append the constant input 1 of a bias (a last row and column of A).
 
     Returns:
-        (sum_u A_u, sum_u B_u), shapes (d_in, d_in) and (d_out, d_out).
+        (sum_u A_u, sum_u B_u), shapes (d_in [+1], d_in [+1]) and (d_out, d_out).
     """
-    a_sum = z.t() @ z / rows_per_use
+    a_sum = z.t() @ z
+    if bias:
+        col = z.sum(0, keepdim=True)
+        corner = torch.full((1, 1), float(z.shape[0]), dtype=z.dtype, device=z.device)
+        a_sum = torch.cat([torch.cat([a_sum, col.t()], 1), torch.cat([col, corner], 1)], 0)
+    a_sum = a_sum / rows_per_use
     gs = g * scale
     return a_sum, gs.t() @ gs / rows_per_use
 
@@ -114,22 +120,27 @@ class FactorCollector:
         self.enabled = True  # the optimizer switches collection off outside its passes
 
     def add(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor, uses: int,
-            dt: float | None) -> None:
+            dt: float | None, loss_batch: int | None = None) -> None:
         """Add `uses` stacked uses of a layer: input x and output gradient g (layer shapes).
 
-        The per-sample scale is (rows of batch per use) * dt (dt None: 1): a layer whose
-        batch dimension holds the whole batch in one row (a t-layer seeing a batch of one)
-        is scaled by dt alone, since its gradient already sums over the samples.
+        The per-sample scale is B * dt (dt None: 1), with B the loss's batch size: by default
+        the rows of x's batch dimension per use; ``loss_batch`` gives it when x holds only a
+        subset of the batch. A layer whose batch dimension holds the whole batch in one row
+        (a t-layer seeing a batch of one) is scaled by dt alone, since its gradient already
+        sums over the samples.
         """
         z, gr = input_rows(module, x.detach()), output_rows(module, g.detach())
-        batch = max(1, x.shape[0] // uses)
+        rows_batch = max(1, x.shape[0] // uses)
+        batch = loss_batch if loss_batch is not None and rows_batch > 1 else rows_batch
         rows = z.shape[0] // uses
         scale = batch * (1.0 if dt is None else dt)
         a_sum, b_sum = factor_sums(z.float() if z.dtype == torch.half else z,
-                                   gr.float() if gr.dtype == torch.half else gr, rows, scale)
+                                   gr.float() if gr.dtype == torch.half else gr, rows, scale,
+                                   bias=getattr(module, "bias", None) is not None)
         old = self.stats.get(module)
         if old is None:
-            self.stats[module] = LayerStats(a_sum, b_sum, float(uses), rows / batch, batch)
+            self.stats[module] = LayerStats(a_sum, b_sum, float(uses), rows / rows_batch,
+                                            batch)
         else:
             old.a_sum += a_sum
             old.b_sum += b_sum
@@ -184,25 +195,33 @@ class ODECurvatureObserver:
         collector: where the factors go.
         batched_time: whether func accepts a per-row time tensor.
         memory_budget: bytes of stacked states per chunk (activations scale with it).
+        stats_batch: if set, only the first ``stats_batch`` samples of each batch (batches
+            are shuffled) enter the statistics: the refresh costs less in proportion, and
+            the factors stay unbiased estimates (the per-sample scale keeps the full B).
     """
 
     def __init__(self, func: Callable, modules: Sequence[nn.Module], collector: FactorCollector,
-                 batched_time: bool = False, memory_budget: float = 64e6) -> None:
+                 batched_time: bool = False, memory_budget: float = 64e6,
+                 stats_batch: int | None = None) -> None:
         self.func, self.modules, self.collector = func, list(modules), collector
         self.batched_time, self.memory_budget = batched_time, memory_budget
+        self.stats_batch = stats_batch
+        self.loss_batch: int | None = None
         self.buffer: list[tuple] = []
         self.samples = 0
 
     def __call__(self, t: float, x, a, dt: float) -> None:
         if not self.collector.enabled:
             return
-        clone = (lambda v: tuple(c.detach().clone() for c in v)) if isinstance(x, tuple) \
-            else (lambda v: v.detach().clone())
+        rows = slice(0, self.stats_batch)
+        clone = (lambda v: tuple(c[rows].detach().clone() for c in v)) \
+            if isinstance(x, tuple) else (lambda v: v[rows].detach().clone())
+        self.loss_batch = (x[0] if isinstance(x, tuple) else x).shape[0]
         if self.buffer and self.buffer[0][3] != dt:
             self.flush()
         self.buffer.append((t, clone(x), clone(a), dt))
         self.samples += 1
-        if len(self.buffer) >= self._chunk(x):
+        if len(self.buffer) >= self._chunk(self.buffer[-1][1]):
             self.flush()
 
     def _chunk(self, x) -> int:
@@ -235,7 +254,7 @@ class ODECurvatureObserver:
                                         [g for _, g in pairs], allow_unused=True)
         for (module, inp, _), g in zip(cap.records, grads):
             if g is not None:
-                self.collector.add(module, inp, g, uses, dt)
+                self.collector.add(module, inp, g, uses, dt, self.loss_batch)
 
 
 def hook_layers(modules: Iterable[nn.Module], collector: FactorCollector) -> list[RemovableHandle]:

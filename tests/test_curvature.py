@@ -67,8 +67,12 @@ def _manual_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _brute_force(func, modules, samples, batch):
-    """Per-sample, per-time sums of outer products (ALGORITHM.md 1.5), one sample at a time."""
+def _brute_force(func, modules, samples, batch, loss_batch=None):
+    """Per-sample, per-time sums of outer products (ALGORITHM.md 1.5), one sample at a time.
+
+    Averages over the first `batch` samples; the per-sample scale is loss_batch * dt.
+    """
+    loss_batch = loss_batch or batch
     a_sum = {m: 0.0 for m in modules}
     b_sum = {m: 0.0 for m in modules}
     for t, x, a in samples:
@@ -96,7 +100,7 @@ def _brute_force(func, modules, samples, batch):
                     if m.bias is not None else z
                 # rows of the same use are averaged; per-sample scale B*dt
                 per_a[m] = per_a[m] + z.t() @ z / z.shape[0]
-                gs = gr * (batch * DT)
+                gs = gr * (loss_batch * DT)
                 per_b[m] = per_b[m] + gs.t() @ gs / gs.shape[0]
         for m in modules:
             a_sum[m] = a_sum[m] + per_a[m] / batch
@@ -104,12 +108,13 @@ def _brute_force(func, modules, samples, batch):
     return a_sum, b_sum
 
 
-def _collect(func, x0, batched: bool):
+def _collect(func, x0, batched: bool, stats_batch=None):
     """Run an Euler adjoint whose steps coincide with the grid; return stats and samples."""
     modules = [m for m in func.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     collector = FactorCollector()
     obs = ODECurvatureObserver(func, modules, collector, batched_time=batched,
-                               memory_budget=3 * x0.numel() * x0.element_size())
+                               memory_budget=3 * x0.numel() * x0.element_size(),
+                               stats_batch=stats_batch)
     samples = []
 
     def observer(t, x, a):
@@ -140,6 +145,18 @@ def test_factors_equal_brute_force_per_sample_outer_products(field, shape, batch
         assert stats[m].uses == 10
         assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
         assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+
+
+def test_stats_batch_uses_the_first_samples_at_the_full_batch_scale():
+    torch.manual_seed(0)
+    func = LinearField().double()
+    x0 = torch.randn(6, 3, dtype=torch.float64)
+    stats, samples, modules = _collect(func, x0, batched=True, stats_batch=2)
+    a_ref, b_ref = _brute_force(func, modules, samples, 2, loss_batch=6)
+    for m in modules:
+        assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+        assert stats[m].batch == 6
 
 
 def test_batched_time_gives_t_layers_per_sample_rows():

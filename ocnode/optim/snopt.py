@@ -79,6 +79,8 @@ class SNOpt(torch.optim.Optimizer):
         fisher: 'empirical' (y = grad of the loss) or 'true' (y = softmax - onehot(y_hat) with
             y_hat sampled from the model; the model's output must be cross-entropy logits).
         memory_budget: bytes of stacked ODE states evaluated per batched grid chunk.
+        stats_batch: use only this many samples of each batch for the ODE-block statistics
+            (None: all). The refresh cost scales with it; the factors stay unbiased.
         params: parameters or parameter groups (default: ``model.parameters()``).
     """
 
@@ -86,8 +88,12 @@ class SNOpt(torch.optim.Optimizer):
                  weight_decay: float = 0.0, eps: float = 0.05, alpha: float = 0.75,
                  update_freq: int = 100, full: bool = False, damping: str = "ekfac",
                  observer_dt: float | None = None, fisher: str = "empirical",
-                 memory_budget: float = 64e6, params: Iterable | None = None) -> None:
+                 memory_budget: float = 64e6, stats_batch: int | None = None,
+                 params: Iterable | None = None) -> None:
         _validate(lr, momentum, weight_decay, eps, alpha, update_freq, damping, fisher)
+        if stats_batch is not None and not (isinstance(stats_batch, int) and stats_batch >= 1):
+            raise ValueError(f"stats_batch must be a positive int or None, got {stats_batch!r}")
+        self.stats_batch = stats_batch
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
                         alpha=alpha)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -145,7 +151,7 @@ class SNOpt(torch.optim.Optimizer):
         for block, mods in self._block_layers:
             obs = ODECurvatureObserver(block.func, mods, self.collector,
                                        getattr(block.func, "supports_batched_time", False),
-                                       self._memory_budget)
+                                       self._memory_budget, self.stats_batch)
             self._observers.append(obs)
             self._handles.append(block.register_observer(obs, self.observer_dt))
         self._handles += hook_layers(self._hooked, self.collector)
@@ -220,7 +226,10 @@ class SNOpt(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        if not grads:
+            return True
+        # max |g| per tensor in one fused call: NaN and +-inf survive it, huge values do not
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
 
     def _refresh(self, stats: dict[nn.Module, LayerStats]) -> None:
         """Eigendecompose each layer's mean factors and reset its second moments."""
@@ -283,22 +292,30 @@ class SNOpt(torch.optim.Optimizer):
         return g
 
     def _sgd(self) -> None:
-        """SGD with weight decay (added after preconditioning) and momentum."""
+        """SGD with weight decay (added after preconditioning) and momentum, fused per group."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if group["weight_decay"]:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    if buf is None:
-                        buf = self.state[p]["momentum_buffer"] = d_p.clone()
-                    else:
-                        buf.mul_(group["momentum"]).add_(d_p)
-                    d_p = buf
-                p.add_(d_p, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            d_p = [p.grad for p in params]
+            if group["weight_decay"]:
+                d_p = torch._foreach_add(d_p, params, alpha=group["weight_decay"])
+            if group["momentum"]:
+                d_p = self._momentum(params, d_p, group["momentum"])
+            torch._foreach_add_(params, d_p, alpha=-group["lr"])
+
+    def _momentum(self, params: list[torch.Tensor], d_p: list[torch.Tensor],
+                  momentum: float) -> list[torch.Tensor]:
+        """buf <- momentum * buf + d_p (buf = d_p at the first step); returns the buffers."""
+        has = ["momentum_buffer" in self.state[p] for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p, h in zip(params, has) if h]
+        if bufs:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [d for d, h in zip(d_p, has) if h])
+        for p, d, h in zip(params, d_p, has):
+            if not h:
+                self.state[p]["momentum_buffer"] = d.clone()
+        return [self.state[p]["momentum_buffer"] for p in params]
 
     def close(self) -> None:
         """Detach every observer and hook from the model (to build another optimizer on it)."""
