@@ -85,6 +85,8 @@ def _add_snopt_flags(p: argparse.ArgumentParser) -> None:
                    help="curvature grid spacing along the adjoint solve; None: 0.01 of the "
                         "horizon")
     g.add_argument("--fisher", default=d.fisher, choices=FISHERS)
+    g.add_argument("--stats-batch", type=int, default=d.stats_batch,
+                   help="samples of each batch used for the ODE-block curvature (None: all)")
 
 
 def _add_horizon_flags(p: argparse.ArgumentParser) -> None:

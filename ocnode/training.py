@@ -78,12 +78,13 @@ class TrainConfig:
         lr, weight_decay: optimizer hyperparameters.
         momentum: SGD/SNOpt momentum (Adam ignores it); None: 0.9 for ``"sgd"``, 0 for
             ``"snopt"``/``"kfac"`` (the SNOpt authors' defaults).
-        eps, alpha, update_freq, full, damping, observer_dt, fisher: SNOpt/K-FAC settings
-            (ALGORITHM.md 1.5-1.6): damping epsilon; EKFAC second-moment rate (``"kfac"``
-            fixes it to 1); refresh period of the factors in iterations; also precondition
-            the layers outside ODE blocks; ``"ekfac"`` or ``"tikhonov"`` damping; spacing of
-            the curvature grid along each adjoint solve (None: 0.01 of the horizon);
-            ``"empirical"`` or ``"true"`` Fisher. Other optimizers ignore them.
+        eps, alpha, update_freq, full, damping, observer_dt, fisher, stats_batch: SNOpt/K-FAC
+            settings (ALGORITHM.md 1.5-1.6): damping epsilon; EKFAC second-moment rate
+            (``"kfac"`` fixes it to 1); refresh period of the factors in iterations; also
+            precondition the layers outside ODE blocks; ``"ekfac"`` or ``"tikhonov"``
+            damping; spacing of the curvature grid along each adjoint solve (None: 0.01 of
+            the horizon); ``"empirical"`` or ``"true"`` Fisher; samples per batch used for
+            the ODE-block statistics (None: all). Other optimizers ignore them.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``; 1 keeps it
             constant. A per-epoch factor, so extending ``epochs`` on resume stays exact.
         epochs: total epochs of the run (a resumed run continues up to this number).
@@ -121,6 +122,7 @@ class TrainConfig:
     damping: str = "ekfac"
     observer_dt: float | None = None
     fisher: str = "empirical"
+    stats_batch: int | None = None
     lr_decay: float = 0.8
     epochs: int = 15
     batch_size: int = 64
@@ -167,6 +169,9 @@ class TrainConfig:
         for name, opt in {"step_size": self.step_size, "observer_dt": self.observer_dt}.items():
             if opt is not None and not opt > 0:
                 raise ValueError(f"{name} must be > 0 or None, got {opt}")
+        if self.stats_batch is not None and (not isinstance(self.stats_batch, int)
+                                             or self.stats_batch < 1):
+            raise ValueError(f"stats_batch must be an int >= 1 or None, got {self.stats_batch!r}")
         if self.train_size is not None and (not isinstance(self.train_size, int)
                                             or self.train_size < 1):
             raise ValueError(f"train_size must be an int >= 1 or None, got {self.train_size!r}")
@@ -253,7 +258,7 @@ def _build_snopt(model: nn.Module, config: TrainConfig,
                  alpha=config.alpha if alpha is None else alpha,
                  update_freq=config.update_freq, full=config.full, damping=config.damping,
                  observer_dt=config.observer_dt, fisher=config.fisher,
-                 params=optimizer_parameters(model, config))
+                 stats_batch=config.stats_batch, params=optimizer_parameters(model, config))
 
 
 def _build_kfac(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
