@@ -46,7 +46,8 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
     if module.padding == "valid":
         return (0, 0)
     if module.padding == "same":
-        return tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+        (dh, dw), (kh, kw) = module.dilation, module.kernel_size
+        return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
     return module.padding  # type: ignore[return-value]
 
 

@@ -127,8 +127,10 @@ class _AdjointFunction(torch.autograd.Function):
         return (None, a0, grad_t, *grads_p)
 
 
-def _split_params(a_theta: torch.Tensor, params: Sequence[torch.Tensor]) -> list:
-    out, start = [], 0
+def _split_params(a_theta: torch.Tensor,
+                  params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = []
+    start = 0
     for p in params:
         if p.requires_grad:
             out.append(a_theta[start:start + p.numel()].view_as(p))
@@ -146,7 +148,7 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     direction = -cfg.direction  # the backward solve runs against the forward direction
     rhs = _aug_rhs(cfg, params, ys.device, direction)
     norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.seminorm)
-    grid = observer_grid(times, cfg.observer_dt) if cfg.observer is not None else []
+    grid = observer_grid(times, cfg.observer_dt) if cfg.observer_dt is not None else []
     z = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(n_theta)])
     if len(times) == 1:
         z[n:2 * n] = 0.0
@@ -277,6 +279,8 @@ def _config(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol
     adj_opts = check_options(adj_method, adj_opts, adj_rtol, adj_atol)
     if observer is not None and not (isinstance(observer_dt, (int, float)) and observer_dt > 0):
         raise SolverInputError(f"an observer needs observer_dt > 0, got {observer_dt!r}")
+    if observer is None:
+        observer_dt = None
     flat = flat_state(y0)
     times, direction = check_times(t, flat.flatten(y0))
     return _Config(func, flat, times, direction, method, opts, rtol, atol, adj_method,

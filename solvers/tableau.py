@@ -192,7 +192,8 @@ def _dopri5_dense() -> np.ndarray:
              P.polymul(P.polymul(th, th), P.polymul(one_m, one_m))]
     dense = np.zeros((7, 4))
     for r, poly in zip((r2, r3, r4, r5), basis):
-        dense += np.outer(r, np.pad(_poly(list(poly)), (0, 4 - (len(poly) - 1))))
+        coeffs = np.asarray(poly, dtype=float)
+        dense += np.outer(r, np.pad(_poly(list(coeffs)), (0, 4 - (len(coeffs) - 1))))
     return dense
 
 

@@ -26,6 +26,7 @@ Use with any parameter optimizer::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -65,13 +66,17 @@ class HorizonOptimizer:
         t1 = block.t1_tensor
         self.params = [p for p in (block.func.parameters() if params is None else params)
                        if p is not t1]
-        self.state = {"step": 0, "ema_qt": None, "ema_qtt": None, "s": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "ema_qt": None, "ema_qtt": None, "s": 0.0}
         self._grad_theta: torch.Tensor | None = None
         self._theta_old: torch.Tensor | None = None
 
     def _flat(self, grads: bool) -> torch.Tensor:
-        parts = [(p.grad if grads else p).detach().reshape(-1) for p in self.params
-                 if not grads or p.grad is not None]
+        """theta or its gradient (zeros where None) as one vector."""
+        def pick(p: torch.Tensor) -> torch.Tensor:
+            if not grads:
+                return p.detach()
+            return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        parts = [pick(p).reshape(-1) for p in self.params]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def observe(self) -> float:
@@ -112,10 +117,9 @@ class HorizonOptimizer:
         if self.policy == "baseline":
             return st["ema_qt"]
         feedback = 0.0
-        if self._grad_theta is not None and self._grad_theta.numel():
+        if self._grad_theta is not None and self._theta_old is not None:
             d_theta = self._flat(False) - self._theta_old
-            if d_theta.shape == self._grad_theta.shape:
-                feedback = st["s"] * float(self._grad_theta @ d_theta)
+            feedback = st["s"] * float(self._grad_theta @ d_theta)
         return (st["ema_qt"] + feedback) / max(st["ema_qtt"], 1e-12)
 
     def state_dict(self) -> dict:

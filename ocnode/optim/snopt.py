@@ -16,8 +16,9 @@ The bookkeeping lives here; the maths are the functions of :mod:`ocnode.optim.fu
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -103,7 +104,8 @@ class SNOpt(torch.optim.Optimizer):
         self._observers: list[ODECurvatureObserver] = []
         self._handles: list = []
         self._layers = self._find_layers(memory_budget)
-        self.state[_GLOBAL] = {"step": 0, "batch": 1}
+        # torch keys state by parameter; a string key round-trips through state_dict too
+        self.state[_GLOBAL] = {"step": 0, "batch": 1}  # type: ignore[index]
         self._arm()
 
     # ---- discovery ---------------------------------------------------------------------
@@ -113,35 +115,36 @@ class SNOpt(torch.optim.Optimizer):
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         blocks = [m for m in self.model.modules() if isinstance(m, ODEBlock)]
         inner = {id(m) for b in blocks for m in b.func.modules()}
-        self._block_layers: list[tuple[ODEBlock, list[nn.Module]]] = []
+        self._block_layers: list[tuple[ODEBlock, Sequence[nn.Module]]] = []
         self._hooked: list[nn.Module] = []
         layers: dict[nn.Module, _Layer] = {}
         for block in blocks:
-            mods = [m for m in block.func.modules() if isinstance(m, TRACKED)]
+            mods: list[nn.Module] = [m for m in block.func.modules() if isinstance(m, TRACKED)]
             (self._block_layers.append((block, mods)) if block.adjoint
              else self._hooked.extend(mods))
             layers.update(self._own(mods, owned))
-        outer = [m for m in self.model.modules()
-                 if isinstance(m, TRACKED) and id(m) not in inner] if self.full else []
+        outer: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, TRACKED)
+                                  and id(m) not in inner] if self.full else []
         self._hooked.extend(outer)
         layers.update(self._own(outer, owned))
         self._memory_budget = memory_budget
         return layers
 
     @staticmethod
-    def _own(modules: list[nn.Module], owned: set[int]) -> dict[nn.Module, _Layer]:
+    def _own(modules: Sequence[nn.Module], owned: set[int]) -> dict[nn.Module, _Layer]:
         out = {}
         for m in modules:
-            if id(m.weight) in owned:
+            weight, bias = cast(torch.Tensor, m.weight), cast(torch.Tensor | None, m.bias)
+            if id(weight) in owned:
                 check_layer(m)
-                bias = m.bias if m.bias is not None and id(m.bias) in owned else None
-                out[m] = _Layer(m, m.weight, bias)
+                out[m] = _Layer(m, weight, bias if bias is not None and id(bias) in owned
+                                else None)
         return out
 
     # ---- collection (alive only on refresh iterations) ---------------------------------
 
     def _refresh_due(self) -> bool:
-        return self.state[_GLOBAL]["step"] % self.update_freq == 0
+        return self._counters["step"] % self.update_freq == 0
 
     def _arm(self) -> None:
         """Register observers and hooks if the coming iteration is a refresh."""
@@ -220,7 +223,7 @@ class SNOpt(torch.optim.Optimizer):
             self._refresh(self.collector.pop())
         self._precondition()
         self._sgd()
-        self.state[_GLOBAL]["step"] += 1
+        self._counters["step"] += 1
         self._arm()
         return loss
 
@@ -242,7 +245,7 @@ class SNOpt(torch.optim.Optimizer):
             if layer is not None:
                 self._refresh_layer(layer, st)
         if stats:
-            self.state[_GLOBAL]["batch"] = max(st.batch for st in stats.values())
+            self._counters["batch"] = max(st.batch for st in stats.values())
 
     def _refresh_layer(self, layer: _Layer, st: LayerStats) -> None:
         a_factor, g_factor = st.a_sum / st.uses, st.b_sum / st.uses
@@ -266,7 +269,7 @@ class SNOpt(torch.optim.Optimizer):
     def _precondition(self) -> None:
         """Replace each preconditioned layer's gradient (weight and bias) in place."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        batch = self.state[_GLOBAL]["batch"]
+        batch = self._counters["batch"]
         for layer in self._layers.values():
             st = self.state[layer.weight]
             if "m2" not in st or layer.weight.grad is None:
@@ -279,7 +282,7 @@ class SNOpt(torch.optim.Optimizer):
             g = self._precondition_matrix(g, st, group, batch)
             w, b = Fn.split_gradient(g, layer.weight.shape, layer.bias is not None)
             layer.weight.grad.copy_(w)
-            if layer.bias is not None and layer.bias.grad is not None:
+            if layer.bias is not None and layer.bias.grad is not None and b is not None:
                 layer.bias.grad.copy_(b)
 
     def _precondition_matrix(self, g: torch.Tensor, st: dict, group: dict,
@@ -297,9 +300,9 @@ class SNOpt(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            d_p = [p.grad for p in params]
+            d_p = [cast(torch.Tensor, p.grad) for p in params]
             if group["weight_decay"]:
-                d_p = torch._foreach_add(d_p, params, alpha=group["weight_decay"])
+                d_p = list(torch._foreach_add(d_p, params, alpha=group["weight_decay"]))
             if group["momentum"]:
                 d_p = self._momentum(params, d_p, group["momentum"])
             torch._foreach_add_(params, d_p, alpha=-group["lr"])
@@ -327,9 +330,14 @@ class SNOpt(torch.optim.Optimizer):
         self._arm()
 
     @property
+    def _counters(self) -> dict:
+        """Optimizer-wide counters: 'step' (iterations taken) and 'batch' (for EKFAC's B)."""
+        return self.state[_GLOBAL]  # type: ignore[index]
+
+    @property
     def iteration(self) -> int:
         """Number of steps taken."""
-        return int(self.state[_GLOBAL]["step"])
+        return int(self._counters["step"])
 
     @property
     def preconditioned_layers(self) -> list[nn.Module]:
