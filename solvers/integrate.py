@@ -247,8 +247,10 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         if ratio <= 1.0:
             stats.n_accepted += 1
             out.flush(t, t + dt, _dense(tab, stages, y, dt))
-            # f0 may be a row of the stage buffer: the next step copies it to row 0 first
-            t, y, f0 = t + dt, y1, stages.get(tab.stages - 1)
+            # copy: in buffer mode the last row is overwritten by the next attempt, and a
+            # rejected attempt must restart from f(t, y)
+            f_new = stages.get(tab.stages - 1)
+            t, y, f0 = t + dt, y1, f_new if graph else f_new.clone()
             prev_ratio = max(ratio, 1e-4)
         else:
             stats.n_rejected += 1

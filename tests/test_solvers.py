@@ -203,3 +203,24 @@ def test_precision_contract_time_is_float64_and_state_keeps_its_dtype():
     assert y.dtype == torch.float32
     assert set(seen) == {torch.float64}
     assert float(y[-1, 0]) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "adaptive_heun"])
+def test_rejected_steps_restart_from_the_accepted_state_with_or_without_autograd(method):
+    # Van der Pol (mu = 10) rejects many steps; the buffered (no-grad) path must take exactly
+    # the steps of the graph path and reach the same answer.
+    def vdp(t, y):
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, 10.0 * (1 - x**2) * v - x], -1)
+
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    plain, graph = SolverStats(), SolverStats()
+    with torch.no_grad():
+        y_plain = odeint(vdp, y0, t, method=method, rtol=1e-6, atol=1e-6, stats=plain)
+    y_graph = odeint(vdp, y0.clone().requires_grad_(True), t, method=method, rtol=1e-6,
+                     atol=1e-6, stats=graph)
+    assert plain.n_rejected > 0
+    assert (plain.nfe, plain.n_accepted, plain.n_rejected) == (graph.nfe, graph.n_accepted,
+                                                               graph.n_rejected)
+    assert torch.allclose(y_plain, y_graph.detach(), rtol=1e-10, atol=1e-12)
