@@ -193,10 +193,6 @@ class _Outputs:
     def done(self) -> bool:
         return self.j >= len(self.t_out)
 
-    @property
-    def last(self) -> float:
-        return self.t_out[-1]
-
     def flush(self, t0: float, t1: float, value_at: Callable[[float], torch.Tensor]) -> None:
         """Emit every output time in (t0, t1]; value_at(theta) gives the state there."""
         while self.j < len(self.t_out) and self.t_out[self.j] <= t1 + self.tol:
