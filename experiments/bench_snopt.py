@@ -55,7 +55,6 @@ import gc
 import json
 import math
 import os
-import platform
 import pstats
 import shlex
 import statistics
@@ -73,6 +72,8 @@ from torch import nn
 from ocnode.data import load_dataset
 from ocnode.models import ConvODEClassifier, MLPODEClassifier, ode_blocks
 from ocnode.optim import SNOpt
+
+from common import machine_info, read_status_kib
 
 # ---- configuration (CLI flags override some of it) --------------------------------------
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -354,15 +355,6 @@ def run_timing(datasets: list[str], quick: bool) -> list[dict[str, Any]]:
 
 
 # ---- part 2: memory (one fresh subprocess per configuration) ----------------------------
-def read_status_kib(field: str) -> int:
-    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(t1: float, mode: str) -> dict[str, Any]:
     """Peak RSS growth of three training iterations at horizon t1; run in a fresh process."""
     opt_name, how = mode.split("-", 1)
@@ -554,22 +546,6 @@ def plot_tta(tta: dict[str, Any], path: Path) -> None:
 
 
 # ---- reporting --------------------------------------------------------------------------
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "loadavg_at_start": load}
-
-
 def command_line() -> str:
     script = Path(sys.argv[0]).resolve()
     try:
@@ -734,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": command_line(), "machine": machine_info(args.threads),
+        "command": command_line(), "machine": machine_info(),
         "settings": {"quick": args.quick, "parts": args.parts, "datasets": args.datasets,
                      "seeds": args.seeds, "batch": BATCH, "method": METHOD,
                      "step_size": STEP_SIZE, "channels": CHANNELS, "update_freq": UPDATE_FREQ,

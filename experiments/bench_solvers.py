@@ -33,8 +33,6 @@ import fnmatch
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +47,8 @@ import torchdiffeq
 from torch import nn
 
 import solvers
+
+from common import machine_info, read_status_kib
 
 # ---- configuration (CLI flags override the first three) ---------------------------------
 REPEATS = 20
@@ -209,15 +209,6 @@ def timing_record(case: Case, times: dict[str, list[float]], nfe: dict[str, int]
 
 
 # ---- memory (one fresh subprocess per configuration) ------------------------------------
-def read_status_kib(field: str) -> int:
-    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(t1: float, mode: str) -> dict[str, Any]:
     """Peak RSS growth of one forward + backward; run in a fresh process."""
     engine, how = mode.split("-")
@@ -263,22 +254,6 @@ def measure_memory(threads: int | None) -> list[dict[str, Any]]:
 
 
 # ---- reporting --------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, versions and torch's thread count."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
-        "platform": platform.platform(),
-    }
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The results as markdown: machine line, timing table, memory table."""
     m = result["machine"]

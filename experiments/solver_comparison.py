@@ -60,8 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -71,10 +69,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchdiffeq
 
 import solvers
 from ocnode import MLPODEFunc
+
+from common import machine_info
 
 # ---- configuration (CLI flags override the first ones) ----------------------------------
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -552,18 +551,6 @@ def draw_line(axes: Any, records: list[dict[str, Any]], method: str, engine: str
 
 
 # ---- report -----------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown")}
-
-
 def fmt(x: float | None, spec: str = ".1e") -> str:
     return "-" if x is None else format(x, spec)
 
