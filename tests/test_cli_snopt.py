@@ -19,12 +19,7 @@ TINY = ["--epochs", "1", "--width", "8", "--method", "rk4", "--step-size", "0.5"
         "--batch-size", "128", "--log-every", "3", "--lr", "0.02", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out: Path, *flags: str) -> list[dict[str, float]]:

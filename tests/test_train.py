@@ -35,13 +35,7 @@ FAST = {"width": 16, "method": "rk4", "step_size": 0.5, "batch_size": 128, "lr":
 STEPS_PER_EPOCH = 12  # ceil(1437 / 128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny models: one intra-op thread is faster, and fair to other jobs on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path: Path, name: str = "run", **overrides: object) -> TrainConfig:
