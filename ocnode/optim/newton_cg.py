@@ -1,0 +1,219 @@
+"""Newton-CG: Hessian-free (truncated) Newton with exact Hessian-vector products.
+
+The exact second-order baseline that SNOpt is compared against (ALGORITHM.md 1.9). Each
+``step(closure)`` evaluates the loss, takes its gradient g with a graph, and solves
+(H + damping I) d = g by conjugate gradients, where every H v is an exact Hessian-vector
+product by double backward (Pearlmutter 1994). For a Neural ODE these products go through the
+solver's operations, so ODE blocks must be built with ``adjoint=False`` (memory linear in the
+number of solver steps, and about twice a backward pass per CG iteration). Then
+theta <- theta - lr * d.
+
+The bookkeeping lives here; the maths are :func:`ocnode.optim.functional.conjugate_gradient`
+and :func:`ocnode.optim.functional.hessian_vector_product`.
+
+References:
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010; Nocedal, Wright,
+    "Numerical Optimization", 2nd ed., 2006, chapter 7 (Algorithm 7.1, line-search Newton-CG).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from ocnode.optim import functional as Fn
+
+_GLOBAL = "newton_cg"  # key of the optimizer-wide counters in self.state
+
+
+def _check_group(lr: Any, damping: Any) -> None:
+    if not (isinstance(lr, int | float) and lr > 0):
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if not (isinstance(damping, int | float) and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}; 1e-4 to 1 are "
+                         "typical (0 risks negative-curvature stops)")
+
+
+def _check_solver(cg_iters: Any, cg_tol: Any, max_step_norm: Any) -> None:
+    if not (isinstance(cg_iters, int) and cg_iters >= 1):
+        raise ValueError(f"cg_iters must be an int >= 1, got {cg_iters!r}")
+    if not (isinstance(cg_tol, int | float) and cg_tol >= 0):
+        raise ValueError(f"cg_tol must be a number >= 0, got {cg_tol!r}")
+    if max_step_norm is not None and not (isinstance(max_step_norm, int | float)
+                                          and max_step_norm > 0):
+        raise ValueError(f"max_step_norm must be None or a number > 0, got {max_step_norm!r}")
+
+
+def _check_second_order(grads: list[torch.Tensor]) -> None:
+    """Refuse gradients that cannot be differentiated again; warn when only some can."""
+    flat = [g for g in grads if not g.requires_grad]
+    if not flat:
+        return
+    hint = ("the loss is linear in them, or the model differentiates through an operation "
+            "without double backward, e.g. an ODEBlock with adjoint=True (build it with "
+            "adjoint=False for NewtonCG)")
+    if len(flat) == len(grads):
+        raise ValueError(f"NewtonCG: no gradient has a graph to differentiate again: {hint}")
+    warnings.warn(f"NewtonCG: the gradients of {len(flat)} parameter tensor(s) have no graph, "
+                  f"so their Hessian rows count as zero: {hint}", RuntimeWarning, stacklevel=4)
+
+
+class NewtonCG(torch.optim.Optimizer):
+    """Hessian-free Newton: solve (H + damping I) d = g by CG with exact HVPs, step -lr * d.
+
+    One CG solve covers all parameters together; each parameter group contributes its own
+    ``damping`` to the diagonal and scales its part of d by its own ``lr``.
+
+    CG stops after ``cg_iters`` iterations, at relative residual ``cg_tol``, or on a direction
+    of non-positive curvature p^T (H + damping I) p <= 0; there it keeps the current iterate,
+    or, at the first iteration, takes d = g (a plain gradient step of size lr).
+
+    Usage::
+
+        def closure():
+            return loss_fn(model(x), y)    # the loss with its graph; no backward()
+        loss = opt.step(closure)
+
+    The gradient g is written into each parameter's ``.grad`` (detached) for logging.
+    Parameters the loss does not use (gradient None) and those without ``requires_grad`` are
+    left alone. Gradients without a graph (an ``adjoint=True`` ODE block, or a loss linear in
+    the parameter) give zero Hessian rows: a warning, or a ValueError when no gradient has one.
+    A non-finite loss, gradient or Hessian-vector product skips the update with a
+    ``RuntimeWarning`` and leaves the parameters and ``state`` unchanged.
+
+    Args:
+        params: parameters or parameter groups (groups may set ``lr`` and ``damping``).
+        lr: step size on the Newton direction (1 = full Newton step).
+        damping: Tikhonov damping lambda >= 0 added to the Hessian. There is no line search:
+            on non-convex losses a small damping can give huge steps (the default 1e-3 is
+            for near-convex problems); 0.1-1 or ``max_step_norm`` keep a Neural ODE stable.
+        cg_iters: maximum CG iterations (Hessian-vector products) per step.
+        cg_tol: CG's relative residual tolerance.
+        max_step_norm: clip the whole step (all parameters) to this Euclidean norm; None: no
+            clipping.
+
+    Attributes:
+        state["newton_cg"]: ``step`` (updates taken), ``cg_iterations``, ``cg_residual`` and
+            ``negative_curvature`` of the last solve (residual NaN before the first step),
+            ``step_norm`` of the last update; it round-trips through ``state_dict``. After a
+            skipped update ``.grad`` still holds the (non-finite) gradient, when it exists.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1.0, damping: float = 1e-3,
+                 cg_iters: int = 10, cg_tol: float = 1e-4,
+                 max_step_norm: float | None = None) -> None:
+        _check_solver(cg_iters, cg_tol, max_step_norm)
+        self.cg_iters, self.cg_tol, self.max_step_norm = cg_iters, cg_tol, max_step_norm
+        super().__init__(params, dict(lr=lr, damping=damping))
+        # torch keys state by parameter; a string key round-trips through state_dict too
+        record = {"step": 0, "cg_iterations": 0, "cg_residual": math.nan,
+                  "negative_curvature": False, "step_norm": 0.0}
+        self.state[_GLOBAL] = record  # type: ignore[index]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated: ``lr`` > 0, ``damping`` >= 0)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group["lr"], group["damping"])
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """The optimizer-wide record: step count and the last CG solve's outcome."""
+        return self.state[_GLOBAL]  # type: ignore[index]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the record (copied, so two optimizers never share it)."""
+        super().load_state_dict(state_dict)
+        self.state[_GLOBAL] = dict(self.state[_GLOBAL])  # type: ignore[index]
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None  # type: ignore[override]
+             ) -> torch.Tensor:
+        """Evaluate the closure, solve for the Newton direction by CG and update.
+
+        Args:
+            closure: returns the scalar loss with its autograd graph, without calling
+                ``backward()``; it is called once, with grad enabled.
+
+        Returns:
+            The loss, detached.
+
+        Raises:
+            TypeError: without a closure.
+            ValueError: if the loss is not a one-element tensor with a graph, or no gradient
+                can be differentiated again.
+        """
+        if closure is None:
+            raise TypeError("NewtonCG needs step(closure); the closure returns the loss "
+                            "without calling backward")
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("the closure must return the loss as a one-element tensor")
+            if not bool(torch.isfinite(loss)):
+                return self._skip("non-finite loss", loss)
+            params, grads = self._gradients(loss)
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                return self._skip("non-finite gradient", loss)
+            direction, info = self._solve(params, grads)
+        if not math.isfinite(info.residual):
+            return self._skip("non-finite Hessian-vector product", loss)
+        step_norm = self._update(params, direction)
+        self.counters.update(step=self.counters["step"] + 1, cg_iterations=info.iterations,
+                             cg_residual=info.residual,
+                             negative_curvature=info.negative_curvature, step_norm=step_norm)
+        return loss.detach()
+
+    def _skip(self, why: str, loss: torch.Tensor) -> torch.Tensor:
+        warnings.warn(f"NewtonCG: {why}; update skipped, parameters and state unchanged",
+                      RuntimeWarning, stacklevel=3)
+        return loss.detach()
+
+    def _gradients(self, loss: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """g = dL/dtheta with a graph, for the used trainable parameters; also into ``.grad``."""
+        if not loss.requires_grad:
+            raise ValueError("the closure's loss has no autograd graph: compute it with grad "
+                             "enabled from the parameters, without detaching it")
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            return [], []
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        for p, g in used:
+            p.grad = g.detach()
+        _check_second_order([g for _, g in used])
+        return [p for p, _ in used], [g for _, g in used]
+
+    def _group_values(self, params: list[torch.Tensor], key: str) -> list[float]:
+        """Per-parameter value of a group hyperparameter (``lr`` or ``damping``)."""
+        by_id = {id(p): group[key] for group in self.param_groups for p in group["params"]}
+        return [float(by_id[id(p)]) for p in params]
+
+    def _solve(self, params: list[torch.Tensor],
+               grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Fn.CGInfo]:
+        """d = (H + damping I)^-1 g by CG, H v by double backward through the loss's graph."""
+        dampings = self._group_values(params, "damping")
+
+        def matvec(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            hv = Fn.hessian_vector_product(grads, params, v)
+            return [h + lam * u for h, u, lam in zip(hv, v, dampings)]
+
+        b = [g.detach() for g in grads]
+        return Fn.conjugate_gradient(matvec, b, self.cg_iters, self.cg_tol)
+
+    @torch.no_grad()
+    def _update(self, params: list[torch.Tensor], direction: list[torch.Tensor]) -> float:
+        """theta <- theta - lr * d, the whole step clipped to ``max_step_norm``; its norm."""
+        steps = [lr * d for lr, d in zip(self._group_values(params, "lr"), direction)]
+        norm = math.sqrt(sum(float(s.square().sum()) for s in steps))
+        if self.max_step_norm is not None and norm > self.max_step_norm:
+            steps = [s * (self.max_step_norm / norm) for s in steps]
+            norm = self.max_step_norm
+        for p, s in zip(params, steps):
+            p.sub_(s)
+        return norm
