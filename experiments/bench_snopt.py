@@ -56,7 +56,6 @@ import json
 import math
 import os
 import pstats
-import shlex
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ from ocnode.data import load_dataset
 from ocnode.models import ConvODEClassifier, MLPODEClassifier, ode_blocks
 from ocnode.optim import SNOpt
 
-from common import machine_info, read_status_kib
+from common import command_line, machine_info, read_status_kib
 
 # ---- configuration (CLI flags override some of it) --------------------------------------
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -546,15 +545,6 @@ def plot_tta(tta: dict[str, Any], path: Path) -> None:
 
 
 # ---- reporting --------------------------------------------------------------------------
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        script = Path("experiments") / script.name
-    return shlex.join(["python", str(script), *sys.argv[1:]])
-
-
 def _load(load: list[float] | None) -> str:
     return "unknown" if load is None else ", ".join(f"{v:.2f}" for v in load)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,3 +39,13 @@ def read_status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def command_line() -> str:
+    """The command that is running, as ``python experiments/NAME.py ARGS`` (shell-quoted)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        script = Path("experiments") / script.name
+    return shlex.join(["python", str(script), *sys.argv[1:]])

@@ -1,8 +1,16 @@
-"""Shared fixtures."""
+"""Shared fixtures and the helpers of the experiment smoke tests."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,3 +23,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_experiment(script: str, *args: str, timeout: float = 120) -> None:
+    """Run ``python experiments/<script> ARGS`` from the repository root, one torch thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
+                          env=env, timeout=timeout, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def check_comparison(folder: Path, optimizers: Iterable[str]) -> dict[str, Any]:
+    """Assert that experiments/compare.py wrote a complete, finite comparison in ``folder``;
+    returns its summary."""
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (folder / "results.md").is_file() and (folder / "curves.png").stat().st_size > 0
+    assert sorted(summary["optimizers"]) == sorted(optimizers)
+    for name, result in summary["optimizers"].items():
+        for key in ("final_mean", "step_ms_median", "nfe_forward_mean", "steps_mean"):
+            assert math.isfinite(result[key]), (name, key, result[key])
+        assert result["nfe_forward_mean"] > 0 and result["steps_mean"] >= 1, name
+        rows = list(csv.DictReader(open(folder / "runs" / f"{name}_seed0.csv")))
+        assert len(rows) >= 2 and float(rows[-1]["time_s"]) > 0, name
+        assert all(math.isfinite(float(r[summary["metric"]])) for r in rows), name
+    return summary

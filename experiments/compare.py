@@ -1,0 +1,534 @@
+"""Optimizer comparison harness shared by the experiment scripts (image, time series,
+fitting, CNF).
+
+:func:`run` trains one :class:`Task` with several optimizers over several seeds. Within a
+seed every optimizer starts from the same initial weights, and the runs advance interleaved,
+one iteration each in turn (the order rotates every turn), each on its own clock: evaluation
+and bookkeeping are outside the clock, so bursts of machine load hit every optimizer alike.
+A run stops at its wall-clock budget, at ``--max-steps`` or when its loss stops being finite.
+
+Optimizers (ALGORITHM.md section 3 for the defaults; a task overrides them in ``hparams``):
+
+* ``adam``, ``sgd``: torch's, on adjoint ODE blocks.
+* ``snopt``: :class:`ocnode.optim.SNOpt` on adjoint ODE blocks (curvature from the backward
+  solve, ``full=True``: the layers outside the blocks get ordinary K-FAC).
+* ``kfac``: K-FAC through the solver: the same class with ``alpha = 1`` on ODE blocks built
+  with ``adjoint=False``, so its hooks see every vector-field evaluation of the solve.
+* ``newton-cg``: :class:`ocnode.optim.NewtonCG`, exact Hessian-vector products through the
+  solve (``adjoint=False``), a few CG iterations per step.
+
+Outputs under ``<out>/<task.name>/``: ``runs/<optimizer>_seed<k>.csv`` (one row per
+evaluation), ``summary.json``, ``results.md`` and ``curves.png`` (training loss, the task's
+metric and the forward NFE per iteration against each run's own wall-clock).
+
+Peak memory is measured apart from the timed runs: for each optimizer a forked child process
+builds a fresh model, runs one warm-up iteration, resets the kernel's peak-RSS mark, and runs
+two more iterations (including a curvature refresh for SNOpt and K-FAC); the table reports
+that peak RSS growth (Linux only; otherwise it is left empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ocnode.models import ode_blocks
+from ocnode.optim import NewtonCG, SNOpt
+
+from common import command_line, machine_info, read_status_kib
+
+OPTIMIZER_NAMES = ("adam", "sgd", "snopt", "kfac", "newton-cg")
+#: Optimizers whose models backpropagate through the solver instead of the adjoint.
+THROUGH_SOLVER = {"kfac", "newton-cg"}
+DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 1e-3},
+    "sgd": {"lr": 0.02, "momentum": 0.9},
+    "snopt": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 50, "full": True},
+    "kfac": {"lr": 0.02, "eps": 0.05, "update_freq": 50, "full": True},
+    "newton-cg": {"lr": 1.0, "damping": 0.3, "cg_iters": 5},
+}
+COLORS = {"adam": "tab:blue", "sgd": "tab:green", "snopt": "tab:red", "kfac": "tab:purple",
+          "newton-cg": "tab:orange"}
+MEMORY_MMAP_THRESHOLD = 1 << 16  # bytes; larger blocks are mmapped, so RSS follows frees
+
+
+@dataclass
+class Task:
+    """One training problem for :func:`run`.
+
+    Attributes:
+        name: results subfolder, e.g. ``"fashion-mnist"``.
+        metric: key of ``evaluate``'s dict used in the table and the target,
+            e.g. ``"test_acc"``.
+        higher_is_better: direction of ``metric``.
+        build_model: ``build_model(adjoint)`` returns a fresh model; the harness seeds torch
+            before each call, so every optimizer of a seed starts from the same weights.
+        batches: ``batches(seed)`` returns an endless iterator of training batches.
+        loss: ``loss(model, batch)`` returns the scalar training loss, with its graph.
+        evaluate: held-out metrics of a model (run outside the clock under no_grad unless it
+            enables grad itself); must include ``metric`` and ``"test_loss"``.
+        hparams: optimizer name -> keyword overrides of :data:`DEFAULT_HPARAMS`.
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    build_model: Callable[[bool], nn.Module]
+    batches: Callable[[int], Iterator[Any]]
+    loss: Callable[[nn.Module, Any], Tensor]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
+                  quick_budget: float = 2.0, eval_every: int = 20,
+                  quick_eval_every: int = 3) -> None:
+    """Add the harness flags; the arguments are the script's defaults."""
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: one seed, a tiny budget (numbers not to quote)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"training seconds per run on its own clock (default {budget:g}, "
+                             f"--quick {quick_budget:g})")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on iterations per run")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
+                        help="comma-separated subset of " + ",".join(OPTIMIZER_NAMES))
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help=f"iterations between evaluations (default {eval_every}, "
+                             f"--quick {quick_eval_every})")
+    parser.add_argument("--out", default="experiments/results", help="results folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes")
+    parser.set_defaults(_budget=budget, _quick_budget=quick_budget, _eval_every=eval_every,
+                        _quick_eval_every=quick_eval_every)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(OPTIMIZER_NAMES))
+    if unknown or not names:
+        raise SystemExit(f"unknown optimizer(s) {unknown or names}; choose from "
+                         + ", ".join(OPTIMIZER_NAMES))
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    budget = args.budget if args.budget is not None else (
+        args._quick_budget if args.quick else args._budget)
+    eval_every = args.eval_every or (args._quick_eval_every if args.quick else args._eval_every)
+    if budget <= 0 or eval_every < 1:
+        raise SystemExit("--budget must be > 0 and --eval-every >= 1")
+    return {"optimizers": names, "seeds": seeds, "budget_s": budget, "eval_every": eval_every,
+            "max_steps": args.max_steps, "threads": args.threads}
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def build_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``model`` with ``hparams`` (already merged with defaults)."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), **hparams)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), **hparams)
+    if name == "snopt":
+        return SNOpt(model, **hparams)
+    if name == "kfac":
+        return SNOpt(model, alpha=1.0, **hparams)
+    if name == "newton-cg":
+        return NewtonCG(model.parameters(), **hparams)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def hparams_for(task: Task, name: str) -> dict[str, Any]:
+    return {**DEFAULT_HPARAMS[name], **task.hparams.get(name, {})}
+
+
+class NFECounter:
+    """Counts vector-field calls of every ODE block, split by phase ("forward"/"backward").
+
+    The forward phase is the loss evaluation; everything else of an iteration (adjoint
+    solve, curvature re-evaluations) counts as backward. Calls outside :func:`train_step`
+    (phase "idle", e.g. evaluation) are not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.phase, self.counts = "idle", {"forward": 0, "backward": 0}
+        self._handles = [b.func.register_forward_pre_hook(self._hook) for b in ode_blocks(model)]
+
+    def _hook(self, module: nn.Module, inputs: tuple) -> None:
+        if self.phase != "idle":
+            self.counts[self.phase] += 1
+
+    def take(self) -> tuple[int, int]:
+        out = self.counts["forward"], self.counts["backward"]
+        self.counts = {"forward": 0, "backward": 0}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def train_step(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch: Any,
+               counter: NFECounter | None = None) -> float:
+    """One iteration of any of the optimizers; returns the training loss."""
+    def closure() -> Tensor:
+        if counter is not None:
+            counter.phase = "forward"
+        try:
+            return task.loss(model, batch)
+        finally:
+            if counter is not None:
+                counter.phase = "backward"
+
+    try:
+        if isinstance(opt, NewtonCG):
+            return float(opt.step(closure))
+        opt.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    finally:
+        if counter is not None:
+            counter.phase = "idle"
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class _Run:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    batches: Iterator[Any]
+    counter: NFECounter
+    clock: float = 0.0
+    steps: int = 0
+    done: bool = False
+    status: str = "budget"
+    window: dict[str, list[float]] = field(default_factory=lambda: {
+        "loss": [], "ms": [], "nfe_f": [], "nfe_b": []})
+    rows: list[dict[str, float]] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    nfe: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _evaluate(task: Task, run: _Run) -> dict[str, float]:
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            metrics = task.evaluate(run.model)
+    finally:
+        run.model.train(was_training)
+    if task.metric not in metrics or "test_loss" not in metrics:
+        raise KeyError(f"task {task.name!r}: evaluate() must return {task.metric!r} and "
+                       f"'test_loss', got {sorted(metrics)}")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _record(task: Task, run: _Run) -> None:
+    w = run.window
+    row = {"step": run.steps, "time_s": run.clock,
+           "train_loss": statistics.fmean(w["loss"]) if w["loss"] else math.nan,
+           "step_ms": statistics.median(w["ms"]) if w["ms"] else math.nan,
+           "nfe_forward": statistics.fmean(w["nfe_f"]) if w["nfe_f"] else math.nan,
+           "nfe_backward": statistics.fmean(w["nfe_b"]) if w["nfe_b"] else math.nan,
+           **_evaluate(task, run)}
+    run.rows.append(row)
+    run.window = {k: [] for k in w}
+
+
+def _advance(task: Task, run: _Run, settings: dict[str, Any]) -> None:
+    batch = next(run.batches)
+    start = time.perf_counter()
+    try:
+        loss = train_step(task, run.model, run.opt, batch, run.counter)
+    except Exception as err:  # a solver failure ends this run, not the comparison
+        loss, run.status = math.nan, f"error: {type(err).__name__}: {err}"
+    elapsed = time.perf_counter() - start
+    run.clock += elapsed
+    run.steps += 1
+    nfe = run.counter.take()
+    run.step_ms.append(elapsed * 1e3)
+    run.nfe.append(nfe)
+    for key, value in zip(("loss", "ms", "nfe_f", "nfe_b"), (loss, elapsed * 1e3, *nfe)):
+        run.window[key].append(value)
+    if not math.isfinite(loss):
+        run.done, run.status = True, run.status if run.status != "budget" else "diverged"
+    elif settings["max_steps"] is not None and run.steps >= settings["max_steps"]:
+        run.done, run.status = True, "max_steps"
+    elif run.clock >= settings["budget_s"]:
+        run.done = True
+    if run.done or run.steps % settings["eval_every"] == 0:
+        _record(task, run)
+
+
+def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Run]:
+    """All optimizers on one seed, interleaved; returns the finished runs."""
+    runs: dict[str, _Run] = {}
+    for name in settings["optimizers"]:
+        torch.manual_seed(seed)
+        model = task.build_model(name not in THROUGH_SOLVER)
+        opt = build_optimizer(name, model, hparams_for(task, name))
+        runs[name] = _Run(name, model, opt, task.batches(seed), NFECounter(model))
+        _record(task, runs[name])  # the initial model, at time 0
+    order, turn = list(runs), 0
+    while not all(r.done for r in runs.values()):
+        for name in order[turn % len(order):] + order[:turn % len(order)]:
+            if not runs[name].done:
+                _advance(task, runs[name], settings)
+        turn += 1
+    for run in runs.values():
+        run.counter.remove()
+        if hasattr(run.opt, "close"):
+            run.opt.close()
+    return runs
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _memory_child(task: Task, name: str, seed: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, MEMORY_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    torch.manual_seed(seed)
+    model = task.build_model(name not in THROUGH_SOLVER)
+    hp = hparams_for(task, name)
+    if name in ("snopt", "kfac"):
+        hp["update_freq"] = 2  # refresh, plain, refresh
+    opt = build_optimizer(name, model, hp)
+    batches = task.batches(seed)
+    train_step(task, model, opt, next(batches))
+    measured = [next(batches) for _ in range(2)]
+    gc.collect()
+    before = read_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    for batch in measured:
+        train_step(task, model, opt, batch)
+    return {"peak_rss_growth_mib": (read_status_kib("VmHWM") - before) / 1024}
+
+
+def measure_memory(task: Task, name: str, seed: int = 0) -> float | None:
+    """Peak RSS growth (MiB) of two iterations of ``name``, in a forked child; None where
+    fork or /proc is unavailable, or the child failed."""
+    if not hasattr(os, "fork") or not Path("/proc/self/clear_refs").exists():
+        return None
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, exit without cleanup
+        code = 0
+        try:
+            payload = json.dumps(_memory_child(task, name, seed))
+        except BaseException as err:  # noqa: BLE001 - report any failure to the parent
+            payload, code = json.dumps({"error": f"{type(err).__name__}: {err}"}), 1
+        os.write(write_fd, payload.encode())
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    result = json.loads(text) if text else {"error": "no output"}
+    if "error" in result:
+        warnings.warn(f"memory probe of {name} on {task.name} failed: {result['error']}",
+                      stacklevel=2)
+        return None
+    return float(result["peak_rss_growth_mib"])
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _better(task: Task, a: float, b: float) -> bool:
+    """Whether metric value ``a`` is at least as good as ``b``."""
+    return a >= b - 1e-12 if task.higher_is_better else a <= b + 1e-12
+
+
+def time_to(task: Task, rows: list[dict[str, float]], level: float) -> float | None:
+    """First own-clock time at which a run's metric reaches ``level`` (None: never)."""
+    return next((r["time_s"] for r in rows if math.isfinite(r[task.metric])
+                 and _better(task, r[task.metric], level)), None)
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got and len(got) == len(values) else None
+
+
+def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, float | None],
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """Per optimizer: final metric, time to target, step time, memory, NFE; plus the claim
+    check (SNOpt's time to each baseline's final metric over the baseline's own)."""
+    names = settings["optimizers"]
+    finals = {n: [runs[n].rows[-1][task.metric] for runs in seed_runs] for n in names}
+    pick = max if task.higher_is_better else min
+    baselines = [n for n in names if n != "snopt"]
+    target = pick(statistics.fmean(finals[n]) for n in baselines) if baselines else None
+    per_opt: dict[str, Any] = {}
+    for n in names:
+        runs = [r[n] for r in seed_runs]
+        times = [time_to(task, r.rows, target) for r in runs] if target is not None else []
+        per_opt[n] = {
+            "final_mean": statistics.fmean(finals[n]),
+            "final_sd": statistics.stdev(finals[n]) if len(finals[n]) > 1 else 0.0,
+            "best_mean": statistics.fmean(
+                pick((row[task.metric] for row in r.rows if math.isfinite(row[task.metric])),
+                     default=math.nan) for r in runs),
+            "time_to_target_s": _median_or_none(times),
+            "reached_target": f"{sum(t is not None for t in times)}/{len(times)}",
+            "step_ms_median": statistics.median(ms for r in runs for ms in r.step_ms),
+            "nfe_forward_mean": statistics.fmean(f for r in runs for f, _ in r.nfe),
+            "nfe_backward_mean": statistics.fmean(b for r in runs for _, b in r.nfe),
+            "steps_mean": statistics.fmean(r.steps for r in runs),
+            "status": sorted({r.status for r in runs}),
+            "peak_rss_growth_mib": memory.get(n),
+        }
+    return {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "target": target, "target_rule": "best mean final metric among the baselines "
+                                              "(every optimizer except snopt)",
+            "optimizers": per_opt, "claim": _claim(task, seed_runs, names),
+            "settings": settings, "hparams": {n: hparams_for(task, n) for n in names},
+            "command": command_line(), "machine": machine_info()}
+
+
+def _claim(task: Task, seed_runs: list[dict[str, _Run]], names: list[str]) -> dict[str, Any]:
+    """Per baseline b and seed: b's final metric, when b first reached it, when SNOpt did."""
+    if "snopt" not in names:
+        return {}
+    out = {}
+    for b in (n for n in names if n != "snopt"):
+        own, snopt, ratios = [], [], []
+        for runs in seed_runs:
+            level = runs[b].rows[-1][task.metric]
+            t_b, t_s = time_to(task, runs[b].rows, level), time_to(task, runs["snopt"].rows, level)
+            own.append(t_b)
+            snopt.append(t_s)
+            ratios.append(t_s / t_b if t_s is not None and t_b else None)
+        out[b] = {"baseline_final_mean": statistics.fmean(r[b].rows[-1][task.metric]
+                                                          for r in seed_runs),
+                  "baseline_time_s": _median_or_none(own),
+                  "snopt_time_s": _median_or_none(snopt),
+                  "snopt_reached": f"{sum(t is not None for t in snopt)}/{len(snopt)}",
+                  "ratio_median": _median_or_none(ratios)}
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_csvs(folder: Path, seed: int, runs: dict[str, _Run]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        with open(folder / f"{name}_seed{seed}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(run.rows[0]))
+            writer.writeheader()
+            writer.writerows(run.rows)
+
+
+def plot_curves(task: Task, seed_runs: list[dict[str, _Run]], path: Path) -> None:
+    """Training loss, the metric and forward NFE per iteration vs own wall-clock."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("train_loss", "training loss"), (task.metric, task.metric),
+            ("nfe_forward", "forward NFE per iteration")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (key, label) in zip(axes, keys):
+        for i, runs in enumerate(seed_runs):
+            for name, run in runs.items():
+                rows = run.rows[1:] if key != task.metric else run.rows
+                ax.plot([r["time_s"] for r in rows], [r[key] for r in rows],
+                        color=COLORS.get(name), alpha=0.85, lw=1.2,
+                        label=name if i == 0 else None)
+        ax.set(xlabel="own training wall-clock (s)", ylabel=label)
+        ax.grid(alpha=0.3)
+    losses = [r["train_loss"] for runs in seed_runs for run in runs.values()
+              for r in run.rows[1:] if math.isfinite(r["train_loss"])]
+    if losses and min(losses) > 0:
+        axes[0].set_yscale("log")
+    axes[1].legend(loc="best")
+    fig.suptitle(f"{task.name}: one line per optimizer and seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The results table and the claim check of one task."""
+    s, m = summary["settings"], summary["metric"]
+    arrow = "higher" if summary["higher_is_better"] else "lower"
+    lines = [f"# {summary['task']}: {', '.join(s['optimizers'])}", "",
+             f"Command: `{summary['command']}`  ",
+             f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_count']} cores, "
+             f"torch {summary['machine']['torch']}, {s['threads']} thread(s)  ",
+             f"Seeds {s['seeds']}, budget {s['budget_s']:g} s of training per run (own clock), "
+             f"evaluation every {s['eval_every']} iterations. Metric: {m} ({arrow} is better).",
+             f"Target = {summary['target_rule']} = {_fmt(summary['target'])}.", "",
+             f"| optimizer | final {m} (mean ± sd) | best {m} | time to target (median s) "
+             "| reached | ms / iteration (median) | peak RSS growth (MiB) | NFE fwd / bwd "
+             "per iteration | iterations | end |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, o in summary["optimizers"].items():
+        lines.append(
+            f"| {name} | {_fmt(o['final_mean'])} ± {_fmt(o['final_sd'], '.2g')} "
+            f"| {_fmt(o['best_mean'])} | {_fmt(o['time_to_target_s'], '.1f')} "
+            f"| {o['reached_target']} | {_fmt(o['step_ms_median'], '.1f')} "
+            f"| {_fmt(o['peak_rss_growth_mib'], '.1f')} | {_fmt(o['nfe_forward_mean'], '.0f')} / "
+            f"{_fmt(o['nfe_backward_mean'], '.0f')} | {_fmt(o['steps_mean'], '.0f')} "
+            f"| {', '.join(o['status'])} |")
+    if summary["claim"]:
+        lines += ["", "Claim check: SNOpt's time to reach each baseline's final metric, over "
+                  "the time the baseline itself needed (target ≤ 0.5, per seed, median):", "",
+                  f"| baseline | its final {m} | its time (s) | SNOpt time (s) | SNOpt reached "
+                  "| ratio |", "|---|---|---|---|---|---|"]
+        for b, c in summary["claim"].items():
+            lines.append(f"| {b} | {_fmt(c['baseline_final_mean'])} "
+                         f"| {_fmt(c['baseline_time_s'], '.1f')} "
+                         f"| {_fmt(c['snopt_time_s'], '.1f')} "
+                         f"| {c['snopt_reached']} | {_fmt(c['ratio_median'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
+    """Train, measure and report ``task``; returns the summary with ``models`` (optimizer ->
+    trained model of the first seed) added."""
+    settings = _settings(args)
+    torch.set_num_threads(settings["threads"])
+    folder = Path(args.out) / task.name
+    seed_runs = []
+    for seed in settings["seeds"]:
+        start = time.perf_counter()
+        runs = train_seed(task, seed, settings)
+        write_csvs(folder / "runs", seed, runs)
+        seed_runs.append(runs)
+        print(f"[{task.name}] seed {seed} ({time.perf_counter() - start:.0f} s): " + ", ".join(
+            f"{n} {task.metric}={r.rows[-1][task.metric]:.4g} ({r.steps} it, {r.status})"
+            for n, r in runs.items()), flush=True)
+    memory = {} if args.no_memory else {
+        n: measure_memory(task, n, settings["seeds"][0]) for n in settings["optimizers"]}
+    summary = summarise(task, seed_runs, memory, settings)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (folder / "results.md").write_text(markdown(summary))
+    plot_curves(task, seed_runs, folder / "curves.png")
+    print(markdown(summary), flush=True)
+    return {**summary, "models": {n: r.model for n, r in seed_runs[0].items()}}

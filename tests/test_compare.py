@@ -1,0 +1,137 @@
+"""experiments/compare.py, the optimizer-comparison harness: interleaved training, NFE
+counting, the summary's target and claim arithmetic, the memory probe."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from ocnode import MLPODEClassifier  # noqa: E402
+
+import compare  # noqa: E402
+
+X = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] > 0).long()
+
+
+def _batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randperm(64, generator=gen)[:16]
+        yield X[idx], Y[idx]
+
+
+def _task(hparams: dict | None = None) -> compare.Task:
+    def build(adjoint: bool) -> nn.Module:
+        return MLPODEClassifier(6, 2, hidden=8, method="rk4", options={"step_size": 0.5},
+                                adjoint=adjoint)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        logits = model(X)
+        return {"test_acc": float((logits.argmax(1) == Y).float().mean()),
+                "test_loss": float(F.cross_entropy(logits, Y))}
+
+    return compare.Task("toy", "test_acc", True, build, _batches,
+                        lambda m, b: F.cross_entropy(m(b[0]), b[1]), evaluate,
+                        hparams or {})
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_nfe_counter_splits_forward_and_backward_and_ignores_evaluation(one_thread) -> None:
+    task = _task()
+    torch.manual_seed(0)
+    model = task.build_model(True)
+    opt = compare.build_optimizer("adam", model, compare.hparams_for(task, "adam"))
+    counter = compare.NFECounter(model)
+    compare.train_step(task, model, opt, next(_batches(0)), counter)
+    # rk4, 2 steps: 8 forward evaluations; the adjoint solve (rk4, 2 steps) evaluates the
+    # field with its VJP 8 times
+    assert counter.take() == (8, 8)
+    with torch.no_grad():
+        task.evaluate(model)
+    assert counter.take() == (0, 0)
+    counter.remove()
+
+
+def test_runs_share_the_initial_model_and_stop_at_the_step_cap(one_thread) -> None:
+    settings = compare._settings(_args("--optimizers", "adam,sgd,snopt,kfac",
+                                       "--max-steps", "4", "--eval-every", "2"))
+    runs = compare.train_seed(_task(), 0, settings)
+    first = {n: r.rows[0]["test_loss"] for n, r in runs.items()}
+    assert len(set(first.values())) == 1, first  # one initial model for every optimizer
+    for name, run in runs.items():
+        assert run.steps == 4 and run.status == "max_steps", name
+        assert [r["step"] for r in run.rows] == [0, 2, 4], name
+        assert all(math.isfinite(r["train_loss"]) for r in run.rows[1:]), name
+    assert runs["kfac"].nfe[0] == (8, 0)  # through the solver: no backward solve
+
+
+def test_a_diverging_run_ends_alone(one_thread) -> None:
+    task = _task({"sgd": {"lr": 1e12, "momentum": 0.0}})
+    settings = compare._settings(_args("--optimizers", "adam,sgd", "--max-steps", "6"))
+    runs = compare.train_seed(task, 0, settings)
+    assert runs["sgd"].status in ("diverged",) or runs["sgd"].status.startswith("error")
+    assert runs["sgd"].steps < 6
+    assert runs["adam"].steps == 6 and runs["adam"].status == "max_steps"
+
+
+def _run(rows: list[tuple[float, float]]) -> compare._Run:
+    run = compare._Run("x", nn.Linear(1, 1), torch.optim.SGD([nn.Parameter(torch.ones(1))],
+                                                            lr=1.0), iter(()), None)  # type: ignore[arg-type]
+    run.rows = [{"time_s": t, "test_acc": a} for t, a in rows]
+    run.step_ms, run.nfe, run.steps = [1.0, 3.0], [(2, 4), (2, 6)], 2
+    return run
+
+
+def test_summary_target_time_to_target_and_claim_ratios() -> None:
+    task = _task()
+    seed_runs = [{"adam": _run([(0, 0.1), (10, 0.8), (20, 0.9)]),
+                  "sgd": _run([(0, 0.1), (20, 0.7)]),
+                  "snopt": _run([(0, 0.1), (4, 0.75), (8, 0.95)])}]
+    settings = {"optimizers": ["adam", "sgd", "snopt"], "seeds": [0], "budget_s": 20,
+                "eval_every": 1, "max_steps": None, "threads": 1}
+    s = compare.summarise(task, seed_runs, {"adam": 1.5}, settings)
+    assert s["target"] == 0.9  # the best baseline's final accuracy
+    assert s["optimizers"]["adam"]["time_to_target_s"] == 20
+    assert s["optimizers"]["sgd"]["time_to_target_s"] is None
+    assert s["optimizers"]["sgd"]["reached_target"] == "0/1"
+    assert s["optimizers"]["snopt"]["time_to_target_s"] == 8
+    assert s["optimizers"]["snopt"]["step_ms_median"] == 2.0
+    assert s["optimizers"]["snopt"]["nfe_backward_mean"] == 5.0
+    assert s["optimizers"]["adam"]["peak_rss_growth_mib"] == 1.5
+    assert s["claim"]["adam"]["ratio_median"] == pytest.approx(8 / 20)
+    assert s["claim"]["sgd"]["ratio_median"] == pytest.approx(4 / 20)
+    text = compare.markdown(s)
+    assert "| snopt | 0.95 ± 0 |" in text and "| adam | 0.9 | 20.0 | 8.0 | 1/1 | 0.40 |" in text
+
+
+def test_lower_is_better_metrics_reach_targets_from_above() -> None:
+    task = _task()
+    task.metric, task.higher_is_better = "nll", False
+    rows = [{"time_s": 0, "nll": 3.0}, {"time_s": 5, "nll": 1.0}]
+    assert compare.time_to(task, rows, 2.0) == 5
+    assert compare.time_to(task, rows, 0.5) is None
+
+
+def test_memory_probe_measures_a_forked_iteration(one_thread) -> None:
+    growth = compare.measure_memory(_task(), "snopt")
+    assert growth is not None and growth >= 0.0
+
+
+def test_bad_optimizer_names_are_rejected() -> None:
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        compare._settings(_args("--optimizers", "adam,lbfgs"))
