@@ -12,8 +12,12 @@ Optimizers (ALGORITHM.md section 3 for the defaults; a task overrides them in ``
 * ``adam``, ``sgd``: torch's, on adjoint ODE blocks.
 * ``snopt``: :class:`ocnode.optim.SNOpt` on adjoint ODE blocks (curvature from the backward
   solve, ``full=True``: the layers outside the blocks get ordinary K-FAC).
-* ``kfac``: K-FAC through the solver: the same class with ``alpha = 1`` on ODE blocks built
-  with ``adjoint=False``, so its hooks see every vector-field evaluation of the solve.
+* ``kfac``: K-FAC through the solver: the same class on ODE blocks built with
+  ``adjoint=False``, so its hooks see every vector-field evaluation of the solve (memory grows
+  with the number of solver steps). It uses the same eigenvalue-corrected update as SNOpt
+  (``alpha = 0.75``), so the two differ only in where the curvature comes from. Plain K-FAC
+  (``--hparams '{"kfac": {"alpha": 1}}'``) diverged on Fashion-MNIST at SNOpt's lr and eps and
+  did not learn at half the lr and twice the eps (see BENCHMARKS.md).
 * ``newton-cg``: :class:`ocnode.optim.NewtonCG`, exact Hessian-vector products through the
   solve (``adjoint=False``), a few CG iterations per step.
 
@@ -51,6 +55,7 @@ from torch import Tensor, nn
 
 from ocnode.models import ode_blocks
 from ocnode.optim import NewtonCG, SNOpt
+from solvers import SolverError
 
 from common import command_line, machine_info, read_status_kib
 
@@ -61,7 +66,7 @@ DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 1e-3},
     "sgd": {"lr": 0.02, "momentum": 0.9},
     "snopt": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 50, "full": True},
-    "kfac": {"lr": 0.02, "eps": 0.05, "update_freq": 50, "full": True},
+    "kfac": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 50, "full": True},
     "newton-cg": {"lr": 1.0, "damping": 0.3, "cg_iters": 5},
 }
 COLORS = {"adam": "tab:blue", "sgd": "tab:green", "snopt": "tab:red", "kfac": "tab:purple",
@@ -116,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
     parser.add_argument("--out", default="experiments/results", help="results folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes")
+    parser.add_argument("--hparams", type=json.loads, default={},
+                        help='JSON overrides per optimizer, e.g. \'{"snopt": {"lr": 0.05}}\'')
     parser.set_defaults(_budget=budget, _quick_budget=quick_budget, _eval_every=eval_every,
                         _quick_eval_every=quick_eval_every)
 
@@ -132,8 +139,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     eval_every = args.eval_every or (args._quick_eval_every if args.quick else args._eval_every)
     if budget <= 0 or eval_every < 1:
         raise SystemExit("--budget must be > 0 and --eval-every >= 1")
+    if not isinstance(args.hparams, dict) or set(args.hparams) - set(OPTIMIZER_NAMES):
+        raise SystemExit(f"--hparams must map optimizer names to keyword dicts, got "
+                         f"{args.hparams!r}")
     return {"optimizers": names, "seeds": seeds, "budget_s": budget, "eval_every": eval_every,
-            "max_steps": args.max_steps, "threads": args.threads}
+            "max_steps": args.max_steps, "threads": args.threads, "hparams": args.hparams}
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -144,17 +154,18 @@ def build_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> tor
         return torch.optim.Adam(model.parameters(), **hparams)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), **hparams)
-    if name == "snopt":
+    if name in ("snopt", "kfac"):  # the model's blocks decide where the curvature comes from
         return SNOpt(model, **hparams)
-    if name == "kfac":
-        return SNOpt(model, alpha=1.0, **hparams)
     if name == "newton-cg":
         return NewtonCG(model.parameters(), **hparams)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def hparams_for(task: Task, name: str) -> dict[str, Any]:
-    return {**DEFAULT_HPARAMS[name], **task.hparams.get(name, {})}
+def hparams_for(task: Task, name: str,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then the task's choices, then the command line's ``--hparams``."""
+    return {**DEFAULT_HPARAMS[name], **task.hparams.get(name, {}),
+            **(overrides or {}).get(name, {})}
 
 
 class NFECounter:
@@ -228,12 +239,21 @@ class _Run:
     nfe: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _fail(run: _Run, err: Exception) -> None:
+    run.done, run.status = True, f"error: {type(err).__name__}"
+    print(f"  {run.name} stopped at iteration {run.steps}: {err}", file=sys.stderr, flush=True)
+
+
 def _evaluate(task: Task, run: _Run) -> dict[str, float]:
+    """The task's held-out metrics; NaN (and the run ended) if the model cannot be solved."""
     was_training = run.model.training
     run.model.eval()
     try:
         with torch.no_grad():
             metrics = task.evaluate(run.model)
+    except SolverError as err:  # a blown-up model: the run ends, the comparison goes on
+        _fail(run, err)
+        return {task.metric: math.nan, "test_loss": math.nan}
     finally:
         run.model.train(was_training)
     if task.metric not in metrics or "test_loss" not in metrics:
@@ -259,8 +279,9 @@ def _advance(task: Task, run: _Run, settings: dict[str, Any]) -> None:
     start = time.perf_counter()
     try:
         loss = train_step(task, run.model, run.opt, batch, run.counter)
-    except Exception as err:  # a solver failure ends this run, not the comparison
-        loss, run.status = math.nan, f"error: {type(err).__name__}: {err}"
+    except SolverError as err:  # a blown-up model ends this run, not the comparison
+        loss = math.nan
+        _fail(run, err)
     elapsed = time.perf_counter() - start
     run.clock += elapsed
     run.steps += 1
@@ -285,7 +306,7 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
     for name in settings["optimizers"]:
         torch.manual_seed(seed)
         model = task.build_model(name not in THROUGH_SOLVER)
-        opt = build_optimizer(name, model, hparams_for(task, name))
+        opt = build_optimizer(name, model, hparams_for(task, name, settings["hparams"]))
         runs[name] = _Run(name, model, opt, task.batches(seed), NFECounter(model))
         _record(task, runs[name])  # the initial model, at time 0
     order, turn = list(runs), 0
@@ -303,13 +324,14 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
 
 # ----------------------------------------------------------------------------- memory
 
-def _memory_child(task: Task, name: str, seed: int) -> dict[str, float]:
+def _memory_child(task: Task, name: str, seed: int,
+                  overrides: dict[str, Any]) -> dict[str, float]:
     torch.set_num_threads(1)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, MEMORY_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     torch.manual_seed(seed)
     model = task.build_model(name not in THROUGH_SOLVER)
-    hp = hparams_for(task, name)
+    hp = hparams_for(task, name, overrides)
     if name in ("snopt", "kfac"):
         hp["update_freq"] = 2  # refresh, plain, refresh
     opt = build_optimizer(name, model, hp)
@@ -325,7 +347,8 @@ def _memory_child(task: Task, name: str, seed: int) -> dict[str, float]:
     return {"peak_rss_growth_mib": (read_status_kib("VmHWM") - before) / 1024}
 
 
-def measure_memory(task: Task, name: str, seed: int = 0) -> float | None:
+def measure_memory(task: Task, name: str, seed: int = 0,
+                   overrides: dict[str, Any] | None = None) -> float | None:
     """Peak RSS growth (MiB) of two iterations of ``name``, in a forked child; None where
     fork or /proc is unavailable, or the child failed."""
     if not hasattr(os, "fork") or not Path("/proc/self/clear_refs").exists():
@@ -336,7 +359,7 @@ def measure_memory(task: Task, name: str, seed: int = 0) -> float | None:
     if pid == 0:  # child: measure, report through the pipe, exit without cleanup
         code = 0
         try:
-            payload = json.dumps(_memory_child(task, name, seed))
+            payload = json.dumps(_memory_child(task, name, seed, overrides or {}))
         except BaseException as err:  # noqa: BLE001 - report any failure to the parent
             payload, code = json.dumps({"error": f"{type(err).__name__}: {err}"}), 1
         os.write(write_fd, payload.encode())
@@ -378,8 +401,9 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
     names = settings["optimizers"]
     finals = {n: [runs[n].rows[-1][task.metric] for runs in seed_runs] for n in names}
     pick = max if task.higher_is_better else min
-    baselines = [n for n in names if n != "snopt"]
-    target = pick(statistics.fmean(finals[n]) for n in baselines) if baselines else None
+    means = [statistics.fmean(finals[n]) for n in names if n != "snopt"]
+    finite = [m for m in means if math.isfinite(m)]  # a diverged baseline sets no target
+    target = pick(finite) if finite else None
     per_opt: dict[str, Any] = {}
     for n in names:
         runs = [r[n] for r in seed_runs]
@@ -403,7 +427,8 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
             "target": target, "target_rule": "best mean final metric among the baselines "
                                               "(every optimizer except snopt)",
             "optimizers": per_opt, "claim": _claim(task, seed_runs, names),
-            "settings": settings, "hparams": {n: hparams_for(task, n) for n in names},
+            "settings": settings,
+            "hparams": {n: hparams_for(task, n, settings["hparams"]) for n in names},
             "command": command_line(), "machine": machine_info()}
 
 
@@ -525,7 +550,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             f"{n} {task.metric}={r.rows[-1][task.metric]:.4g} ({r.steps} it, {r.status})"
             for n, r in runs.items()), flush=True)
     memory = {} if args.no_memory else {
-        n: measure_memory(task, n, settings["seeds"][0]) for n in settings["optimizers"]}
+        n: measure_memory(task, n, settings["seeds"][0], settings["hparams"])
+        for n in settings["optimizers"]}
     summary = summarise(task, seed_runs, memory, settings)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (folder / "results.md").write_text(markdown(summary))

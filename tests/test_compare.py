@@ -103,7 +103,7 @@ def test_summary_target_time_to_target_and_claim_ratios() -> None:
                   "sgd": _run([(0, 0.1), (20, 0.7)]),
                   "snopt": _run([(0, 0.1), (4, 0.75), (8, 0.95)])}]
     settings = {"optimizers": ["adam", "sgd", "snopt"], "seeds": [0], "budget_s": 20,
-                "eval_every": 1, "max_steps": None, "threads": 1}
+                "eval_every": 1, "max_steps": None, "threads": 1, "hparams": {}}
     s = compare.summarise(task, seed_runs, {"adam": 1.5}, settings)
     assert s["target"] == 0.9  # the best baseline's final accuracy
     assert s["optimizers"]["adam"]["time_to_target_s"] == 20
