@@ -261,6 +261,10 @@ class ODECurvatureObserver:
 def hook_layers(modules: Iterable[nn.Module], collector: FactorCollector) -> list[RemovableHandle]:
     """Ordinary K-FAC capture: each forward call of a layer with grad is one use.
 
+    Only the loss's own backward feeds the factors: output gradients from a backward with
+    ``create_graph`` (an inner derivative of the forward, e.g. a CNF's Jacobian trace) are
+    ignored.
+
     Returns:
         the hook handles; remove them to stop collecting.
     """
@@ -270,7 +274,10 @@ def hook_layers(modules: Iterable[nn.Module], collector: FactorCollector) -> lis
         x = inputs[0].detach()
 
         def backward_hook(g: torch.Tensor) -> None:
-            if collector.enabled:  # checked at backward time (true Fisher: sampled pass only)
+            # checked at backward time (true Fisher: sampled pass only). A differentiable
+            # backward (grad mode on: a CNF's trace inside its vector field, Newton-CG's
+            # double backward) computes an inner derivative, not the loss's gradient.
+            if collector.enabled and not torch.is_grad_enabled():
                 collector.add(module, x, g, 1, None)
 
         output.register_hook(backward_hook)

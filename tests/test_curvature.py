@@ -214,6 +214,31 @@ def test_ordinary_hooks_give_kfac_factors_of_a_plain_layer():
     assert torch.allclose(st.b_sum, g.t() @ g / 5)
 
 
+def test_ordinary_hooks_ignore_inner_derivatives_taken_in_the_forward():
+    """A CNF's field differentiates its own layers (the Jacobian trace) with create_graph;
+    those inner backward passes are not curvature samples of the loss."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    collector = FactorCollector()
+    handles = hook_layers([lin], collector)
+    out = torch.tanh(lin(x))
+    (inner,) = torch.autograd.grad(out.sum(), x, create_graph=True)  # fires the output hook
+    assert collector.stats == {}
+    loss = (out**2).mean() + inner.square().mean()
+    loss.backward()
+    for h in handles:
+        h.remove()
+    st = collector.pop()[lin]
+    assert st.uses == 1
+    lin_out = lin(x).detach().requires_grad_(True)
+    out2 = torch.tanh(lin_out)
+    (inner2,) = torch.autograd.grad(out2.sum(), lin_out, create_graph=True)
+    g = torch.autograd.grad((out2**2).mean() + (inner2 @ lin.weight).square().mean(),
+                            lin_out)[0] * 5
+    assert torch.allclose(st.b_sum, g.t() @ g / 5)
+
+
 def test_grouped_convolutions_are_rejected_with_advice():
     with pytest.raises(ValueError, match="groups=2"):
         check_layer(nn.Conv2d(4, 4, 3, groups=2))
