@@ -22,6 +22,8 @@ from ocnode.layers import ConcatConv2d, ConcatLinear
 #: Called as ``observer(t, x, a, dt)``: a python float time, the state and the adjoint there,
 #: and the grid spacing of the solve the sample belongs to.
 Observer = Callable[..., None]
+#: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
+State = Tensor | tuple[Tensor, ...]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -154,40 +156,44 @@ class ODEBlock(nn.Module):
         self.observer, self.observer_dt = observer, dt
         return ObserverHandle(self, observer)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: State) -> State:
         """Integrate from ``t0`` to ``t1``.
 
         Args:
-            x: the initial state ``x(t0)``, any shape ``func`` accepts, e.g. ``(B, D)``.
+            x: the initial state ``x(t0)``, any shape ``func`` accepts, e.g. ``(B, D)``, or
+                a tuple of such tensors.
 
         Returns:
-            ``x(t1)``, the same shape as ``x``.
+            ``x(t1)``, shaped like ``x`` (a tuple for a tuple state).
         """
         t = torch.stack([self.t0_tensor, self.t1_tensor])
-        return self._solve(x, t)[-1]
+        solution = self._solve(x, t)
+        if isinstance(solution, tuple):
+            return tuple(component[-1] for component in solution)
+        return solution[-1]
 
-    def trajectory(self, x: Tensor, t: Tensor) -> Tensor:
+    def trajectory(self, x: State, t: Tensor) -> State:
         """Integrate and return the states at all times ``t``.
 
         Args:
-            x: the state at ``t[0]``, shape ``S``.
+            x: the state at ``t[0]``, shape ``S`` (or a tuple of tensors).
             t: ``(N,)`` strictly monotone times; ``t[0]`` is the time of ``x``.
 
         Returns:
-            ``(N, *S)``: the state at each time.
+            ``(N, *S)``: the state at each time (per component for a tuple state).
         """
         return self._solve(x, t.to(self.t0_tensor.device))
 
-    def _solve(self, x: Tensor, t: Tensor) -> Tensor:
+    def _solve(self, x: State, t: Tensor) -> State:
         self.stats, self.adjoint_stats = solvers.SolverStats(), solvers.SolverStats()
         try:
-            return cast(Tensor, self._call_solver(x, t))
+            return self._call_solver(x, t)
         except solvers.SolverError as err:
             message = err.args[0] if err.args else "solve failed"
             err.args = (f"ODE block {self.name!r}: {message}", *err.args[1:])
             raise
 
-    def _call_solver(self, x: Tensor, t: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def _call_solver(self, x: State, t: Tensor) -> State:
         if not self.adjoint:
             return solvers.odeint(self.func, x, t, rtol=self.rtol, atol=self.atol,
                                   method=self.method, options=self.options, stats=self.stats)

@@ -78,6 +78,31 @@ def _grads(adjoint: bool) -> list[Tensor]:
     return [x0.grad, *(p.grad for p in block.parameters())]
 
 
+class _PairField(nn.Module):
+    """d(u, v)/dt = (-u, sum(u)): a tuple state, like a CNF's (z, logp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        u, _ = state
+        return -self.k * u, self.k * u.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_a_tuple_state_returns_each_component_at_t1(adjoint: bool) -> None:
+    block = ODEBlock(_PairField(), t1=2.0, method="rk4", options={"step_size": 0.01},
+                     adjoint=adjoint).double()
+    u0, v0 = torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
+    u1, v1 = block((u0, v0))
+    decay = torch.exp(torch.tensor(-2.0, dtype=torch.float64))
+    assert u1.shape == (3, 2) and v1.shape == (3, 1)
+    assert torch.allclose(u1, decay * u0, atol=1e-9)
+    assert torch.allclose(v1, 2 * (1 - decay) * torch.ones(3, 1, dtype=torch.float64),
+                          atol=1e-9)
+
+
 def test_adjoint_and_backprop_through_the_solver_give_the_same_gradients() -> None:
     for g_adjoint, g_direct in zip(_grads(adjoint=True), _grads(adjoint=False), strict=True):
         torch.testing.assert_close(g_adjoint, g_direct, rtol=1e-6, atol=1e-8)
