@@ -29,7 +29,8 @@ wins, so the chosen rates sit above the paper's (Adam 2e-3-3e-3, SNOpt 5e-3-1e-2
   refresh every 20 iterations (a run has ~50-150), SNOpt's statistics
   on ``stats_batch = 64`` rows; Newton-CG lr 1, 5 CG iterations, steps clipped to norm 1.
 
-    python experiments/cnf.py                          # 3 sets x 3 seeds x 5 optimizers
+    python experiments/cnf.py                          # 3 sets x 3 seeds x 5 optimizers,
+                                                       # 30 s per run: about 30 min
     python experiments/cnf.py --datasets moons,pinwheel --seeds 0 --budget 30
     python experiments/cnf.py --quick                  # smoke run on circles (numbers not
                                                        # to quote); add --datasets
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help="comma-separated density sets: " + ", ".join(DATASETS)
                              + " (or moons, pinwheel)")
-    compare.add_arguments(parser, budget=14.0, quick_budget=0.3, eval_every=25,
+    compare.add_arguments(parser, budget=30.0, quick_budget=0.3, eval_every=10,
                           quick_eval_every=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         task, x_te = make_task(dataset, args.quick)
         summary = compare.run(task, args)
-        if x_te.shape[1] == 2:
+        if x_te.shape[1] == 2 and summary["models"]:  # no models after --memory-only
             plot_density(summary["models"], x_te, Path(args.out) / task.name / "density.png",
                          task.name, *((QUICK_GRID_POINTS, QUICK_N_SAMPLES) if args.quick
                                       else (GRID_POINTS, N_SAMPLES)))

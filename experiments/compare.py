@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
     parser.add_argument("--out", default="experiments/results", help="results folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only re-run the peak-RSS probes of an existing result in --out "
+                             "and update its summary.json and results.md")
     parser.add_argument("--hparams", type=json.loads, default={},
                         help='JSON overrides per optimizer, e.g. \'{"snopt": {"lr": 0.05}}\'')
     parser.set_defaults(_budget=budget, _quick_budget=quick_budget, _eval_every=eval_every,
@@ -327,8 +330,10 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
 def _memory_child(task: Task, name: str, seed: int,
                   overrides: dict[str, Any]) -> dict[str, float]:
     torch.set_num_threads(1)
+    libc = None
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, MEMORY_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MEMORY_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     torch.manual_seed(seed)
     model = task.build_model(name not in THROUGH_SOLVER)
     hp = hparams_for(task, name, overrides)
@@ -339,6 +344,8 @@ def _memory_child(task: Task, name: str, seed: int,
     train_step(task, model, opt, next(batches))
     measured = [next(batches) for _ in range(2)]
     gc.collect()
+    if libc is not None:  # hand the warm-up's freed heap back, or it hides the next peak
+        libc.malloc_trim(0)
     before = read_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS
@@ -508,7 +515,9 @@ def markdown(summary: dict[str, Any]) -> str:
              f"torch {summary['machine']['torch']}, {s['threads']} thread(s)  ",
              f"Seeds {s['seeds']}, budget {s['budget_s']:g} s of training per run (own clock), "
              f"evaluation every {s['eval_every']} iterations. Metric: {m} ({arrow} is better).",
-             f"Target = {summary['target_rule']} = {_fmt(summary['target'])}.", "",
+             f"Target = {summary['target_rule']} = {_fmt(summary['target'])}.",
+             *([f"Peak RSS re-measured by `{summary['memory_command']}`."]
+               if "memory_command" in summary else []), "",
              f"| optimizer | final {m} (mean ± sd) | best {m} | time to target (median s) "
              "| reached | ms / iteration (median) | peak RSS growth (MiB) | NFE fwd / bwd "
              "per iteration | iterations | end |",
@@ -534,12 +543,32 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def remeasure_memory(task: Task, folder: Path) -> dict[str, Any]:
+    """Re-run the memory probes of the result in ``folder`` with its own settings and
+    hyperparameters; rewrite its summary.json and results.md. ``models`` is empty."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"--memory-only: no {path}; run the experiment first")
+    summary = json.loads(path.read_text())
+    settings = summary["settings"]
+    for name, result in summary["optimizers"].items():
+        result["peak_rss_growth_mib"] = measure_memory(task, name, settings["seeds"][0],
+                                                       settings.get("hparams"))
+    summary["memory_command"] = command_line()
+    path.write_text(json.dumps(summary, indent=1, default=str))
+    (folder / "results.md").write_text(markdown(summary))
+    print(markdown(summary), flush=True)
+    return {**summary, "models": {}}
+
+
 def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     """Train, measure and report ``task``; returns the summary with ``models`` (optimizer ->
     trained model of the first seed) added."""
     settings = _settings(args)
     torch.set_num_threads(settings["threads"])
     folder = Path(args.out) / task.name
+    if args.memory_only:
+        return remeasure_memory(task, folder)
     seed_runs = []
     for seed in settings["seeds"]:
         start = time.perf_counter()

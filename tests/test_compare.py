@@ -135,3 +135,22 @@ def test_memory_probe_measures_a_forked_iteration(one_thread) -> None:
 def test_bad_optimizer_names_are_rejected() -> None:
     with pytest.raises(SystemExit, match="unknown optimizer"):
         compare._settings(_args("--optimizers", "adam,lbfgs"))
+
+
+def test_run_writes_a_complete_result_and_memory_only_refreshes_its_probes(
+        one_thread, tmp_path: Path) -> None:
+    args = _args("--optimizers", "adam,snopt", "--seeds", "0", "--max-steps", "2",
+                 "--eval-every", "1", "--out", str(tmp_path), "--no-memory")
+    summary = compare.run(_task(), args)
+    assert set(summary["models"]) == {"adam", "snopt"}
+    folder = tmp_path / "toy"
+    assert {p.name for p in (folder / "runs").iterdir()} == {"adam_seed0.csv",
+                                                            "snopt_seed0.csv"}
+    assert summary["optimizers"]["adam"]["peak_rss_growth_mib"] is None
+    again = compare.run(_task(), _args("--memory-only", "--out", str(tmp_path)))
+    assert again["models"] == {}
+    for name in ("adam", "snopt"):
+        assert again["optimizers"][name]["peak_rss_growth_mib"] >= 0.0
+        assert again["optimizers"][name]["final_mean"] == summary["optimizers"][name][
+            "final_mean"]
+    assert "Peak RSS re-measured by" in (folder / "results.md").read_text()
