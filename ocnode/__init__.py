@@ -1,5 +1,6 @@
 """ocnode: Neural ODE training with optimal-control (second-order) optimizers."""
 
+from ocnode.cnf import CNF
 from ocnode.data import load_dataset
 from ocnode.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
 from ocnode.models import (
@@ -9,11 +10,14 @@ from ocnode.models import (
     MLPODEFunc,
     ODEBlock,
 )
+from ocnode.sequence import ODERNNClassifier
 from ocnode.training import TrainConfig, train
+from ocnode.trajectory import TrajectoryODE
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNF",
     "ConcatConv2d",
     "ConcatLinear",
     "ConcatSquashLinear",
@@ -22,7 +26,9 @@ __all__ = [
     "MLPODEClassifier",
     "MLPODEFunc",
     "ODEBlock",
+    "ODERNNClassifier",
     "TrainConfig",
+    "TrajectoryODE",
     "__version__",
     "load_dataset",
     "train",
