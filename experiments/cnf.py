@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         task, x_te = make_task(dataset, args.quick)
         summary = compare.run(task, args)
-        if x_te.shape[1] == 2 and summary["models"]:  # no models after --memory-only
+        if x_te.shape[1] == 2 and summary["models"]:  # no models after --refresh-report
             plot_density(summary["models"], x_te, Path(args.out) / task.name / "density.png",
                          task.name, *((QUICK_GRID_POINTS, QUICK_N_SAMPLES) if args.quick
                                       else (GRID_POINTS, N_SAMPLES)))

@@ -121,9 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
     parser.add_argument("--out", default="experiments/results", help="results folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="only re-run the peak-RSS probes of an existing result in --out "
-                             "and update its summary.json and results.md")
+    parser.add_argument("--refresh-report", action="store_true",
+                        help="no training: recompute the table of an existing result in --out "
+                             "from its runs/*.csv and re-run its memory probes")
     parser.add_argument("--hparams", type=json.loads, default={},
                         help='JSON overrides per optimizer, e.g. \'{"snopt": {"lr": 0.05}}\'')
     parser.set_defaults(_budget=budget, _quick_budget=quick_budget, _eval_every=eval_every,
@@ -396,9 +396,38 @@ def time_to(task: Task, rows: list[dict[str, float]], level: float) -> float | N
                  and _better(task, r[task.metric], level)), None)
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
+def _median(values: list[float | None]) -> float | None:
+    """Median of the values that exist (seeds that reached a level); None if none did."""
     got = [v for v in values if v is not None]
-    return statistics.median(got) if got and len(got) == len(values) else None
+    return statistics.median(got) if got else None
+
+
+Rows = list[dict[str, float]]
+
+
+def metric_summary(task: Task, rows_by_seed: list[dict[str, Rows]],
+                   names: list[str]) -> dict[str, Any]:
+    """From the evaluation rows alone: the target (best mean final metric of the baselines),
+    per optimizer final/best metric and time to the target, and the claim check."""
+    finals = {n: [rows[n][-1][task.metric] for rows in rows_by_seed] for n in names}
+    pick = max if task.higher_is_better else min
+    means = [statistics.fmean(finals[n]) for n in names if n != "snopt"]
+    finite = [m for m in means if math.isfinite(m)]  # a diverged baseline sets no target
+    target = pick(finite) if finite else None
+    per_opt = {}
+    for n in names:
+        runs = [rows[n] for rows in rows_by_seed]
+        times = [time_to(task, r, target) for r in runs] if target is not None else []
+        per_opt[n] = {
+            "final_mean": statistics.fmean(finals[n]),
+            "final_sd": statistics.stdev(finals[n]) if len(finals[n]) > 1 else 0.0,
+            "best_mean": statistics.fmean(
+                pick((row[task.metric] for row in r if math.isfinite(row[task.metric])),
+                     default=math.nan) for r in runs),
+            "time_to_target_s": _median(times),
+            "reached_target": f"{sum(t is not None for t in times)}/{len(times)}"}
+    return {"target": target, "optimizers": per_opt,
+            "claim": _claim(task, rows_by_seed, names)}
 
 
 def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, float | None],
@@ -406,58 +435,44 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
     """Per optimizer: final metric, time to target, step time, memory, NFE; plus the claim
     check (SNOpt's time to each baseline's final metric over the baseline's own)."""
     names = settings["optimizers"]
-    finals = {n: [runs[n].rows[-1][task.metric] for runs in seed_runs] for n in names}
-    pick = max if task.higher_is_better else min
-    means = [statistics.fmean(finals[n]) for n in names if n != "snopt"]
-    finite = [m for m in means if math.isfinite(m)]  # a diverged baseline sets no target
-    target = pick(finite) if finite else None
-    per_opt: dict[str, Any] = {}
-    for n in names:
+    metrics = metric_summary(task, [{n: r.rows for n, r in runs.items()} for runs in seed_runs],
+                             names)
+    for n, result in metrics["optimizers"].items():
         runs = [r[n] for r in seed_runs]
-        times = [time_to(task, r.rows, target) for r in runs] if target is not None else []
-        per_opt[n] = {
-            "final_mean": statistics.fmean(finals[n]),
-            "final_sd": statistics.stdev(finals[n]) if len(finals[n]) > 1 else 0.0,
-            "best_mean": statistics.fmean(
-                pick((row[task.metric] for row in r.rows if math.isfinite(row[task.metric])),
-                     default=math.nan) for r in runs),
-            "time_to_target_s": _median_or_none(times),
-            "reached_target": f"{sum(t is not None for t in times)}/{len(times)}",
+        result.update({
             "step_ms_median": statistics.median(ms for r in runs for ms in r.step_ms),
             "nfe_forward_mean": statistics.fmean(f for r in runs for f, _ in r.nfe),
             "nfe_backward_mean": statistics.fmean(b for r in runs for _, b in r.nfe),
             "steps_mean": statistics.fmean(r.steps for r in runs),
             "status": sorted({r.status for r in runs}),
-            "peak_rss_growth_mib": memory.get(n),
-        }
+            "peak_rss_growth_mib": memory.get(n)})
     return {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-            "target": target, "target_rule": "best mean final metric among the baselines "
-                                              "(every optimizer except snopt)",
-            "optimizers": per_opt, "claim": _claim(task, seed_runs, names),
-            "settings": settings,
+            "target_rule": "best mean final metric among the baselines (every optimizer "
+                           "except snopt)", **metrics, "settings": settings,
             "hparams": {n: hparams_for(task, n, settings["hparams"]) for n in names},
             "command": command_line(), "machine": machine_info()}
 
 
-def _claim(task: Task, seed_runs: list[dict[str, _Run]], names: list[str]) -> dict[str, Any]:
-    """Per baseline b and seed: b's final metric, when b first reached it, when SNOpt did."""
+def _claim(task: Task, rows_by_seed: list[dict[str, Rows]], names: list[str]) -> dict[str, Any]:
+    """Per baseline b and seed: b's final metric, when b first reached it, when SNOpt did;
+    medians over the seeds where they did (the ratio: where both did)."""
     if "snopt" not in names:
         return {}
     out = {}
     for b in (n for n in names if n != "snopt"):
         own, snopt, ratios = [], [], []
-        for runs in seed_runs:
-            level = runs[b].rows[-1][task.metric]
-            t_b, t_s = time_to(task, runs[b].rows, level), time_to(task, runs["snopt"].rows, level)
+        for rows in rows_by_seed:
+            level = rows[b][-1][task.metric]
+            t_b, t_s = time_to(task, rows[b], level), time_to(task, rows["snopt"], level)
             own.append(t_b)
             snopt.append(t_s)
             ratios.append(t_s / t_b if t_s is not None and t_b else None)
-        out[b] = {"baseline_final_mean": statistics.fmean(r[b].rows[-1][task.metric]
-                                                          for r in seed_runs),
-                  "baseline_time_s": _median_or_none(own),
-                  "snopt_time_s": _median_or_none(snopt),
+        out[b] = {"baseline_final_mean": statistics.fmean(r[b][-1][task.metric]
+                                                          for r in rows_by_seed),
+                  "baseline_time_s": _median(own),
+                  "snopt_time_s": _median(snopt),
                   "snopt_reached": f"{sum(t is not None for t in snopt)}/{len(snopt)}",
-                  "ratio_median": _median_or_none(ratios)}
+                  "ratio_median": _median(ratios)}
     return out
 
 
@@ -516,9 +531,10 @@ def markdown(summary: dict[str, Any]) -> str:
              f"Seeds {s['seeds']}, budget {s['budget_s']:g} s of training per run (own clock), "
              f"evaluation every {s['eval_every']} iterations. Metric: {m} ({arrow} is better).",
              f"Target = {summary['target_rule']} = {_fmt(summary['target'])}.",
-             *([f"Peak RSS re-measured by `{summary['memory_command']}`."]
-               if "memory_command" in summary else []), "",
-             f"| optimizer | final {m} (mean ± sd) | best {m} | time to target (median s) "
+             *([f"Table recomputed from the runs and memory re-measured by "
+                f"`{summary['report_command']}`."] if "report_command" in summary else []), "",
+             f"| optimizer | final {m} (mean ± sd) | best {m} | time to target (s; median of "
+             "the seeds that reached it) "
              "| reached | ms / iteration (median) | peak RSS growth (MiB) | NFE fwd / bwd "
              "per iteration | iterations | end |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -532,7 +548,9 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {', '.join(o['status'])} |")
     if summary["claim"]:
         lines += ["", "Claim check: SNOpt's time to reach each baseline's final metric, over "
-                  "the time the baseline itself needed (target ≤ 0.5, per seed, median):", "",
+                  "the time the baseline itself needed (target ≤ 0.5). Times: medians over "
+                  "the seeds that got there; ratio: median over the seeds where both did.",
+                  "",
                   f"| baseline | its final {m} | its time (s) | SNOpt time (s) | SNOpt reached "
                   "| ratio |", "|---|---|---|---|---|---|"]
         for b, c in summary["claim"].items():
@@ -543,18 +561,30 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def remeasure_memory(task: Task, folder: Path) -> dict[str, Any]:
-    """Re-run the memory probes of the result in ``folder`` with its own settings and
-    hyperparameters; rewrite its summary.json and results.md. ``models`` is empty."""
+def read_rows(path: Path) -> Rows:
+    """The evaluation rows of one run's CSV, as floats."""
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def refresh_report(task: Task, folder: Path) -> dict[str, Any]:
+    """For the result in ``folder``: recompute the metric columns from its runs/*.csv, re-run
+    the memory probes with its own settings; rewrite summary.json and results.md (the timing
+    and NFE columns are kept). ``models`` is empty."""
     path = folder / "summary.json"
     if not path.is_file():
-        raise SystemExit(f"--memory-only: no {path}; run the experiment first")
+        raise SystemExit(f"--refresh-report: no {path}; run the experiment first")
     summary = json.loads(path.read_text())
-    settings = summary["settings"]
+    settings, names = summary["settings"], list(summary["optimizers"])
+    rows = [{n: read_rows(folder / "runs" / f"{n}_seed{seed}.csv") for n in names}
+            for seed in settings["seeds"]]
+    metrics = metric_summary(task, rows, names)
     for name, result in summary["optimizers"].items():
+        result.update(metrics["optimizers"][name])
         result["peak_rss_growth_mib"] = measure_memory(task, name, settings["seeds"][0],
                                                        settings.get("hparams"))
-    summary["memory_command"] = command_line()
+    summary.update(target=metrics["target"], claim=metrics["claim"],
+                   report_command=command_line())
     path.write_text(json.dumps(summary, indent=1, default=str))
     (folder / "results.md").write_text(markdown(summary))
     print(markdown(summary), flush=True)
@@ -567,8 +597,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
     torch.set_num_threads(settings["threads"])
     folder = Path(args.out) / task.name
-    if args.memory_only:
-        return remeasure_memory(task, folder)
+    if args.refresh_report:
+        return refresh_report(task, folder)
     seed_runs = []
     for seed in settings["seeds"]:
         start = time.perf_counter()

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # e.g. an unknown LASA shape: the message lists the names
             parser.error(str(err))
         summary = compare.run(task, args)
-        if summary["models"]:  # none after --memory-only
+        if summary["models"]:  # none after --refresh-report
             plot_trajectories(summary["models"], data, task.name,
                               Path(args.out) / task.name / "trajectories.png")
     return 0
