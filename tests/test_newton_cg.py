@@ -85,13 +85,14 @@ def test_cg_on_negative_curvature_later_returns_the_current_iterate():
     first_iterate = (b @ b) / (b @ a @ b) * b  # x_1 of CG from x_0 = 0
     assert info.negative_curvature and info.iterations == 1
     assert torch.allclose(x[0], first_iterate)
+    assert math.isclose(info.curvature, float(first_iterate @ a @ first_iterate), rel_tol=1e-12)
 
 
 def test_cg_with_a_zero_right_hand_side_returns_zero_without_matvecs():
     def matvec(v):
         raise AssertionError("no product needed")
     x, info = Fn.conjugate_gradient(matvec, [torch.zeros(3)], iters=5, tol=1e-6)
-    assert torch.equal(x[0], torch.zeros(3)) and info == Fn.CGInfo(0, 0.0, False)
+    assert torch.equal(x[0], torch.zeros(3)) and info == Fn.CGInfo(0, 0.0, False, 0.0)
 
 
 @pytest.mark.parametrize("iters, tol", [(0, 1e-4), (2.5, 1e-4), (3, -1.0)])
@@ -189,6 +190,45 @@ def test_one_full_newton_step_lands_on_the_minimiser_of_a_quadratic():
     assert torch.allclose(x.detach(), torch.linalg.solve(a, b), atol=1e-10)
     assert loss.grad_fn is None and opt.counters["step"] == 1
     assert opt.counters["cg_iterations"] <= 6 and not opt.counters["negative_curvature"]
+
+
+def test_levenberg_marquardt_rates_a_good_step_and_lowers_the_damping():
+    a, b = _quadratic()
+    x = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        return 0.5 * x @ a @ x - b @ x
+
+    opt = NewtonCG([x], lr=1.0, damping=1e-3, cg_iters=6, cg_tol=1e-12, adapt_damping=True)
+    opt.step(closure)
+    assert calls == [True, False]  # the loss, then its value at the new point without grad
+    # on a quadratic the damped model is almost exact: rho ~ 1, damping * 2/3
+    assert opt.counters["rho"] == pytest.approx(1.0, abs=1e-3)
+    assert opt.param_groups[0]["damping"] == pytest.approx(1e-3 * 2 / 3)
+    assert opt.counters["rejected"] == 0
+    damped = torch.linalg.solve(a + 1e-3 * torch.eye(6, dtype=torch.float64), b)
+    assert torch.allclose(x.detach(), damped, atol=1e-9)
+
+
+def test_levenberg_marquardt_undoes_a_step_that_raises_the_loss_and_raises_the_damping():
+    a, b = _quadratic()
+    x = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = NewtonCG([x], lr=3.0, damping=1e-3, cg_iters=6, cg_tol=1e-12, adapt_damping=True)
+    opt.step(lambda: 0.5 * x @ a @ x - b @ x)  # three times the Newton step overshoots
+    assert torch.equal(x.detach(), torch.zeros(6, dtype=torch.float64))
+    assert opt.counters["rejected"] == 1 and opt.counters["rho"] < 0
+    assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)
+    assert opt.counters["step"] == 1
+
+
+def test_without_adaptation_the_damping_stays_put():
+    a, b = _quadratic()
+    x = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = NewtonCG([x], lr=3.0, damping=0.5, cg_iters=6)
+    opt.step(lambda: 0.5 * x @ a @ x - b @ x)
+    assert opt.param_groups[0]["damping"] == 0.5 and opt.counters["rejected"] == 0
 
 
 def test_groups_use_their_own_learning_rate_and_damping():

@@ -133,11 +133,13 @@ class CGInfo(NamedTuple):
         residual: relative residual ||b - A x_k|| / ||b|| of the last CG iterate x_k (0 when
             b = 0; NaN when a curvature p^T A p was not finite, i.e. the solve broke down).
         negative_curvature: the solve stopped on a direction with p^T A p <= 0.
+        curvature: x^T A x of the returned x (what a quadratic model of the step needs).
     """
 
     iterations: int
     residual: float
     negative_curvature: bool
+    curvature: float = math.nan
 
 
 def _dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> float:
@@ -184,21 +186,27 @@ def conjugate_gradient(matvec: Callable[[list[torch.Tensor]], list[torch.Tensor]
     rr = _dot(r, r)
     b_norm = math.sqrt(rr)
     if b_norm == 0.0:
-        return x, CGInfo(0, 0.0, False)
+        return x, CGInfo(0, 0.0, False, 0.0)
+
+    def x_ax() -> float:  # A x = b - r, so x^T A x = x^T b - x^T r
+        return _dot(x, b) - _dot(x, r)
+
     for k in range(iters):
         ap = matvec(p)
         curvature = _dot(p, ap)
         if not math.isfinite(curvature):
             return x, CGInfo(k, math.nan, False)
         if curvature <= 0.0:
-            return (list(b) if k == 0 else x), CGInfo(k, math.sqrt(rr) / b_norm, True)
+            if k == 0:  # x = b = p: its curvature is the one just measured
+                return list(b), CGInfo(0, 1.0, True, curvature)
+            return x, CGInfo(k, math.sqrt(rr) / b_norm, True, x_ax())
         alpha = rr / curvature
         x, r = _axpy(alpha, p, x), _axpy(-alpha, ap, r)
         rr_new = _dot(r, r)
         if math.sqrt(rr_new) <= tol * b_norm:
-            return x, CGInfo(k + 1, math.sqrt(rr_new) / b_norm, False)
+            return x, CGInfo(k + 1, math.sqrt(rr_new) / b_norm, False, x_ax())
         p, rr = _axpy(rr_new / rr, p, r), rr_new
-    return x, CGInfo(iters, math.sqrt(rr) / b_norm, False)
+    return x, CGInfo(iters, math.sqrt(rr) / b_norm, False, x_ax())
 
 
 def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],

@@ -38,6 +38,12 @@ def _check_group(lr: Any, damping: Any) -> None:
                          "typical (0 risks negative-curvature stops)")
 
 
+#: Levenberg-Marquardt rule (Martens 2010, section 4.1): reduction ratio thresholds and the
+#: factors applied to every group's damping.
+LM_LOW, LM_HIGH, LM_UP, LM_DOWN = 0.25, 0.75, 1.5, 2.0 / 3.0
+LM_MIN_DAMPING, LM_MAX_DAMPING = 1e-6, 1e6
+
+
 def _check_solver(cg_iters: Any, cg_tol: Any, max_step_norm: Any) -> None:
     if not (isinstance(cg_iters, int) and cg_iters >= 1):
         raise ValueError(f"cg_iters must be an int >= 1, got {cg_iters!r}")
@@ -95,23 +101,32 @@ class NewtonCG(torch.optim.Optimizer):
         cg_tol: CG's relative residual tolerance.
         max_step_norm: clip the whole step (all parameters) to this Euclidean norm; None: no
             clipping.
+        adapt_damping: Levenberg-Marquardt damping (Martens 2010, section 4.1): after each
+            update the closure is evaluated again (without grad) and the reduction ratio
+            rho = (L(theta + s) - L(theta)) / q(s), with q the damped quadratic model of the
+            step s, scales every group's damping by 3/2 when rho < 1/4 and by 2/3 when
+            rho > 3/4 (kept in [1e-6, 1e6]); an update that raises the loss is undone. Costs
+            one more forward pass per step; recommended on non-convex losses.
 
     Attributes:
         state["newton_cg"]: ``step`` (updates taken), ``cg_iterations``, ``cg_residual`` and
             ``negative_curvature`` of the last solve (residual NaN before the first step),
-            ``step_norm`` of the last update; it round-trips through ``state_dict``. After a
+            ``step_norm`` of the last update, and with ``adapt_damping`` the last ``rho`` and
+            the count of ``rejected`` updates; it round-trips through ``state_dict``. After a
             skipped update ``.grad`` still holds the (non-finite) gradient, when it exists.
     """
 
     def __init__(self, params: Iterable, lr: float = 1.0, damping: float = 1e-3,
                  cg_iters: int = 10, cg_tol: float = 1e-4,
-                 max_step_norm: float | None = None) -> None:
+                 max_step_norm: float | None = None, adapt_damping: bool = False) -> None:
         _check_solver(cg_iters, cg_tol, max_step_norm)
         self.cg_iters, self.cg_tol, self.max_step_norm = cg_iters, cg_tol, max_step_norm
+        self.adapt_damping = bool(adapt_damping)
         super().__init__(params, dict(lr=lr, damping=damping))
         # torch keys state by parameter; a string key round-trips through state_dict too
         record = {"step": 0, "cg_iterations": 0, "cg_residual": math.nan,
-                  "negative_curvature": False, "step_norm": 0.0}
+                  "negative_curvature": False, "step_norm": 0.0, "rho": math.nan,
+                  "rejected": 0}
         self.state[_GLOBAL] = record  # type: ignore[index]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -163,11 +178,41 @@ class NewtonCG(torch.optim.Optimizer):
             direction, info = self._solve(params, grads)
         if not math.isfinite(info.residual):
             return self._skip("non-finite Hessian-vector product", loss)
-        step_norm = self._update(params, direction)
+        steps = self._steps(params, direction)
+        self._apply(params, steps, sign=-1.0)
+        if self.adapt_damping:
+            self._levenberg_marquardt(closure, float(loss.detach()), params, steps, grads,
+                                      direction, info)
         self.counters.update(step=self.counters["step"] + 1, cg_iterations=info.iterations,
                              cg_residual=info.residual,
-                             negative_curvature=info.negative_curvature, step_norm=step_norm)
+                             negative_curvature=info.negative_curvature,
+                             step_norm=math.sqrt(sum(float(t.square().sum()) for t in steps)))
         return loss.detach()
+
+    def _levenberg_marquardt(self, closure: Callable[[], torch.Tensor], loss: float,
+                             params: list[torch.Tensor], steps: list[torch.Tensor],
+                             grads: list[torch.Tensor], direction: list[torch.Tensor],
+                             info: Fn.CGInfo) -> None:
+        """Rate the update by rho = actual / predicted reduction; adapt damping; undo the
+        update if the loss rose. Steps are s = -c * d per group (c = lr times the clip)."""
+        with torch.no_grad():
+            new_loss = float(closure())
+        # q(s) = g^T s + 1/2 s^T (H + lambda) s for s = -c d with one common c: exact when
+        # all groups share lr; otherwise a first-order estimate of the scale
+        d_norm2 = sum(float(d.square().sum()) for d in direction)
+        c = sum(float((s * d).sum()) for s, d in zip(steps, direction)) / d_norm2 \
+            if d_norm2 > 0 else 0.0
+        g_dot_d = sum(float((g.detach() * d).sum()) for g, d in zip(grads, direction))
+        predicted = -c * g_dot_d + 0.5 * c * c * info.curvature
+        rho = (new_loss - loss) / predicted if predicted < 0 else -math.inf
+        if not math.isfinite(new_loss) or new_loss > loss:
+            self._apply(params, steps, sign=1.0)  # undo
+            self.counters["rejected"] += 1
+        factor = LM_UP if not rho >= LM_LOW else LM_DOWN if rho > LM_HIGH else 1.0
+        for group in self.param_groups:
+            group["damping"] = min(max(group["damping"] * factor, LM_MIN_DAMPING),
+                                   LM_MAX_DAMPING)
+        self.counters["rho"] = rho
 
     def _skip(self, why: str, loss: torch.Tensor) -> torch.Tensor:
         warnings.warn(f"NewtonCG: {why}; update skipped, parameters and state unchanged",
@@ -207,13 +252,18 @@ class NewtonCG(torch.optim.Optimizer):
         return Fn.conjugate_gradient(matvec, b, self.cg_iters, self.cg_tol)
 
     @torch.no_grad()
-    def _update(self, params: list[torch.Tensor], direction: list[torch.Tensor]) -> float:
-        """theta <- theta - lr * d, the whole step clipped to ``max_step_norm``; its norm."""
+    def _steps(self, params: list[torch.Tensor],
+               direction: list[torch.Tensor]) -> list[torch.Tensor]:
+        """lr * d per parameter, the whole step clipped to ``max_step_norm``."""
         steps = [lr * d for lr, d in zip(self._group_values(params, "lr"), direction)]
         norm = math.sqrt(sum(float(s.square().sum()) for s in steps))
         if self.max_step_norm is not None and norm > self.max_step_norm:
             steps = [s * (self.max_step_norm / norm) for s in steps]
-            norm = self.max_step_norm
+        return steps
+
+    @staticmethod
+    @torch.no_grad()
+    def _apply(params: list[torch.Tensor], steps: list[torch.Tensor], sign: float) -> None:
+        """theta <- theta + sign * step."""
         for p, s in zip(params, steps):
-            p.sub_(s)
-        return norm
+            p.add_(s, alpha=sign)
