@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_experiment
 
 
 def _finite_positive(value: float) -> bool:
@@ -21,11 +18,8 @@ def _finite_positive(value: float) -> bool:
 
 def test_bench_snopt_quick_timing_on_digits_writes_finite_positive_numbers(
         tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(ROOT / "experiments" / "bench_snopt.py"), "--quick",
-           "--parts", "timing", "--datasets", "digits", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, timeout=120, capture_output=True)
+    run_experiment("bench_snopt.py", "--quick", "--parts", "timing", "--datasets", "digits",
+                   "--out", str(tmp_path))
 
     result = json.loads((tmp_path / "bench_snopt.json").read_text())
     assert (tmp_path / "bench_snopt.md").is_file()

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_experiment
 
 
 def test_bench_solvers_quick_writes_finite_positive_timings(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable, str(ROOT / "experiments" / "bench_solvers.py"), "--quick",
-        "--cases", "mlp-fwd-1e-3", "--threads", "1", "--out", str(tmp_path),
-    ]
-    subprocess.run(cmd, check=True, env=env, timeout=120, capture_output=True)
+    run_experiment("bench_solvers.py", "--quick", "--cases", "mlp-fwd-1e-3", "--threads", "1",
+                   "--out", str(tmp_path))
 
     result = json.loads((tmp_path / "bench_solvers.json").read_text())
     assert (tmp_path / "bench_solvers.md").is_file()

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_experiment
 
 
 def test_horizon_quick_writes_three_policies_with_finite_numbers(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(ROOT / "experiments" / "horizon.py"), "--quick",
-           "--out", str(tmp_path), "--run-dir", str(tmp_path / "runs")]
-    subprocess.run(cmd, check=True, env=env, timeout=60, capture_output=True)
+    run_experiment("horizon.py", "--quick", "--out", str(tmp_path), "--run-dir",
+                   str(tmp_path / "runs"), timeout=60)
 
     result = json.loads((tmp_path / "horizon.json").read_text())
     assert (tmp_path / "horizon.md").is_file() and (tmp_path / "horizon.png").is_file()

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_experiment
 
 
 def test_solver_comparison_quick_linear_writes_a_consistent_study(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(ROOT / "experiments" / "solver_comparison.py"), "--quick",
-           "--problems", "linear", "--methods", "dopri5,rk4", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, timeout=60, capture_output=True)
+    run_experiment("solver_comparison.py", "--quick", "--problems", "linear", "--methods",
+                   "dopri5,rk4", "--out", str(tmp_path), timeout=60)
 
     result = json.loads((tmp_path / "solver_comparison.json").read_text())
     assert (tmp_path / "solver_comparison.md").is_file()
