@@ -23,7 +23,6 @@ per-row time vector; the Hutchinson noise, a per-row context, follows those layo
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -32,47 +31,31 @@ from torch import Tensor, nn
 
 import solvers
 from ocnode.layers import ConcatSquashLinear
-from ocnode.models import ODEBlock
+from ocnode.models import MLPODEFunc, ODEBlock
 
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus}
+SMOOTH_ACTIVATIONS = ("tanh", "softplus")  # the trace differentiates the field once more
 
 
-class CNFDrift(nn.Module):
-    """The velocity ``f(t, z)``: ConcatSquashLinear layers ``dim -> hidden ... -> dim``.
+class CNFDrift(MLPODEFunc):
+    """The velocity ``f(t, z)``: an :class:`~ocnode.models.MLPODEFunc` of ConcatSquashLinear
+    layers ``dim -> hidden ... -> dim`` (FFJORD's layer).
 
     Args:
         dim: data dimension D.
         hidden: width of the hidden layers.
         n_layers: number of ConcatSquashLinear layers (>= 1; 1 is a time-gated linear map).
         activation: ``"tanh"`` or ``"softplus"`` (smooth, as the trace's derivatives need).
-
-    Attributes:
-        supports_batched_time: ``t`` may be a ``(B,)`` per-row time vector.
     """
-
-    supports_batched_time = True
 
     def __init__(self, dim: int, hidden: int = 64, n_layers: int = 3,
                  activation: str = "tanh") -> None:
-        super().__init__()
         _check_positive_int(dim=dim, hidden=hidden, n_layers=n_layers)
-        if activation not in _ACTIVATIONS:
+        if activation not in SMOOTH_ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(_ACTIVATIONS)}")
-        widths = [dim] + [hidden] * (n_layers - 1) + [dim]
-        self.layers = nn.ModuleList(
-            ConcatSquashLinear(d_in, d_out) for d_in, d_out in itertools.pairwise(widths))
-        self.activation = _ACTIVATIONS[activation]()
-
-    def forward(self, t: float | Tensor, z: Tensor) -> Tensor:
-        """``(B, D) -> (B, D)``; ``t`` a scalar or ``(B,)`` per-row times."""
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                z = self.activation(z)
-            z = layer(t, z)
-        return z
+                             f"{list(SMOOTH_ACTIVATIONS)}")
+        super().__init__(dim, hidden, n_layers, activation, layer=ConcatSquashLinear)
 
 
 class CNFFunc(nn.Module):
@@ -243,10 +226,8 @@ class CNF(nn.Module):
         self._check_data(x)
         if self.func.trace == "hutchinson":
             self.func.reset_noise(x)
-        state = (x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device))
-        times = torch.stack([self.block.t0_tensor, self.block.t1_tensor])
-        z, delta = self.block.trajectory(state, times)  # type: ignore[arg-type]
-        return z[-1], delta[-1, :, 0]
+        z, delta = self.block((x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)))
+        return z, delta[:, 0]
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` in nats: ``log N(z(t1); 0, I) - delta(t1)``; ``(B, D) -> (B,)``."""

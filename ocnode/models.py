@@ -241,13 +241,15 @@ def ode_blocks(module: nn.Module) -> list[ODEBlock]:
 
 
 class MLPODEFunc(nn.Module):
-    """An MLP vector field of :class:`ConcatLinear` layers: ``dim -> hidden ... -> dim``.
+    """An MLP vector field of time-conditioned layers: ``dim -> hidden ... -> dim``.
 
     Args:
         dim: state features.
         hidden: width of the hidden layers.
-        n_layers: number of ConcatLinear layers (>= 1).
+        n_layers: number of layers (>= 1).
         activation: one of ``"tanh"``, ``"relu"``, ``"softplus"``, ``"elu"``, ``"silu"``.
+        layer: the layer class, called as ``layer(d_in, d_out)`` and then ``layer(t, x)``:
+            :class:`ConcatLinear` (default) or e.g. ``ConcatSquashLinear``.
 
     Attributes:
         supports_batched_time: ``t`` may be a ``(B,)`` per-row time vector (see layers).
@@ -255,7 +257,8 @@ class MLPODEFunc(nn.Module):
 
     supports_batched_time = True
 
-    def __init__(self, dim: int, hidden: int, n_layers: int = 2, activation: str = "tanh") -> None:
+    def __init__(self, dim: int, hidden: int, n_layers: int = 2, activation: str = "tanh",
+                 layer: Callable[[int, int], nn.Module] = ConcatLinear) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -264,7 +267,7 @@ class MLPODEFunc(nn.Module):
                              f"{sorted(_ACTIVATIONS)}")
         widths = [dim] + [hidden] * (n_layers - 1) + [dim]
         self.layers = nn.ModuleList(
-            ConcatLinear(d_in, d_out) for d_in, d_out in itertools.pairwise(widths))
+            layer(d_in, d_out) for d_in, d_out in itertools.pairwise(widths))
         self.activation = _ACTIVATIONS[activation]()
 
     def forward(self, t: float | Tensor, x: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ iteration) and, with ``full=True``, ordinary K-FAC factors for the GRU and the h
 from __future__ import annotations
 
 import itertools
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -214,10 +214,8 @@ class ODERNNClassifier(nn.Module):
             ``(B, hidden)``: the states after the gaps.
         """
         dt = (gap / self.time_scale).to(h.dtype).unsqueeze(-1)
-        span = torch.stack([self.ode.t0_tensor, self.ode.t1_tensor])
-        # ODEBlock is annotated for tensor states; its solvers take tuple states as well
-        h_path, _ = self.ode.trajectory(cast(Tensor, (h, dt)), span)
-        return h_path[-1]
+        h_next, _ = self.ode((h, dt))
+        return h_next
 
     def _check_inputs(self, values: Tensor, times: Tensor, mask: Tensor) -> None:
         for name, v in (("values", values), ("times", times), ("mask", mask)):
