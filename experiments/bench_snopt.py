@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocnode.data import load_dataset
-from ocnode.models import ConvODEClassifier, MLPODEClassifier, ode_blocks
+from ocnode.nn import ConvODEClassifier, MLPODEClassifier, ode_blocks
 from ocnode.optim import SNOpt
 
 from common import command_line, machine_info, read_status_kib

@@ -7,7 +7,7 @@ make_circles), ``8gaussians`` (other 2-D toys: ``moons``, ``pinwheel``), and
 ``vowels-frames``, every frame of JapaneseVowels as a real 12-D row, our stand-in for the
 paper's Gas/MiniBooNE tables.
 
-Model: :class:`ocnode.cnf.CNF` (FFJORD; Grathwohl et al. 2019): ``N_LAYERS``
+Model: :class:`ocnode.nn.cnf.CNF` (FFJORD; Grathwohl et al. 2019): ``N_LAYERS``
 ConcatSquashLinear layers with tanh, dopri5 at rtol = atol = 1e-3 on [0, 1]; the exact trace
 on the 2-D sets, Hutchinson's estimator (Rademacher, one draw per solve) on the 12-D set.
 Adam, SGD and SNOpt use the adjoint; K-FAC and Newton-CG backpropagate through the solver.
@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ocnode import load_dataset
-from ocnode.cnf import CNF
+from ocnode.nn.cnf import CNF
 
 import compare
 

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ocnode.models import ode_blocks
+from ocnode.nn import ode_blocks
 from ocnode.optim import NewtonCG, SNOpt
 from solvers import SolverError
 

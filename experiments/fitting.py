@@ -9,7 +9,7 @@ times; observations in the first 75% of the time window are for fitting, of whic
 20% are held out (interpolation test), and the later ones are the extrapolation test (see
 ``ocnode.data.load_dataset``). Positions are standardised with the training observations.
 
-Model: :class:`ocnode.trajectory.TrajectoryODE`, an autonomous MLP field on the observed
+Model: :class:`ocnode.nn.trajectory.TrajectoryODE`, an autonomous MLP field on the observed
 2-D state (tanh), integrated from each trajectory's first observation over the union of the
 batch's observation times with RK4 steps of the data's time-grid spacing (0.5 for spirals,
 0.11 for LASA Angle; every observation lies on that grid). Adam, SGD and SNOpt use the adjoint;
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from ocnode import load_dataset
 from ocnode.data import LASA_PREFIX
-from ocnode.trajectory import TrajectoryODE, trajectory_mse
+from ocnode.nn.trajectory import TrajectoryODE, trajectory_mse
 
 import compare
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from ocnode.data import load_dataset
-from ocnode.models import ode_blocks
+from ocnode.nn import ode_blocks
 from ocnode.training import CHECKPOINT, METRICS, MODELS, TrainConfig, train
 
 # ---- configuration (CLI flags override some of it) --------------------------------------

@@ -8,7 +8,7 @@ per channel with the observed training steps. ``--dataset`` picks another shippe
 (BasicMotions, ArrowHead, GunPoint, ...). Training uses the whole official training split
 in shuffled batches; every evaluation uses the whole official test split.
 
-Model: :class:`ocnode.sequence.ODERNNClassifier` (Rubanova et al. 2019): between observations
+Model: :class:`ocnode.nn.sequence.ODERNNClassifier` (Rubanova et al. 2019): between observations
 the hidden state follows an ODE (dopri5, rtol = atol = 1e-3, seminorm adjoint), a GRU of
 Linear layers folds each observation in, a linear head reads the state at each series' last
 observation. Adam, SGD and SNOpt use the adjoint; K-FAC and Newton-CG backpropagate through
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ocnode import load_dataset
 from ocnode.data import SKTIME_SERIES
-from ocnode.sequence import ODERNNClassifier
+from ocnode.nn.sequence import ODERNNClassifier
 
 import compare
 

@@ -1,18 +1,20 @@
 """ocnode: Neural ODE training with optimal-control (second-order) optimizers."""
 
-from ocnode.cnf import CNF
 from ocnode.data import load_dataset
-from ocnode.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
-from ocnode.models import (
+from ocnode.nn import (
+    CNF,
+    ConcatConv2d,
+    ConcatLinear,
+    ConcatSquashLinear,
     ConvODEClassifier,
     ConvODEFunc,
     MLPODEClassifier,
     MLPODEFunc,
     ODEBlock,
+    ODERNNClassifier,
+    TrajectoryODE,
 )
-from ocnode.sequence import ODERNNClassifier
 from ocnode.training import TrainConfig, train
-from ocnode.trajectory import TrajectoryODE
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ocnode.data import DATASETS, load_dataset
-from ocnode.models import ConvODEClassifier, MLPODEClassifier, ode_blocks
+from ocnode.nn import ConvODEClassifier, MLPODEClassifier, ode_blocks
 from ocnode.optim import HorizonOptimizer, SNOpt
 
 CHECKPOINT = "checkpoint.pt"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ocnode.cnf import CNF, CNFDrift, CNFFunc, exact_trace, hutchinson_trace
-from ocnode.layers import ConcatSquashLinear
+from ocnode.nn.cnf import CNF, CNFDrift, CNFFunc, exact_trace, hutchinson_trace
+from ocnode.nn.layers import ConcatSquashLinear
 from ocnode.optim import SNOpt
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-9}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ocnode.curvature import FactorCollector, ODECurvatureObserver, check_layer, hook_layers
-from ocnode.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
+from ocnode.nn.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
 from solvers import odeint_adjoint
 
 DT = 0.1

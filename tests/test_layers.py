@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocnode.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
+from ocnode.nn.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
 
 
 @pytest.fixture(autouse=True)

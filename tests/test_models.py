@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from ocnode.models import (
+from ocnode.nn import (
     ConvODEClassifier,
     ConvODEFunc,
     MLPODEClassifier,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ocnode.models import MLPODEFunc, ODEBlock
+from ocnode.nn import MLPODEFunc, ODEBlock
 from ocnode.optim import NewtonCG
 from ocnode.optim import functional as Fn
 

@@ -1,4 +1,4 @@
-"""ODE-RNN (ocnode.sequence): GRU, variable length, time rescaling, gradients, SNOpt."""
+"""ODE-RNN (ocnode.nn.sequence): GRU, variable length, time rescaling, gradients, SNOpt."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import solvers
+from ocnode.nn.sequence import GRUUpdate, ODERNNClassifier, ODERNNFunc
 from ocnode.optim import SNOpt
-from ocnode.sequence import GRUUpdate, ODERNNClassifier, ODERNNFunc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

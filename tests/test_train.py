@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import ocnode.training as train_module
 from ocnode.cli import main
 from ocnode.data import load_dataset
-from ocnode.models import ode_blocks
+from ocnode.nn import ode_blocks
 from ocnode.optim import SNOpt
 from ocnode.training import (
     CHECKPOINT,

@@ -19,9 +19,8 @@ from ocnode.data import (
     load_dataset,
     spiral_trajectories,
 )
-from ocnode.layers import ConcatLinear
-from ocnode.optim import SNOpt
-from ocnode.trajectory import (
+from ocnode.nn.layers import ConcatLinear
+from ocnode.nn.trajectory import (
     TrajectoryField,
     TrajectoryODE,
     gather_series,
@@ -29,6 +28,7 @@ from ocnode.trajectory import (
     trajectory_mse,
     union_grid,
 )
+from ocnode.optim import SNOpt
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 

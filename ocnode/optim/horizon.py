@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ocnode.models import ODEBlock
+from ocnode.nn.ode import ODEBlock
 
 POLICIES = ("baseline", "feedback")
 

@@ -31,7 +31,7 @@ from ocnode.curvature import (
     check_layer,
     hook_layers,
 )
-from ocnode.models import ODEBlock
+from ocnode.nn.ode import ODEBlock
 from ocnode.optim import functional as Fn
 
 _GLOBAL = "snopt"  # key of the optimizer-wide counters in self.state

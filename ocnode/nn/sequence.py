@@ -4,7 +4,7 @@
 introduced the ODE-RNN: between two observations the hidden state h follows an ODE
 ``dh/dt = f(h)``; at each observation a GRU (Cho et al. 2014) folds the new values in.
 
-One :class:`~ocnode.models.ODEBlock` with the fixed horizon ``s in [0, 1]`` serves every gap:
+One :class:`~ocnode.nn.ODEBlock` with the fixed horizon ``s in [0, 1]`` serves every gap:
 the state is the pair ``(h, dt)`` and the vector field is
 
     dh/ds = dt * f(h),    d(dt)/ds = 0,
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from ocnode.models import ODEBlock
+from ocnode.nn.ode import ODEBlock
 
 State = tuple[Tensor, Tensor]
 

@@ -13,7 +13,7 @@ The trace is exact (one autograd pass per dimension, fine for small D) or Hutchi
 estimate ``e^T (df/dz) e`` with one noise draw ``e`` held fixed for the whole solve
 (Hutchinson 1989; FFJORD uses it for high dimensions).
 
-The learnable maps are :class:`ocnode.layers.ConcatSquashLinear` layers (real ``nn.Linear``
+The learnable maps are :class:`ocnode.nn.layers.ConcatSquashLinear` layers (real ``nn.Linear``
 submodules), so SNOpt collects their Kronecker factors along the adjoint's backward solve.
 Its curvature observer re-evaluates the vector field on detached clones holding the first
 ``stats_batch`` rows of the batch, possibly many grid times stacked along the rows with a
@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from ocnode.layers import ConcatSquashLinear
-from ocnode.models import MLPODEFunc, ODEBlock
+from ocnode.nn.fields import MLPODEFunc
+from ocnode.nn.layers import ConcatSquashLinear
+from ocnode.nn.ode import ODEBlock
 
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -39,7 +40,7 @@ SMOOTH_ACTIVATIONS = ("tanh", "softplus")  # the trace differentiates the field 
 
 
 class CNFDrift(MLPODEFunc):
-    """The velocity ``f(t, z)``: an :class:`~ocnode.models.MLPODEFunc` of ConcatSquashLinear
+    """The velocity ``f(t, z)``: an :class:`~ocnode.nn.MLPODEFunc` of ConcatSquashLinear
     layers ``dim -> hidden ... -> dim`` (FFJORD's layer).
 
     Args:

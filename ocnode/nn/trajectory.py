@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ocnode.layers import ConcatLinear
-from ocnode.models import _ACTIVATIONS, ODEBlock
+from ocnode.nn.fields import ACTIVATIONS
+from ocnode.nn.layers import ConcatLinear
+from ocnode.nn.ode import ODEBlock
 
 
 def _check_series(times: Tensor, mask: Tensor) -> None:
@@ -155,13 +156,13 @@ class TrajectoryField(nn.Module):
         for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("n_layers", n_layers, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(_ACTIVATIONS)}")
+                             f"{sorted(ACTIVATIONS)}")
         widths = [dim] + [hidden] * (n_layers - 1) + [dim]
         layer = ConcatLinear if time_dependent else nn.Linear
         self.layers = nn.ModuleList(layer(a, b) for a, b in itertools.pairwise(widths))
-        self.activation = _ACTIVATIONS[activation]()
+        self.activation = ACTIVATIONS[activation]()
         self.time_dependent = time_dependent
 
     def forward(self, t: float | Tensor, z: Tensor) -> Tensor:

@@ -1,37 +1,25 @@
-"""Neural ODE models: the ODE block, vector fields and classifier networks.
+"""The ODE block: ``x(t0) -> x(t1)`` by integrating ``dx/dt = F(t, x)`` with :mod:`solvers`.
 
-An :class:`ODEBlock` maps ``x(t0)`` to ``x(t1)`` by integrating ``dx/dt = F(t, x)`` with
-:mod:`solvers` (Chen et al. 2018, "Neural Ordinary Differential Equations"); with
-``adjoint=True`` gradients come from the adjoint backward solve, in O(1) memory
-(ALGORITHM.md §1.2).
+An :class:`ODEBlock` (Chen et al. 2018, "Neural Ordinary Differential Equations") with
+``adjoint=True`` gets its gradients from the adjoint backward solve, in O(1) memory
+(see docs/algorithms.md, "The adjoint").
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import solvers
-from ocnode.layers import ConcatConv2d, ConcatLinear
 
 #: Called as ``observer(t, x, a, dt)``: a python float time, the state and the adjoint there,
 #: and the grid spacing of the solve the sample belongs to.
 Observer = Callable[..., None]
 #: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
 State = Tensor | tuple[Tensor, ...]
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "softplus": nn.Softplus,
-    "elu": nn.ELU,
-    "silu": nn.SiLU,
-}
 
 
 class ODEBlock(nn.Module):
@@ -238,121 +226,3 @@ def _check_horizon(t0: float, t1: float) -> None:
 def ode_blocks(module: nn.Module) -> list[ODEBlock]:
     """All :class:`ODEBlock` submodules of ``module`` (itself included), in module order."""
     return [m for m in module.modules() if isinstance(m, ODEBlock)]
-
-
-class MLPODEFunc(nn.Module):
-    """An MLP vector field of time-conditioned layers: ``dim -> hidden ... -> dim``.
-
-    Args:
-        dim: state features.
-        hidden: width of the hidden layers.
-        n_layers: number of layers (>= 1).
-        activation: one of ``"tanh"``, ``"relu"``, ``"softplus"``, ``"elu"``, ``"silu"``.
-        layer: the layer class, called as ``layer(d_in, d_out)`` and then ``layer(t, x)``:
-            :class:`ConcatLinear` (default) or e.g. ``ConcatSquashLinear``.
-
-    Attributes:
-        supports_batched_time: ``t`` may be a ``(B,)`` per-row time vector (see layers).
-    """
-
-    supports_batched_time = True
-
-    def __init__(self, dim: int, hidden: int, n_layers: int = 2, activation: str = "tanh",
-                 layer: Callable[[int, int], nn.Module] = ConcatLinear) -> None:
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(_ACTIVATIONS)}")
-        widths = [dim] + [hidden] * (n_layers - 1) + [dim]
-        self.layers = nn.ModuleList(
-            layer(d_in, d_out) for d_in, d_out in itertools.pairwise(widths))
-        self.activation = _ACTIVATIONS[activation]()
-
-    def forward(self, t: float | Tensor, x: Tensor) -> Tensor:
-        """``(..., dim) -> (..., dim)``."""
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                x = self.activation(x)
-            x = layer(t, x)
-        return x
-
-
-class ConvODEFunc(nn.Module):
-    """The SNOpt image vector field: ``conv2(t, relu(conv1(t, x)))`` with 3x3 ConcatConv2d.
-
-    Args:
-        channels: channels of the state (input and output).
-
-    Attributes:
-        supports_batched_time: ``t`` may be a ``(B,)`` per-row time vector (see layers).
-    """
-
-    supports_batched_time = True
-
-    def __init__(self, channels: int = 64) -> None:
-        super().__init__()
-        self.conv1 = ConcatConv2d(channels, channels, ksize=3, padding=1)
-        self.conv2 = ConcatConv2d(channels, channels, ksize=3, padding=1)
-
-    def forward(self, t: float | Tensor, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
-        return self.conv2(t, F.relu(self.conv1(t, x)))
-
-
-class MLPODEClassifier(nn.Module):
-    """``Linear`` stem -> :class:`ODEBlock` of an :class:`MLPODEFunc` -> ``Linear`` head.
-
-    Args:
-        in_dim: input features (inputs are flattened after the batch dimension).
-        n_classes: number of classes (logits returned).
-        hidden: width of the ODE state and of the vector field's hidden layers.
-        n_layers: ConcatLinear layers in the vector field.
-        activation: activation of the vector field.
-        **block_kwargs: passed to :class:`ODEBlock` (method, rtol, atol, adjoint, t1, ...).
-    """
-
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 64, n_layers: int = 2,
-                 activation: str = "tanh", **block_kwargs: Any) -> None:
-        super().__init__()
-        self.stem = nn.Linear(in_dim, hidden)
-        self.ode = ODEBlock(MLPODEFunc(hidden, hidden, n_layers, activation), **block_kwargs)
-        self.head = nn.Linear(hidden, n_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, *) -> (B, n_classes)`` logits."""
-        return self.head(self.ode(self.stem(x.flatten(1))))
-
-
-class ConvODEClassifier(nn.Module):
-    """Conv stem -> :class:`ODEBlock` of a :class:`ConvODEFunc` -> pooled ``Linear`` head.
-
-    The stem (conv3x3, ReLU, conv3x3 stride 2, ReLU, conv3x3 stride 2) brings the image to
-    ``channels`` channels at a quarter of its side, as in the SNOpt/ANODE MNIST networks.
-
-    Args:
-        in_channels: image channels.
-        n_classes: number of classes (logits returned).
-        channels: channels of the ODE state.
-        **block_kwargs: passed to :class:`ODEBlock` (method, rtol, atol, adjoint, t1, ...).
-    """
-
-    def __init__(self, in_channels: int = 1, n_classes: int = 10, channels: int = 64,
-                 **block_kwargs: Any) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride=1, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-        )
-        self.ode = ODEBlock(ConvODEFunc(channels), **block_kwargs)
-        self.head = nn.Sequential(
-            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, H, W) -> (B, n_classes)`` logits."""
-        if x.dim() != 4:
-            raise ValueError(f"ConvODEClassifier expects images (B, C, H, W), got shape "
-                             f"{tuple(x.shape)}; reshape flat inputs first")
-        return self.head(self.ode(self.stem(x)))
