@@ -1,6 +1,7 @@
 """solvers: explicit Runge-Kutta ODE integration, an O(1)-memory adjoint, and an SDE front.
 
-``from solvers import odeint`` is a drop-in for ``from torchdiffeq import odeint``.
+``from solvers import odeint`` is a drop-in for ``from torchdiffeq import odeint``;
+``solve(func, y0, t, SolverSpec(...))`` takes every setting as one validated value.
 """
 
 from solvers.adjoint import odeint_adjoint
@@ -11,14 +12,15 @@ from solvers.errors import (
     SolverInputError,
     StepSizeUnderflowError,
 )
-from solvers.odeint import odeint
+from solvers.odeint import odeint, solve
 from solvers.sde import sdeint, sdeint_adjoint
+from solvers.spec import Observer, SolverSpec, State
 from solvers.stats import SolverStats
 from solvers.tableau import METHODS, ButcherTableau, get_tableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "sdeint", "sdeint_adjoint", "SolverStats", "METHODS",
-    "ButcherTableau", "get_tableau",
+    "odeint", "odeint_adjoint", "solve", "SolverSpec", "State", "Observer", "sdeint",
+    "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
     "MaxStepsExceededError",
 ]

@@ -1,7 +1,7 @@
 """``odeint_adjoint``: gradients by solving the adjoint ODE backward, in O(1) memory.
 
 Forward: integrate without a graph and keep only the outputs. Backward: integrate the
-augmented state (x, a, a_theta) from t_N to t_0 (ALGORITHM.md section 1.2):
+augmented state (x, a, a_theta) from t_N to t_0:
 
     dx/dt = F(t, x),   da/dt = -F_x^T a,   da_theta/dt = -F_theta^T a,
 
@@ -10,37 +10,38 @@ a jump a += dL/dy(t_i) at every output time. The result is a(t_0) = dL/dy0 and
 a_theta(t_0) = dL/dtheta; time gradients are dL/dt_i = <dL/dy(t_i), F(t_i, y_i)> for i >= 1
 and dL/dt_0 = -<a(t_0), F(t_0, y_0)> (a(t_0) without the direct dL/dy(t_0) term).
 
-An optional observer receives (t_j, x(t_j), a(t_j)) during the backward solve at the grid
-t_j = t_0 + j * observer_dt (j >= 1, within [t_0, t_N]), through dense output, so the
-adaptive steps do not change and nothing is stored: this is where second-order statistics
-(SNOpt, Liu-Chen-Theodorou 2021) are collected.
+An optional :class:`~solvers.spec.Observer` receives (t_j, x(t_j), a(t_j), w_j) during the
+backward solve at the grid t_j = t_0 + j * observer_dt (j >= 1, within [t_0, t_N]) with the
+rectangle-rule weight w_j = observer_dt, through dense output, so the adaptive steps do not
+change and nothing is stored, then ``finish()`` at the end: this is where second-order
+statistics (SNOpt, Liu-Chen-Theodorou 2021) are collected.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from solvers.errors import SolverInputError
-from solvers.integrate import Norm, segment_norm
-from solvers.odeint import (
+from solvers.flat import (
+    CountingFunc,
     FlatState,
-    State,
-    _check_backend,
-    _CountingFunc,
-    check_options,
+    check_backend,
     check_times,
     flat_state,
     make_rhs,
     solve_flat,
 )
+from solvers.integrate import Norm, segment_norm
+from solvers.spec import Observer, SolverSpec, State, call_spec, check_observer
 from solvers.stats import SolverStats
 
-Observer = Callable[[float, State, State], None]
+#: The default observer grid spacing, as a fraction of the solve's span |t_N - t_0|.
+DEFAULT_OBSERVER_FRACTION = 0.01
 
 
 @dataclass
@@ -51,26 +52,34 @@ class _Config:
     flat: FlatState
     times: list[float]
     direction: float
-    method: str
-    options: dict
-    rtol: float
-    atol: float
-    adjoint_method: str
-    adjoint_options: dict
-    adjoint_rtol: float
-    adjoint_atol: float
-    seminorm: bool
+    spec: SolverSpec
     observer: Observer | None
     observer_dt: float | None
     stats: SolverStats
     adjoint_stats: SolverStats
     t_dtype: torch.dtype = torch.float32
-    n_params: list[int] = field(default_factory=list)
+
+
+def observer_spacing(times: Sequence[float], observer_dt: float | None) -> float:
+    """The observer grid spacing: ``observer_dt``, or by default 0.01 of |t_N - t_0|.
+
+    Raises:
+        SolverInputError: if ``observer_dt`` is neither None nor a positive float.
+    """
+    if observer_dt is None:
+        return DEFAULT_OBSERVER_FRACTION * abs(times[-1] - times[0])
+    if isinstance(observer_dt, bool) or not (
+            isinstance(observer_dt, (int, float)) and 0 < observer_dt < math.inf):
+        raise SolverInputError(f"observer_dt must be > 0, or None for "
+                               f"{DEFAULT_OBSERVER_FRACTION} of the span; got {observer_dt!r}")
+    return float(observer_dt)
 
 
 def observer_grid(times: Sequence[float], dt: float) -> list[float]:
     """Sampling times t_0 + j*dt, j = 1..N, that lie within [t_0, t_N] (either direction)."""
     span = abs(times[-1] - times[0])
+    if span == 0:
+        return []
     n = math.floor(span / dt + 1e-9)
     sign = 1.0 if times[-1] >= times[0] else -1.0
     return [times[0] + sign * j * dt for j in range(1, n + 1)]
@@ -109,8 +118,7 @@ class _AdjointFunction(torch.autograd.Function):
         outs: list[torch.Tensor] = []
         with torch.no_grad():
             solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
-                       lambda j, s, y: outs.append(y), cfg.method, cfg.options, cfg.rtol,
-                       cfg.atol, cfg.flat, cfg.stats)
+                       lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats)
             ys = torch.stack(outs)
         ctx.cfg = cfg
         ctx.save_for_backward(ys, t, *params)
@@ -147,7 +155,7 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     n_theta = sum(p.numel() for p in params if p.requires_grad)
     direction = -cfg.direction  # the backward solve runs against the forward direction
     rhs = _aug_rhs(cfg, params, ys.device, direction)
-    norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.seminorm)
+    norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm)
     grid = observer_grid(times, cfg.observer_dt) if cfg.observer_dt is not None else []
     z = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(n_theta)])
     if len(times) == 1:
@@ -157,6 +165,8 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
         z[:n] = ys[i - 1]  # restart x from the stored forward value (limits drift)
         if i > 1:
             z[n:2 * n] += grad_ys[i - 1]
+    if cfg.observer is not None:
+        cfg.observer.finish()  # after the last sample, also when there was none
     grad_t = _time_grads(cfg, ys, grad_ys, z[n:2 * n], ys.device) if need_t else None
     return z[n:2 * n] + grad_ys[0], z[2 * n:], grad_t
 
@@ -184,14 +194,14 @@ def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float,
         elif j > 0 or on_start:
             _observe(cfg, direction * s, zj, n)
 
-    solve_flat(rhs, z, s_out, emit, cfg.adjoint_method, cfg.adjoint_options,
-               cfg.adjoint_rtol, cfg.adjoint_atol, cfg.flat, cfg.adjoint_stats, norm=norm)
+    solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat, cfg.adjoint_stats, norm=norm)
     return result[0]
 
 
 def _observe(cfg: _Config, t: float, z: torch.Tensor, n: int) -> None:
-    assert cfg.observer is not None
-    cfg.observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]))
+    """One grid sample, with its rectangle-rule weight observer_dt."""
+    assert cfg.observer is not None and cfg.observer_dt is not None
+    cfg.observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]), cfg.observer_dt)
 
 
 def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool) -> Norm:
@@ -231,9 +241,12 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
             backward solve (default: the forward ones). ``adjoint_options={'norm':
             'seminorm'}`` leaves a_theta out of the error control (Kidger et al. 2021).
         adjoint_params: tensors to differentiate (default ``func.parameters()``).
-        observer: called as observer(t_j, x(t_j), a(t_j)) at t_j = t_0 + j*observer_dt during
-            the backward solve (tensors valid during the call only: clone to keep).
-        observer_dt: spacing of the observer grid (> 0), required with an observer.
+        observer: a :class:`solvers.Observer`: called as ``observer(t_j, x(t_j), a(t_j), w_j)``
+            at ``t_j = t_0 + j * observer_dt`` (j = 1..N) during the backward solve, with the
+            quadrature weight ``w_j = observer_dt`` (tensors valid during the call only: clone
+            to keep), then ``observer.finish()`` once at the end of the backward solve.
+        observer_dt: spacing of the observer grid (> 0); None: 0.01 of the span
+            ``|t[-1] - t[0]|``.
         stats: filled by the forward solve; adjoint_stats: filled when backward runs.
         backend: 'ocnode' or 'torchdiffeq' (no observer there).
 
@@ -243,17 +256,48 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
     method = method or "dopri5"
     stats = stats if stats is not None else SolverStats()
     adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
-    params = _adjoint_params(func, adjoint_params)
     if backend == "torchdiffeq" or event_fn is not None:
         return _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn,
                                     adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
-                                    params, observer, stats, backend)
-    _check_backend(backend)
-    cfg = _config(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
-                  adjoint_method, adjoint_options, observer, observer_dt, stats, adjoint_stats)
-    y0_flat = cfg.flat.flatten(y0)
+                                    _adjoint_params(func, adjoint_params), observer, stats,
+                                    backend)
+    check_backend(backend)
+    backward_options, seminorm = _split_seminorm(adjoint_options)
+    spec = call_spec(method, rtol, atol, options, adjoint_method=adjoint_method,
+                     adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                     adjoint_options=backward_options, seminorm=seminorm)
+    return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
+                         adjoint_stats)
+
+
+def _split_seminorm(adjoint_options: Mapping[str, Any] | None) -> tuple[dict | None, bool]:
+    """torchdiffeq's ``adjoint_options={'norm': 'seminorm', ...}`` -> (the rest, seminorm)."""
+    if adjoint_options is None:
+        return None, False
+    rest = dict(adjoint_options)
+    if "norm" not in rest:
+        return rest, False
+    if rest.pop("norm") != "seminorm":
+        raise SolverInputError("adjoint_options['norm'] supports only 'seminorm'")
+    return rest, True
+
+
+def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
+                  adjoint_params: Sequence[torch.Tensor] | None, observer: Observer | None,
+                  observer_dt: float | None, stats: SolverStats,
+                  adjoint_stats: SolverStats) -> State:
+    """The solve of :func:`odeint_adjoint` with validated settings ``spec``."""
+    params = _adjoint_params(func, adjoint_params)
+    flat = flat_state(y0)
+    y0_flat = flat.flatten(y0)
+    times, direction = check_times(t, y0_flat)
+    if observer is not None:
+        check_observer(observer)
+        observer_dt = observer_spacing(times, observer_dt)
+    cfg = _Config(func, flat, times, direction, spec, observer,
+                  observer_dt if observer is not None else None, stats, adjoint_stats, t.dtype)
     ys = _AdjointFunction.apply(cfg, y0_flat, t, *params)
-    return cfg.flat.unflatten(ys)
+    return flat.unflatten(ys)
 
 
 def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | None) -> tuple:
@@ -266,32 +310,10 @@ def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | Non
     return tuple(func.parameters())
 
 
-def _config(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
-            adjoint_method, adjoint_options, observer, observer_dt, stats, adjoint_stats):
-    opts = check_options(method, options, rtol, atol)
-    adj_method = adjoint_method or method
-    adj_rtol = rtol if adjoint_rtol is None else adjoint_rtol
-    adj_atol = atol if adjoint_atol is None else adjoint_atol
-    adj_opts = dict(opts if adjoint_options is None else adjoint_options)
-    seminorm = adj_opts.pop("norm", None) == "seminorm"
-    if "norm" in (adjoint_options or {}) and not seminorm:
-        raise SolverInputError("adjoint_options['norm'] supports only 'seminorm'")
-    adj_opts = check_options(adj_method, adj_opts, adj_rtol, adj_atol)
-    if observer is not None and not (isinstance(observer_dt, (int, float)) and observer_dt > 0):
-        raise SolverInputError(f"an observer needs observer_dt > 0, got {observer_dt!r}")
-    if observer is None:
-        observer_dt = None
-    flat = flat_state(y0)
-    times, direction = check_times(t, flat.flatten(y0))
-    return _Config(func, flat, times, direction, method, opts, rtol, atol, adj_method,
-                   adj_opts, adj_rtol, adj_atol, seminorm, observer, observer_dt, stats,
-                   adjoint_stats, t.dtype)
-
-
 def _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
                          adjoint_atol, adjoint_method, adjoint_options, params, observer,
                          stats, backend):
-    _check_backend(backend)
+    check_backend(backend)
     if backend != "torchdiffeq":
         raise NotImplementedError(
             "event_fn is not implemented by the ocnode engine; pass backend='torchdiffeq'")
@@ -300,7 +322,7 @@ def _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn, adj
     import torchdiffeq
 
     return torchdiffeq.odeint_adjoint(
-        _CountingFunc(func, stats), y0, t, rtol=rtol, atol=atol, method=method,
+        CountingFunc(func, stats), y0, t, rtol=rtol, atol=atol, method=method,
         options=options, event_fn=event_fn, adjoint_rtol=adjoint_rtol,
         adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
         adjoint_options=adjoint_options, adjoint_params=params)

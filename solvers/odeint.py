@@ -1,4 +1,4 @@
-"""``odeint``: torchdiffeq's call signature on our Runge-Kutta engine.
+"""``odeint``: torchdiffeq's call signature on our Runge-Kutta engine; ``solve``: one spec.
 
 Precision contract: time is float64 inside the solver (Python floats); the state, the
 stages and the outputs keep ``y0``'s dtype; ``func`` receives ``t`` as a 0-dim tensor of the
@@ -7,192 +7,15 @@ dtype of the ``t`` argument, on ``y0``'s device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from solvers.adjoint import solve_adjoint
 from solvers.errors import SolverInputError
-from solvers.integrate import (
-    Emit,
-    Norm,
-    Rhs,
-    StepControl,
-    integrate_adaptive,
-    integrate_fixed,
-    rms_norm,
-    segment_norm,
-)
+from solvers.flat import CountingFunc, check_backend, check_times, flat_state, make_rhs, solve_flat
+from solvers.spec import Observer, SolverSpec, State, call_spec
 from solvers.stats import SolverStats
-from solvers.tableau import get_tableau
-
-State = torch.Tensor | tuple[torch.Tensor, ...]
-
-_ADAPTIVE_OPTIONS = {"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
-                     "min_step", "max_step", "max_num_steps", "norm"}
-_FIXED_OPTIONS = {"step_size"}
-_TORCHDIFFEQ_ONLY = {"step_t", "jump_t", "interp", "perturb", "grid_constructor", "dtype"}
-BACKENDS = ("ocnode", "torchdiffeq")
-
-
-@dataclass(frozen=True)
-class FlatState:
-    """How a tensor or tuple of tensors maps to one flat vector.
-
-    Attributes:
-        shapes: shape of each component.
-        is_tuple: whether the user passed a tuple.
-        bounds: [start, stop) of each component in the flat vector.
-    """
-
-    shapes: tuple[torch.Size, ...]
-    is_tuple: bool
-
-    @property
-    def bounds(self) -> list[tuple[int, int]]:
-        out, start = [], 0
-        for s in self.shapes:
-            n = math.prod(s)
-            out.append((start, start + n))
-            start += n
-        return out
-
-    def flatten(self, y: State) -> torch.Tensor:
-        """(tensor or tuple) -> flat (n,) tensor; a view when y is one contiguous tensor."""
-        if not self.is_tuple:
-            return y.reshape(-1)  # type: ignore[union-attr]
-        return torch.cat([c.reshape(-1) for c in y])
-
-    def unflatten(self, v: torch.Tensor) -> State:
-        """flat (..., n) -> the user's structure with leading dims kept."""
-        lead = v.shape[:-1]
-        if not self.is_tuple:
-            return v.view(*lead, *self.shapes[0])
-        parts = [v[..., a:b].reshape(*lead, *s) for (a, b), s in zip(self.bounds, self.shapes)]
-        return tuple(parts) if self.is_tuple else parts[0]
-
-
-def flat_state(y0: State) -> FlatState:
-    """Describe y0 (a floating tensor or a non-empty tuple of them on one device and dtype)."""
-    comps = y0 if isinstance(y0, tuple) else (y0,)
-    if not comps or not all(isinstance(c, torch.Tensor) for c in comps):
-        raise SolverInputError("y0 must be a tensor or a non-empty tuple of tensors")
-    if not all(c.is_floating_point() for c in comps):
-        raise SolverInputError(
-            f"y0 must have a floating dtype, got {[c.dtype for c in comps]}; use y0.float()")
-    if len({c.dtype for c in comps}) > 1 or len({c.device for c in comps}) > 1:
-        raise SolverInputError(
-            "every tensor of a tuple state must share one dtype and device, got "
-            f"{[(c.dtype, str(c.device)) for c in comps]}")
-    return FlatState(tuple(c.shape for c in comps), isinstance(y0, tuple))
-
-
-def check_times(t: torch.Tensor, y_ref: torch.Tensor) -> tuple[list[float], float]:
-    """Validate t (1-D, floating, strictly monotone, on y0's device).
-
-    Returns:
-        (times as float64 Python floats, direction +1.0 or -1.0)
-    """
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 1:
-        raise SolverInputError(
-            "t must be a 1-D tensor of output times, e.g. torch.tensor([0., 1.])")
-    if not t.is_floating_point():
-        raise SolverInputError(f"t must have a floating dtype, got {t.dtype}; use t.float()")
-    if t.device != y_ref.device:
-        raise SolverInputError(
-            f"t is on {t.device} but y0 on {y_ref.device}: move it with t.to(y0.device)")
-    times = t.detach().to("cpu", torch.float64).tolist()
-    if not all(math.isfinite(v) for v in times):
-        raise SolverInputError(f"t must be finite, got {times}")
-    diffs = [b - a for a, b in zip(times, times[1:])]
-    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-        raise SolverInputError(
-            f"t must be strictly increasing or strictly decreasing, got {times}")
-    return times, (-1.0 if diffs and diffs[0] < 0 else 1.0)
-
-
-def make_rhs(func: Callable, flat: FlatState, t_dtype: torch.dtype, device: torch.device,
-             direction: float, stats: SolverStats) -> Rhs:
-    """Wrap func(t, y) as rhs(s, y_flat) on internal time s = direction * t, counting NFE."""
-    checked = False
-
-    def rhs(s: float, y: torch.Tensor) -> torch.Tensor:
-        nonlocal checked
-        stats.nfe += 1
-        t = torch.tensor(direction * s, dtype=t_dtype, device=device)
-        dy = func(t, flat.unflatten(y))
-        if not checked:
-            _check_derivative(dy, flat, y)
-            checked = True
-        dy = flat.flatten(dy)
-        return dy if direction > 0 else -dy
-    return rhs
-
-
-def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
-    comps = dy if isinstance(dy, tuple) else (dy,)
-    shapes = tuple(getattr(c, "shape", None) for c in comps)
-    if isinstance(dy, tuple) != flat.is_tuple or shapes != flat.shapes:
-        raise SolverInputError(
-            f"func(t, y) must return the state's structure and shapes {list(flat.shapes)}, "
-            f"got {list(shapes)}")
-    bad = [c.dtype for c in comps if c.dtype != y.dtype]
-    if bad:
-        raise SolverInputError(
-            f"func(t, y) returned dtype {bad[0]} for a {y.dtype} state: cast inside func or "
-            "create the model in the state's dtype")
-
-
-def step_control(options: dict, rtol: float, atol: float,
-                 flat: FlatState) -> tuple[StepControl, Norm]:
-    """Adaptive options -> (StepControl, error norm). Tuple states use the max of RMS norms."""
-    kw = {k: v for k, v in options.items() if k != "norm"}
-    for key in ("max_step", "min_step", "first_step"):
-        if key in kw and kw[key] is not None:
-            kw[key] = abs(float(kw[key]))
-    norm = segment_norm(flat.bounds) if flat.is_tuple else rms_norm
-    user_norm = options.get("norm")
-    if user_norm is not None:
-        norm = _user_norm(user_norm, flat)
-    return StepControl(rtol=rtol, atol=atol, **kw), norm
-
-
-def _user_norm(user_norm: Callable, flat: FlatState) -> Norm:
-    if not callable(user_norm):
-        raise SolverInputError("options['norm'] must be a callable: norm(error_state) -> scalar")
-    return lambda v: float(user_norm(flat.unflatten(v)))
-
-
-def check_options(method: str, options: dict | None, rtol: float, atol: float) -> dict:
-    """Validate tolerances and option names for a method; returns a copy of the options."""
-    opts = dict(options or {})
-    tab = get_tableau(method)
-    valid = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
-    for key in opts:
-        if key in _TORCHDIFFEQ_ONLY:
-            raise SolverInputError(
-                f"option {key!r} is torchdiffeq-specific; pass backend='torchdiffeq' to use it")
-        if key not in valid:
-            raise SolverInputError(
-                f"unknown option {key!r} for method {method!r}; valid: {sorted(valid)}")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(tol, (int, float)) or not tol > 0:
-            raise SolverInputError(f"{name} must be a positive float, got {tol!r}")
-    return opts
-
-
-def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit, method: str,
-               options: dict, rtol: float, atol: float, flat: FlatState,
-               stats: SolverStats, norm: Norm | None = None) -> None:
-    """Run the engine on a flat state at increasing internal times s_out."""
-    tab = get_tableau(method)
-    if tab.adaptive:
-        ctl, default_norm = step_control(options, rtol, atol, flat)
-        integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats)
-    else:
-        integrate_fixed(rhs, y0, s_out, emit, tab, options.get("step_size"), stats)
 
 
 def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
@@ -211,7 +34,8 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
         rtol, atol: error tolerances of adaptive methods.
         method: one of ``solvers.METHODS`` (default 'dopri5').
         options: adaptive: first_step, min_step, max_step, max_num_steps, safety, ifactor,
-            dfactor, icoeff, pcoeff (PI control), norm; fixed: step_size.
+            dfactor, icoeff, pcoeff (PI control), norm; fixed: step_size (None: one step
+            per output interval, as torchdiffeq).
         event_fn: not supported by our engine (use backend='torchdiffeq').
         stats: a SolverStats to fill with NFE and accepted/rejected steps.
         backend: 'ocnode' (our engine) or 'torchdiffeq'.
@@ -227,8 +51,56 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
     if backend == "torchdiffeq" or event_fn is not None:
         return _torchdiffeq_odeint(func, y0, t, rtol, atol, method, options, event_fn,
                                    stats, backend)
-    _check_backend(backend)
-    opts = check_options(method, options, rtol, atol)
+    check_backend(backend)
+    spec = call_spec(method, rtol, atol, options, adjoint=False)
+    return solve_direct(func, y0, t, spec, stats)
+
+
+def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
+          adjoint_params: Sequence[torch.Tensor] | None = None, observer: Observer | None = None,
+          observer_dt: float | None = None, stats: SolverStats | None = None,
+          adjoint_stats: SolverStats | None = None) -> State:
+    """Solve dy/dt = func(t, y) with the settings of one :class:`SolverSpec`.
+
+    With ``spec.adjoint`` this is :func:`solvers.odeint_adjoint`, otherwise
+    :func:`solvers.odeint` (backpropagation through the solver); the spec was validated when
+    it was built, so nothing is checked again here but the call's own arguments.
+
+    Args:
+        func: f(t, y) -> dy/dt; an nn.Module for the adjoint unless ``adjoint_params`` is
+            given.
+        y0: initial state, a tensor of any shape (...) or a tuple of tensors.
+        t: output times, shape (T,), strictly monotone; t[0] is the time of y0.
+        spec: the solver settings.
+        adjoint_params: tensors the adjoint differentiates (default ``func.parameters()``).
+        observer, observer_dt: an :class:`Observer` of the adjoint's backward solve and its
+            grid spacing (None: 0.01 of the span), as :func:`solvers.odeint_adjoint`.
+        stats: filled by the forward solve; adjoint_stats: by the backward solve.
+
+    Returns:
+        y at each time, shape (T, ...) (a tuple of such tensors for a tuple state).
+
+    Raises:
+        SolverInputError: ``spec`` is not a SolverSpec, an observer without the adjoint, or
+            bad ``y0``/``t``; the solver errors of a failed solve.
+    """
+    if not isinstance(spec, SolverSpec):
+        raise SolverInputError(f"spec must be a solvers.SolverSpec, e.g. SolverSpec("
+                               f"method='rk4', options={{'step_size': 0.1}}), got {spec!r}")
+    stats = stats if stats is not None else SolverStats()
+    if not spec.adjoint:
+        if observer is not None:
+            raise SolverInputError("observers run in the adjoint's backward solve; use a spec "
+                                   "with adjoint=True")
+        return solve_direct(func, y0, t, spec, stats)
+    adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
+    return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
+                         adjoint_stats)
+
+
+def solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
+                 stats: SolverStats) -> State:
+    """The solve of :func:`odeint`, differentiable by backpropagation (``t`` included)."""
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
     times, direction = check_times(t, y0_flat)
@@ -239,7 +111,7 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
         y0_flat = y0_flat - (t[0] - t[0].detach()) * f0
     outs: list[torch.Tensor] = []
     solve_flat(rhs, y0_flat, [direction * v for v in times],
-               lambda j, s, y: outs.append(y), method, opts, rtol, atol, flat, stats)
+               lambda j, s, y: outs.append(y), spec, flat, stats)
     outs[0] = flat.flatten(y0)
     if time_grad:
         outs[1:] = [y + (t[j] - t[j].detach()) * direction * rhs(direction * times[j], y).detach()
@@ -247,29 +119,12 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
     return flat.unflatten(torch.stack(outs))
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise SolverInputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-
-
-class _CountingFunc(torch.nn.Module):
-    """Wraps a vector field to count its evaluations (for the torchdiffeq backend)."""
-
-    def __init__(self, func: Callable, stats: SolverStats) -> None:
-        super().__init__()
-        self.func, self.stats = func, stats
-
-    def forward(self, t: torch.Tensor, y: State) -> State:
-        self.stats.nfe += 1
-        return self.func(t, y)
-
-
 def _torchdiffeq_odeint(func, y0, t, rtol, atol, method, options, event_fn, stats, backend):
-    _check_backend(backend)
+    check_backend(backend)
     if backend != "torchdiffeq":
         raise NotImplementedError(
             "event_fn is not implemented by the ocnode engine; pass backend='torchdiffeq'")
     import torchdiffeq
 
-    return torchdiffeq.odeint(_CountingFunc(func, stats), y0, t, rtol=rtol, atol=atol,
+    return torchdiffeq.odeint(CountingFunc(func, stats), y0, t, rtol=rtol, atol=atol,
                               method=method, options=options, event_fn=event_fn)

@@ -105,17 +105,35 @@ def test_adjoint_stats_are_filled_by_forward_and_backward(problem):
     assert bwd.nfe > 0 and bwd.n_accepted > 0
 
 
+class Recorder:
+    """A solvers.Observer that keeps clones of its samples and counts its finish() calls."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple] = []
+        self.finished = 0
+
+    def __call__(self, t, x, a, weight):
+        self.samples.append((t, x.clone(), a.clone(), weight, self.finished))
+
+    def finish(self):
+        self.finished += 1
+
+    @property
+    def times(self):
+        return [s[0] for s in self.samples]
+
+
 def test_observer_samples_match_the_forward_trajectory_and_the_true_adjoint(problem):
     f, y0, w = problem
-    samples = []
+    obs = Recorder()
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    ys = odeint_adjoint(f, y0, t, observer=lambda tj, x, a: samples.append(
-        (tj, x.clone(), a.clone())), observer_dt=0.1, **TOL)
+    ys = odeint_adjoint(f, y0, t, observer=obs, observer_dt=0.1, **TOL)
     (ys[-1] * w[-1]).sum().backward()
-    times = [s[0] for s in samples]
-    assert times == pytest.approx([1.0 - 0.1 * k for k in range(10)])
-    assert torch.equal(samples[0][2], w[-1])  # a(t_N) = dL/dy(t_N)
-    for tj, x, a in samples[1:]:
+    assert obs.times == pytest.approx([1.0 - 0.1 * k for k in range(10)])
+    assert obs.finished == 1 and all(s[4] == 0 for s in obs.samples)  # finish() comes last
+    assert all(s[3] == 0.1 for s in obs.samples)  # rectangle rule: every weight is dt
+    assert torch.equal(obs.samples[0][2], w[-1])  # a(t_N) = dL/dy(t_N)
+    for tj, x, a, _, _ in obs.samples[1:]:
         xj = odeint(f, y0.detach(), torch.tensor([0.0, tj], dtype=torch.float64),
                     rtol=1e-12, atol=1e-12)[-1]
         assert torch.allclose(x, xj, atol=1e-7)
@@ -130,19 +148,45 @@ def test_observer_does_not_change_the_adaptive_steps(problem):
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)
     plain, observed = SolverStats(), SolverStats()
     odeint_adjoint(f, y0, t, adjoint_stats=plain)[-1].sum().backward()
-    odeint_adjoint(f, y0, t, adjoint_stats=observed, observer=lambda *s: None,
+    odeint_adjoint(f, y0, t, adjoint_stats=observed, observer=Recorder(),
                    observer_dt=0.01)[-1].sum().backward()
     assert (plain.nfe, plain.n_accepted) == (observed.nfe, observed.n_accepted)
 
 
 def test_observer_visits_each_grid_point_once_across_output_intervals(problem):
     f, y0, _ = problem
-    seen = []
+    obs = Recorder()
     t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
-    ys = odeint_adjoint(f, y0, t, observer=lambda tj, x, a: seen.append(tj),
-                        observer_dt=0.125)
+    ys = odeint_adjoint(f, y0, t, observer=obs, observer_dt=0.125)
     ys.sum().backward()
-    assert sorted(seen) == pytest.approx([0.125 * k for k in range(1, 9)])
+    assert sorted(obs.times) == pytest.approx([0.125 * k for k in range(1, 9)])
+    assert obs.finished == 1  # once per backward solve, not per output interval
+
+
+def test_observer_default_spacing_is_a_hundredth_of_the_span(problem):
+    f, y0, _ = problem
+    obs = Recorder()
+    odeint_adjoint(f, y0, torch.tensor([2.5, 0.5]), observer=obs)[-1].sum().backward()
+    assert len(obs.samples) == 100
+    assert len({s[3] for s in obs.samples}) == 1 and obs.samples[0][3] == pytest.approx(0.02)
+    assert obs.times[-1] == pytest.approx(2.48)
+
+
+@pytest.mark.parametrize("t, dt", [([0.0], 0.1), ([0.0, 1.0], 2.0)])
+def test_observer_finish_is_called_once_per_solve_even_without_samples(problem, t, dt):
+    f, y0, _ = problem
+    obs = Recorder()
+    for expected in (1, 2):
+        ys = odeint_adjoint(f, y0, torch.tensor(t, dtype=torch.float64), observer=obs,
+                            observer_dt=dt)
+        ys.sum().backward()
+        assert (len(obs.samples), obs.finished) == (0, expected)
+
+
+def test_an_observer_needs_a_finish_method(problem):
+    f, y0, _ = problem
+    with pytest.raises(SolverInputError, match=r"finish\(\)"):
+        odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), observer=lambda t, x, a, w: None)
 
 
 def test_adjoint_needs_a_module_or_explicit_params():
@@ -153,4 +197,5 @@ def test_adjoint_needs_a_module_or_explicit_params():
 def test_observer_needs_a_positive_spacing(problem):
     f, y0, _ = problem
     with pytest.raises(SolverInputError, match="observer_dt"):
-        odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), observer=print, observer_dt=0)
+        odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), observer=Recorder(),
+                       observer_dt=0)

@@ -24,7 +24,6 @@ per-row time vector; the Hutchinson noise, a per-row context, follows those layo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,7 @@ import solvers
 from ocnode.nn.fields import MLPODEFunc
 from ocnode.nn.layers import ConcatSquashLinear
 from ocnode.nn.ode import ODEBlock
+from solvers import SolverSpec
 
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -103,7 +103,7 @@ class CNFFunc(nn.Module):
     def noise_for(self, z: Tensor, t: float | Tensor) -> Tensor:
         """The noise rows for a call with state ``z`` ``(R, D)``, from the draw ``(B, D)``.
 
-        Row layouts (ALGORITHM.md 1.5, the curvature observer): ``R == B`` uses the draw;
+        Row layouts (those of the curvature observer): ``R == B`` uses the draw;
         a per-row ``t`` made of ``U`` equal-time blocks of ``g`` rows (g < R) gives each
         block the rows ``0..g-1``; otherwise the draw is tiled cyclically, which covers
         ``R < B`` (the first rows) and ``R = k*B`` (k stacked copies).
@@ -188,9 +188,13 @@ class CNF(nn.Module):
         trace: ``"exact"`` or ``"hutchinson"`` (one noise draw per solve).
         noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``.
         t1: integration end time (> 0; t0 = 0).
-        method, rtol, atol, options: solver settings of the ODE block.
-        adjoint: gradients by the adjoint solve (O(1) memory; SNOpt collects curvature
-            there) or by backpropagation through the solver (K-FAC and Newton-CG baselines).
+        solver: solver settings of the ODE block; its ``adjoint`` chooses gradients by the
+            adjoint solve (O(1) memory; SNOpt collects curvature there) or by
+            backpropagation through the solver (K-FAC and Newton-CG baselines). None:
+            ``SolverSpec()`` (dopri5, rtol = atol = 1e-3, adjoint). For reported
+            log-likelihoods, evaluate with a tighter spec, e.g. ``model.block.solver =
+            model.block.solver.replace(rtol=1e-5, atol=1e-5)`` (FFJORD's tolerances,
+            Grathwohl et al. 2019).
         activation: ``"tanh"`` or ``"softplus"``.
 
     Attributes:
@@ -198,17 +202,15 @@ class CNF(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int = 64, n_layers: int = 3, trace: str = "exact",
-                 noise: str = "rademacher", t1: float = 1.0, method: str = "dopri5",
-                 rtol: float = 1e-5, atol: float = 1e-5, adjoint: bool = True,
-                 options: dict[str, Any] | None = None, activation: str = "tanh") -> None:
+                 noise: str = "rademacher", t1: float = 1.0, solver: SolverSpec | None = None,
+                 activation: str = "tanh") -> None:
         super().__init__()
         _check_positive_int(dim=dim)
         if not t1 > 0:
             raise ValueError(f"t1 must be > 0 (the flow runs from t0 = 0), got {t1}")
         self.dim = dim
         func = CNFFunc(CNFDrift(dim, hidden, n_layers, activation), trace, noise)
-        self.block = ODEBlock(func, t0=0.0, t1=t1, method=method, rtol=rtol, atol=atol,
-                              adjoint=adjoint, options=options, name="cnf")
+        self.block = ODEBlock(func, t0=0.0, t1=t1, solver=solver, name="cnf")
 
     @property
     def func(self) -> CNFFunc:
@@ -240,12 +242,14 @@ class CNF(nn.Module):
         return -self.log_prob(x).mean()
 
     def inverse(self, z: Tensor) -> Tensor:
-        """Integrate base points back to data space: ``z(t1) (B, D) -> x (B, D)`` (no trace)."""
+        """Integrate base points back to data space: ``z(t1) (B, D) -> x (B, D)`` (no trace).
+
+        Uses the block's solver settings, differentiated by backpropagation.
+        """
         self._check_data(z)
         times = torch.stack([self.block.t1_tensor, self.block.t0_tensor])
-        out = solvers.odeint(self.func.net, z, times, method=self.block.method,
-                             rtol=self.block.rtol, atol=self.block.atol,
-                             options=self.block.options)
+        out = solvers.solve(self.func.net, z, times, self.block.solver.replace(adjoint=False))
+        assert isinstance(out, Tensor)  # a tensor state gives a tensor trajectory
         return out[-1]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -1,25 +1,18 @@
 """The ODE block: ``x(t0) -> x(t1)`` by integrating ``dx/dt = F(t, x)`` with :mod:`solvers`.
 
-An :class:`ODEBlock` (Chen et al. 2018, "Neural Ordinary Differential Equations") with
-``adjoint=True`` gets its gradients from the adjoint backward solve, in O(1) memory
-(see docs/algorithms.md, "The adjoint").
+An :class:`ODEBlock` (Chen et al. 2018, "Neural Ordinary Differential Equations") solves
+with the settings of one :class:`solvers.SolverSpec`; with ``adjoint=True`` there (the
+default) its gradients come from the adjoint backward solve, in O(1) memory.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import solvers
-
-#: Called as ``observer(t, x, a, dt)``: a python float time, the state and the adjoint there,
-#: and the grid spacing of the solve the sample belongs to.
-Observer = Callable[..., None]
-#: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
-State = Tensor | tuple[Tensor, ...]
+from solvers import Observer, SolverSpec, State
+from solvers.spec import check_observer
 
 
 class ODEBlock(nn.Module):
@@ -29,21 +22,25 @@ class ODEBlock(nn.Module):
         func: the vector field, an ``nn.Module`` called as ``func(t, x)``.
         t0: start time.
         t1: end time (the horizon T); must be greater than ``t0``.
-        method: solver method name (see :mod:`solvers`), e.g. ``"dopri5"`` or ``"rk4"``.
-        rtol: relative tolerance (> 0), used by the forward and the adjoint solve.
-        atol: absolute tolerance (> 0), used by the forward and the adjoint solve.
-        adjoint: differentiate with the adjoint method (O(1) memory) instead of
-            backpropagating through the solver's operations.
-        options: solver options, e.g. ``{"step_size": 0.1}`` for fixed-step methods.
-        adjoint_options: options of the adjoint solve; None leaves them to the solver.
+        solver: every solver setting (method, tolerances, options, adjoint or backprop, the
+            adjoint solve's settings); None: ``SolverSpec()``, dopri5 at rtol = atol = 1e-3
+            with the adjoint.
         trainable_t1: store ``t1`` as an ``nn.Parameter`` so that it receives dL/dt1.
         name: the block's name, put in front of every solver error it raises.
 
     Attributes:
+        solver: the :class:`solvers.SolverSpec` (assign a new one to change the settings,
+            e.g. ``block.solver = block.solver.replace(rtol=1e-5)``).
+        adjoint: ``solver.adjoint`` (read-only).
         stats: :class:`solvers.SolverStats` of the last forward solve.
         adjoint_stats: stats of the adjoint solve of the last call (filled by backward).
-        observer, observer_dt: the adjoint solve's observer and its grid spacing (None:
-            0.01 * (t1 - t0)); set them with :meth:`register_observer`.
+        observer, observer_dt: the adjoint solve's :class:`solvers.Observer` and its grid
+            spacing (None: the solvers' default, 0.01 of each solve's span); set them with
+            :meth:`register_observer`.
+
+    Raises:
+        TypeError: ``func`` is not an ``nn.Module`` or ``solver`` not a ``SolverSpec``.
+        ValueError: ``t1 <= t0``.
     """
 
     t0_tensor: Tensor
@@ -54,12 +51,7 @@ class ODEBlock(nn.Module):
         func: nn.Module,
         t0: float = 0.0,
         t1: float = 1.0,
-        method: str = "dopri5",
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = True,
-        options: dict[str, Any] | None = None,
-        adjoint_options: dict[str, Any] | None = None,
+        solver: SolverSpec | None = None,
         trainable_t1: bool = False,
         name: str = "ode",
     ) -> None:
@@ -68,21 +60,38 @@ class ODEBlock(nn.Module):
             raise TypeError("func must be an nn.Module called as func(t, x), "
                              f"got {type(func).__name__}; wrap plain functions in a Module")
         _check_horizon(t0, t1)
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
-        self.func = func
-        self.method, self.rtol, self.atol, self.adjoint = method, rtol, atol, adjoint
-        self.options, self.adjoint_options, self.name = options, adjoint_options, name
+        self.func, self.name = func, name
+        self.observer: Observer | None = None
+        self.observer_dt: float | None = None
+        self.solver = SolverSpec() if solver is None else solver
         self.register_buffer("t0_tensor", torch.tensor(float(t0)))
         t1_tensor = torch.tensor(float(t1))
         if trainable_t1:
             self.t1_tensor = nn.Parameter(t1_tensor)
         else:
             self.register_buffer("t1_tensor", t1_tensor)
-        self.observer: Observer | None = None
-        self.observer_dt: float | None = None
         self.stats = solvers.SolverStats()
         self.adjoint_stats = solvers.SolverStats()
+
+    @property
+    def solver(self) -> SolverSpec:
+        """The solver settings."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, spec: SolverSpec) -> None:
+        if not isinstance(spec, SolverSpec):
+            raise TypeError(f"solver must be a solvers.SolverSpec, e.g. SolverSpec(method='rk4'"
+                            f", options={{'step_size': 0.1}}), got {type(spec).__name__}")
+        if self.observer is not None and not spec.adjoint:
+            raise ValueError(f"ODE block {self.name!r} has an observer, which needs the "
+                             "adjoint: remove() its handle first, or keep adjoint=True")
+        self._solver = spec
+
+    @property
+    def adjoint(self) -> bool:
+        """Whether gradients come from the adjoint backward solve (``solver.adjoint``)."""
+        return self._solver.adjoint
 
     @property
     def t0(self) -> float:
@@ -116,31 +125,33 @@ class ODEBlock(nn.Module):
 
     def register_observer(self, observer: Observer,
                           dt: float | None = None) -> ObserverHandle:
-        """Stream ``observer(t_j, x(t_j), a(t_j), dt)`` from every following adjoint backward.
+        """Stream every following adjoint backward solve to ``observer``.
 
-        The samples lie on the grid ``t_j = t0 + j * dt`` (ALGORITHM.md §1.5); the solver's
+        The observer is called as ``observer(t_j, x(t_j), a(t_j), weight)`` on the grid
+        ``t_j = t0 + j * dt`` with the quadrature weight ``dt``, then ``observer.finish()``
+        at the end of each backward solve (see :class:`solvers.Observer`); the solver's
         adaptive steps do not change.
 
         Args:
-            observer: called as ``observer(t, x, a, dt)`` with the time (a float), the state,
-                the adjoint at each grid point.
-            dt: grid spacing; None uses ``0.01 * (t1 - t0)`` at each solve.
+            observer: a :class:`solvers.Observer` (``__call__`` and ``finish``).
+            dt: grid spacing; None: the solvers' default, 0.01 of each solve's span.
 
         Returns:
             A handle whose ``remove()`` detaches the observer.
 
         Raises:
-            ValueError: if the block has ``adjoint=False``, already has an observer, or
-                ``dt <= 0``.
+            ValueError: if the block has ``adjoint=False``, already has an observer, the
+                observer has no ``finish()``, or ``dt <= 0``.
         """
         if not self.adjoint:
             raise ValueError(f"ODE block {self.name!r}: observers run in the adjoint backward "
-                             "solve; build the block with adjoint=True")
+                             "solve; build the block with SolverSpec(adjoint=True)")
         if self.observer is not None:
             raise ValueError(f"ODE block {self.name!r} already has an observer; remove() its "
                              "handle first (another SNOpt on this model? call its close())")
         if dt is not None and not dt > 0:
             raise ValueError(f"observer dt must be > 0 or None, got {dt}")
+        check_observer(observer)
         self.observer, self.observer_dt = observer, dt
         return ObserverHandle(self, observer)
 
@@ -182,28 +193,13 @@ class ODEBlock(nn.Module):
             raise
 
     def _call_solver(self, x: State, t: Tensor) -> State:
-        if not self.adjoint:
-            return solvers.odeint(self.func, x, t, rtol=self.rtol, atol=self.atol,
-                                  method=self.method, options=self.options, stats=self.stats)
-        return solvers.odeint_adjoint(
-            self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method,
-            options=self.options, adjoint_rtol=self.rtol, adjoint_atol=self.atol,
-            adjoint_method=self.method, adjoint_options=self.adjoint_options,
-            adjoint_params=tuple(self.func.parameters()), stats=self.stats,
-            adjoint_stats=self.adjoint_stats, **self._observer_args(t),
-        )
-
-    def _observer_args(self, t: Tensor) -> dict[str, Any]:
-        """Bind this solve's grid spacing (default 0.01 of its span) to the observer."""
-        if self.observer is None:
-            return {}
-        obs = self.observer
-        dt = self.observer_dt or 0.01 * abs(float(t[-1].detach()) - float(t[0].detach()))
-        return {"observer": lambda tj, x, a: obs(tj, x, a, dt), "observer_dt": dt}
+        return solvers.solve(
+            self.func, x, t, self._solver, adjoint_params=tuple(self.func.parameters()),
+            observer=self.observer, observer_dt=self.observer_dt, stats=self.stats,
+            adjoint_stats=self.adjoint_stats)
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, t0={self.t0:g}, t1={self.t1:g}, method={self.method!r}, "
-                f"rtol={self.rtol:g}, atol={self.atol:g}, adjoint={self.adjoint}")
+        return f"name={self.name!r}, t0={self.t0:g}, t1={self.t1:g}, solver={self._solver!r}"
 
 
 class ObserverHandle:

@@ -14,7 +14,7 @@ each row's own gap ``dt`` (time rescaling; one solve per gap for the whole batch
 the per-row gaps). The gap travels *in the state*, not in an attribute of the field, so it
 stays attached to its row wherever the field is re-evaluated: in the adjoint's backward solve
 (long after the forward set any attribute) and in SNOpt's curvature observer, which evaluates
-clones of a subset of rows stacked for many grid times (ALGORITHM.md §1.5).
+clones of a subset of rows stacked for many grid times.
 
 All learnable maps are ``nn.Linear`` (the GRU too, rather than ``nn.GRUCell``), so SNOpt
 collects Kronecker factors for the field along the adjoint (accumulated over every gap of an
@@ -24,15 +24,13 @@ iteration) and, with ``full=True``, ordinary K-FAC factors for the GRU and the h
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-import solvers
 from ocnode.nn.ode import ODEBlock
-
-State = tuple[Tensor, Tensor]
+from solvers import SolverSpec
 
 
 class GRUUpdate(nn.Module):
@@ -95,7 +93,8 @@ class ODERNNFunc(nn.Module):
             h = layer(torch.tanh(h) if i > 0 else h)
         return h
 
-    def forward(self, t: float | Tensor, state: State) -> State:
+    def forward(self, t: float | Tensor,
+                state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """``(h (rows, hidden), dt (rows, 1)) -> (dt * f(h), zeros (rows, 1))``.
 
         The gap is data: the field does not differentiate through it (times take no
@@ -128,42 +127,38 @@ class ODERNNClassifier(nn.Module):
         n_classes: number of classes (logits returned).
         hidden: size of the hidden state h.
         ode_hidden: width of the ODE field's hidden layers.
-        method: solver method, e.g. ``"dopri5"`` (adaptive) or ``"rk4"``/``"euler"`` (fixed).
-        rtol, atol: solver tolerances (adaptive methods).
-        adjoint: gradients by the adjoint method (O(1) memory; what SNOpt's curvature
-            observer needs) instead of backpropagating through the solver.
-        options: solver options, in the rescaled time s where every gap spans [0, 1], e.g.
-            ``{"step_size": 0.5}`` for fixed-step methods. None: for adaptive methods
-            ``{"first_step": 1.0}`` (try the whole gap in one step; error control shrinks it
-            when needed), which halves the cost against the initial-step heuristic.
-        adjoint_options: options of the adjoint solve. None: the forward options, plus
-            seminorm error control for adaptive methods (Kidger et al. 2021), as
-            ALGORITHM.md §1.6 prescribes for time series.
+        solver: the ODE block's solver settings, in the rescaled time s where every gap spans
+            [0, 1] (so a fixed ``step_size`` is a fraction of each gap, e.g.
+            ``SolverSpec(method="rk4", options={"step_size": 0.5})``); the adjoint is what
+            SNOpt's curvature observer needs. None: :attr:`default_solver`, which differs
+            from ``SolverSpec()`` in two settings: ``first_step=1.0`` (try each whole gap in
+            one step; error control shrinks it when needed), which halves the cost against
+            the initial-step heuristic, and the seminorm in the adjoint solve (Kidger, Chen,
+            Lyons 2021), the time-series setting of SNOpt (Liu, Chen, Theodorou 2021). A
+            spec of your own is used as given: start from ``default_solver.replace(...)`` to
+            keep these two.
         time_scale: gaps are divided by it (> 0); choose about the typical gap.
         n_layers: Linear layers of the ODE field.
+
+    Attributes:
+        default_solver: ``SolverSpec(options={"first_step": 1.0}, seminorm=True)``.
     """
 
+    default_solver: ClassVar[SolverSpec] = SolverSpec(options={"first_step": 1.0},
+                                                      seminorm=True)
+
     def __init__(self, n_channels: int, n_classes: int, hidden: int = 32, ode_hidden: int = 64,
-                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-3,
-                 adjoint: bool = True, options: dict[str, Any] | None = None,
-                 adjoint_options: dict[str, Any] | None = None, time_scale: float = 1.0,
+                 solver: SolverSpec | None = None, time_scale: float = 1.0,
                  n_layers: int = 2) -> None:
         super().__init__()
         _check_positive(n_channels=n_channels, n_classes=n_classes, hidden=hidden)
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
-        if method not in solvers.METHODS:
-            raise ValueError(f"unknown solver method {method!r}; choose one of "
-                             f"{sorted(solvers.METHODS)}")
-        if solvers.get_tableau(method).adaptive:
-            options = {"first_step": 1.0} if options is None else options
-            if adjoint_options is None:
-                adjoint_options = {**options, "norm": "seminorm"}
         self.n_channels, self.hidden, self.time_scale = n_channels, hidden, float(time_scale)
         self.gru = GRUUpdate(n_channels, hidden)
         self.ode = ODEBlock(ODERNNFunc(hidden, ode_hidden, n_layers), t0=0.0, t1=1.0,
-                            method=method, rtol=rtol, atol=atol, adjoint=adjoint,
-                            options=options, adjoint_options=adjoint_options, name="ode_rnn")
+                            solver=self.default_solver if solver is None else solver,
+                            name="ode_rnn")
         self.head = nn.Linear(hidden, n_classes)
 
     def forward(self, values: Tensor, times: Tensor, mask: Tensor) -> Tensor:

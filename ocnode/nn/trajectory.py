@@ -11,7 +11,7 @@ and Rubanova et al. 2019, "Latent ODEs for Irregularly-Sampled Time Series").
 :class:`TrajectoryODE` integrates ``dz/dt = F(z)`` on the observed state, optionally augmented
 with zero-initialised extra dimensions (Dupont, Doucet, Teh 2019, "Augmented Neural ODEs").
 Its vector field keeps its learnable maps in ``nn.Linear`` layers (``ConcatLinear`` when it
-is time dependent), so SNOpt's curvature observer sees them (ALGORITHM.md section 1.5).
+is time dependent), so SNOpt's curvature observer sees them.
 
 Typical use::
 
@@ -24,7 +24,7 @@ Typical use::
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ocnode.nn.fields import ACTIVATIONS
 from ocnode.nn.layers import ConcatLinear
 from ocnode.nn.ode import ODEBlock
+from solvers import SolverSpec
 
 
 def _check_series(times: Tensor, mask: Tensor) -> None:
@@ -182,31 +183,34 @@ class TrajectoryODE(nn.Module):
         hidden: width of the vector field's hidden layers.
         n_layers: linear layers in the vector field.
         augment: extra zero-initialised state dimensions (Dupont et al. 2019); 0 for none.
-        method, rtol, atol, adjoint, options: the :class:`ODEBlock`'s solver settings.
+        solver: the :class:`ODEBlock`'s solver settings. None: :attr:`default_solver`,
+            ``SolverSpec()`` with the seminorm in the adjoint solve (Kidger, Chen, Lyons
+            2021, "'Hey, that's not an ODE'"; the time-series setting of SNOpt, Liu, Chen,
+            Theodorou 2021): leaving the parameter adjoint out of the backward error control
+            can save backward steps of adaptive methods, and the gradients stay within the
+            tolerance. A spec of your own is used as given.
         activation: activation of the vector field.
         time_dependent: whether the field sees ``t`` (default autonomous).
-        seminorm: leave the parameter adjoint out of the adjoint solve's error control
-            (Kidger, Chen, Lyons 2021, "Hey, that's not an ODE"; the SNOpt time-series
-            setting; adaptive methods only): it can save backward steps, and the gradients
-            stay within the tolerance.
+
+    Attributes:
+        default_solver: ``SolverSpec(seminorm=True)``.
 
     Raises:
-        ValueError: bad sizes or solver settings.
+        ValueError: bad sizes.
     """
 
+    default_solver: ClassVar[SolverSpec] = SolverSpec(seminorm=True)
+
     def __init__(self, dim: int, hidden: int = 64, n_layers: int = 2, augment: int = 0,
-                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-3,
-                 adjoint: bool = True, options: dict[str, Any] | None = None,
-                 activation: str = "tanh", time_dependent: bool = False,
-                 seminorm: bool = True) -> None:
+                 solver: SolverSpec | None = None, activation: str = "tanh",
+                 time_dependent: bool = False) -> None:
         super().__init__()
         if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
             raise ValueError(f"augment must be an int >= 0, got {augment!r}")
         self.dim, self.augment = dim, augment
         field = TrajectoryField(dim + augment, hidden, n_layers, activation, time_dependent)
-        adjoint_options = {**(options or {}), "norm": "seminorm"} if seminorm else None
-        self.ode = ODEBlock(field, method=method, rtol=rtol, atol=atol, adjoint=adjoint,
-                            options=options, adjoint_options=adjoint_options, name="trajectory")
+        self.ode = ODEBlock(field, solver=self.default_solver if solver is None else solver,
+                            name="trajectory")
 
     def forward(self, x0: Tensor, t: Tensor) -> Tensor:
         """Integrate every series from its initial state and return the states at ``t``.

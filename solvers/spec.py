@@ -1,0 +1,301 @@
+"""Solver settings as one validated value, and the observer protocol of the adjoint solve.
+
+A :class:`SolverSpec` holds every setting of a solve: the method, tolerances and options of
+the forward solve, whether gradients come from the adjoint (Chen et al. 2018, "Neural
+Ordinary Differential Equations"), and the settings of the adjoint's backward solve. It is
+validated once, when it is built, and is immutable and hashable, so that a model can keep
+one and hand it to :func:`solvers.solve` at every call::
+
+    spec = SolverSpec(method="rk4", options={"step_size": 0.1})
+    tight = spec.replace(method="dopri5", options=None, rtol=1e-6, atol=1e-6)
+
+An :class:`Observer` receives samples of the adjoint's backward solve on a time grid, with
+their quadrature weights, then ``finish()`` once the solve is over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from solvers.errors import SolverInputError
+from solvers.tableau import get_tableau
+
+#: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
+                              "min_step", "max_step", "max_num_steps", "norm"})
+FIXED_OPTIONS = frozenset({"step_size"})
+TORCHDIFFEQ_ONLY = frozenset({"step_t", "jump_t", "interp", "perturb", "grid_constructor",
+                              "dtype"})
+
+
+class Observer(Protocol):
+    """Receives the adjoint's backward solve as a quadrature over its time span.
+
+    ``odeint_adjoint(..., observer=obs, observer_dt=dt)`` calls ``obs(t_j, x_j, a_j, w_j)`` for
+    every grid sample ``t_j`` of each backward solve, with ``w_j`` its quadrature weight, so
+    that ``sum_j w_j g(t_j, x_j, a_j)`` approximates ``int g(t, x(t), a(t)) dt`` over the
+    solve's span; then ``obs.finish()`` once, after the last sample (also when the solve had
+    no sample). The grid is ``t_j = t_0 + j * dt``, ``j = 1..N`` (a rectangle rule: every
+    weight is ``dt``). ``finish()`` is not called when the backward solve raises.
+    """
+
+    def __call__(self, t: float, x: State, a: State, weight: float) -> None:
+        """One sample: the time ``t``, the state ``x(t)`` and the adjoint ``a(t)``, both
+        shaped like the state (valid during the call only: clone them to keep them), and the
+        sample's quadrature weight (> 0)."""
+
+    def finish(self) -> None:
+        """The backward solve is over: no more samples until the next one."""
+
+
+def check_observer(observer: object) -> None:
+    """Raise a :class:`SolverInputError` unless ``observer`` follows :class:`Observer`."""
+    if not (callable(observer) and callable(getattr(observer, "finish", None))):
+        raise SolverInputError(
+            f"an observer must be called as observer(t, x, a, weight) and have a finish() "
+            f"method (see solvers.Observer); got {type(observer).__name__}: wrap a function in "
+            "a class with __call__ and finish")
+
+
+class _FrozenOptions(Mapping[str, Any]):
+    """A read-only, hashable copy of a dict of solver options (and picklable, unlike
+    ``types.MappingProxyType``)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._items = tuple(sorted(options.items()))
+
+    def __getitem__(self, key: str) -> Any:
+        for name, value in self._items:
+            if name == key:
+                return value
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return repr(dict(self._items))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SolverSpec:
+    """Every setting of a solve, validated once when built; immutable and hashable.
+
+    Args:
+        method: one of ``solvers.METHODS``: adaptive (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
+            ``"adaptive_heun"``) or fixed-step (``"euler"``, ``"midpoint"``, ``"rk4"``,
+            ``"rk38"``).
+        rtol, atol: error tolerances of adaptive methods (positive floats).
+        options: solver options. Adaptive methods: ``first_step``, ``min_step``,
+            ``max_step``, ``max_num_steps`` (a positive int), ``safety``, ``ifactor``,
+            ``dfactor``, ``icoeff``, ``pcoeff`` (PI control), ``norm`` (a callable).
+            Fixed-step methods need ``step_size``.
+        adjoint: gradients by the adjoint backward solve (O(1) memory) instead of
+            backpropagation through the solver's operations.
+        adjoint_method, adjoint_rtol, adjoint_atol: the backward solve's method and
+            tolerances; None: the forward ones.
+        adjoint_options: options of the backward solve; None: the forward ``options``
+            (without ``norm``).
+        seminorm: leave the parameter adjoint out of the backward solve's error control
+            (Kidger, Chen, Lyons 2021, "'Hey, that's not an ODE': Faster ODE Adjoints via
+            Seminorms"; adaptive backward methods only). It can save backward steps, and
+            the gradients stay within the tolerance.
+
+    The ``adjoint_*`` settings and ``seminorm`` only matter when ``adjoint`` is True.
+
+    Raises:
+        SolverInputError: an unknown method or option, a non-positive tolerance, a bad
+            option value, or a fixed-step method without ``options={'step_size': ...}``.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    options: Mapping[str, Any] | None = None
+    adjoint: bool = True
+    adjoint_method: str | None = None
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+    adjoint_options: Mapping[str, Any] | None = None
+    seminorm: bool = False
+
+    def __post_init__(self) -> None:
+        _check_method(self.method, "method")
+        for name in ("rtol", "atol"):
+            self._set(name, _tolerance(name, getattr(self, name)))
+        self._set("options", _FrozenOptions(_check_options(self.method, self.options)))
+        _check_flags(adjoint=self.adjoint, seminorm=self.seminorm)
+        self._check_adjoint_settings()
+        self._check_step_size()
+        self._set("_backward", self._make_backward())
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _check_adjoint_settings(self) -> None:
+        if self.adjoint_method is not None:
+            _check_method(self.adjoint_method, "adjoint_method")
+        for name in ("adjoint_rtol", "adjoint_atol"):
+            value = getattr(self, name)
+            if value is not None:
+                self._set(name, _tolerance(name, value))
+        if self.adjoint_options is not None:
+            if not isinstance(self.adjoint_options, Mapping):
+                raise SolverInputError(_not_a_dict("adjoint_options", self.adjoint_options))
+            if "norm" in self.adjoint_options:
+                raise SolverInputError(
+                    "adjoint_options['norm'] is not supported: the adjoint solve has its own "
+                    "error norm; pass seminorm=True for the seminorm")
+            self._set("adjoint_options", _FrozenOptions(self.adjoint_options))
+
+    def _check_step_size(self) -> None:
+        """Models step with ``step_size``: stepping on the output times only (what plain
+        :func:`solvers.odeint` does without it) would be one step over the whole horizon."""
+        if not self.adaptive and self.solve_options().get("step_size") is None:
+            raise SolverInputError(
+                f"{self.method} needs options={{'step_size': ...}} (a fixed-step method), or "
+                "choose an adaptive method such as 'dopri5'")
+
+    def _make_backward(self) -> SolverSpec:
+        """The settings of the adjoint's backward solve, as one spec (validated here)."""
+        options = dict(self.adjoint_options if self.adjoint_options is not None
+                       else self.solve_options())
+        options.pop("norm", None)
+        changes: dict[str, Any] = {"method": self.adjoint_method or self.method,
+                   "rtol": self.rtol if self.adjoint_rtol is None else self.adjoint_rtol,
+                   "atol": self.atol if self.adjoint_atol is None else self.adjoint_atol,
+                   "options": options}
+        if all(getattr(self, k) == v for k, v in changes.items()) and not self._has_adjoint():
+            return self
+        try:
+            return dataclasses.replace(
+                self, **changes, adjoint_method=None, adjoint_rtol=None, adjoint_atol=None,
+                adjoint_options=None, seminorm=False)
+        except SolverInputError as err:
+            raise SolverInputError(
+                f"the adjoint solve's settings (adjoint_method, adjoint_options): {err}"
+            ) from None
+
+    def _has_adjoint(self) -> bool:
+        names = ("adjoint_method", "adjoint_rtol", "adjoint_atol", "adjoint_options")
+        return self.seminorm or any(getattr(self, name) is not None for name in names)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the forward method has step-size control."""
+        return get_tableau(self.method).adaptive
+
+    def solve_options(self) -> dict[str, Any]:
+        """The forward solve's options, as a new dict."""
+        return dict(self.options or {})
+
+    def backward(self) -> SolverSpec:
+        """The settings of the adjoint's backward solve: ``adjoint_method``/``rtol``/``atol``/
+        ``options`` resolved against the forward ones (``seminorm`` stays on this spec)."""
+        backward: SolverSpec = self.__dict__["_backward"]
+        return backward
+
+    def replace(self, **changes: Any) -> SolverSpec:
+        """A copy with some settings changed (validated again), as ``dataclasses.replace``."""
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        """Only the settings that differ from the defaults, e.g. ``SolverSpec(method='rk4',
+        options={'step_size': 0.1})``."""
+        shown = []
+        for f in dataclasses.fields(SolverSpec):
+            value = getattr(self, f.name)
+            if value != f.default and not (f.name == "options" and not value):
+                shown.append(f"{f.name}={_show(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class _CallSpec(SolverSpec):
+    """The settings of a plain :func:`solvers.odeint` call: a fixed-step method without
+    ``step_size`` steps on the output times, as in torchdiffeq."""
+
+    def _check_step_size(self) -> None:
+        return None
+
+
+def call_spec(method: str, rtol: float, atol: float, options: Mapping[str, Any] | None,
+              **adjoint: Any) -> SolverSpec:
+    """The spec of an ``odeint``/``odeint_adjoint`` call (torchdiffeq's semantics)."""
+    return _CallSpec(method=method, rtol=rtol, atol=atol, options=options, **adjoint)
+
+
+def _show(value: Any) -> str:
+    return repr(dict(value)) if isinstance(value, Mapping) else repr(value)
+
+
+def _check_method(method: object, name: str) -> None:
+    if not isinstance(method, str):
+        raise SolverInputError(f"{name} must be a method name such as 'dopri5', got {method!r}")
+    get_tableau(method)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _tolerance(name: str, value: object) -> float:
+    if not (_is_real(value) and 0 < value < math.inf):  # type: ignore[operator]
+        raise SolverInputError(f"{name} must be a positive float, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise SolverInputError(f"{name} must be True or False, got {value!r}")
+
+
+def _not_a_dict(name: str, value: object) -> str:
+    return (f"{name} must be a dict of solver options such as {{'step_size': 0.1}}, got "
+            f"{type(value).__name__}")
+
+
+def _check_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate option names for a method and the values of step_size, max_num_steps, norm."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise SolverInputError(_not_a_dict("options", options))
+    valid = ADAPTIVE_OPTIONS if get_tableau(method).adaptive else FIXED_OPTIONS
+    for key in options:
+        if key in TORCHDIFFEQ_ONLY:
+            raise SolverInputError(
+                f"option {key!r} is torchdiffeq-specific; pass backend='torchdiffeq' to use it")
+        if key not in valid:
+            raise SolverInputError(
+                f"unknown option {key!r} for method {method!r}; valid: {sorted(valid)}")
+    _check_option_values(options)
+    return dict(options)
+
+
+def _check_option_values(options: Mapping[str, Any]) -> None:
+    steps = options.get("max_num_steps")
+    if "max_num_steps" in options and not (
+            isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+            and int(steps) >= 1):
+        raise SolverInputError(f"options['max_num_steps'] must be a positive int, got {steps!r}")
+    size = options.get("step_size")
+    if size is not None and not (_is_real(size) and 0 < size < math.inf):
+        raise SolverInputError(f"options['step_size'] must be a positive float, got {size!r}")
+    norm = options.get("norm")
+    if norm is not None and not callable(norm):
+        raise SolverInputError("options['norm'] must be a callable: norm(error_state) -> scalar")
