@@ -7,9 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocnode.curvature import FactorCollector, ODECurvatureObserver, check_layer, hook_layers
+from ocnode.curvature import (
+    LAYER_HELPERS,
+    CurvatureCollector,
+    FactorAccumulator,
+    KFACHooks,
+    ODEObserver,
+    check_layer,
+    helper_for,
+    input_rows,
+    output_rows,
+    register_layer,
+)
+from ocnode.nn import MLPODEFunc, ODEBlock
 from ocnode.nn.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
-from solvers import odeint_adjoint
+from solvers import SolverSpec, odeint_adjoint
 
 DT = 0.1
 
@@ -68,7 +80,7 @@ def _manual_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _brute_force(func, modules, samples, batch, loss_batch=None):
-    """Per-sample, per-time sums of outer products (ALGORITHM.md 1.5), one sample at a time.
+    """Per-sample, per-time sums of outer products, one sample at a time.
 
     Averages over the first `batch` samples; the per-sample scale is loss_batch * dt.
     """
@@ -108,25 +120,32 @@ def _brute_force(func, modules, samples, batch, loss_batch=None):
     return a_sum, b_sum
 
 
+class _Recorder:
+    """An observer that keeps a copy of every sample and forwards it to the real one."""
+
+    def __init__(self, obs: ODEObserver) -> None:
+        self.obs, self.samples = obs, []
+
+    def __call__(self, t, x, a, weight):
+        self.samples.append((t, x.clone(), a.clone()))
+        self.obs(t, x, a, weight)
+
+    def finish(self):
+        self.obs.finish()
+
+
 def _collect(func, x0, batched: bool, stats_batch=None):
     """Run an Euler adjoint whose steps coincide with the grid; return stats and samples."""
     modules = [m for m in func.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    collector = FactorCollector()
-    obs = ODECurvatureObserver(func, modules, collector, batched_time=batched,
-                               memory_budget=3 * x0.numel() * x0.element_size(),
-                               stats_batch=stats_batch)
-    samples = []
-
-    def observer(t, x, a):
-        samples.append((t, x.clone(), a.clone()))
-        obs(t, x, a, DT)
-
+    sums = FactorAccumulator()
+    obs = _Recorder(ODEObserver(func, modules, sums, batched_time=batched,
+                                memory_budget=3 * x0.numel() * x0.element_size(),
+                                stats_batch=stats_batch))
     w = torch.randn_like(x0)
     ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=x0.dtype), method="euler",
-                        options={"step_size": DT}, observer=observer, observer_dt=DT)
-    ((ys[-1] * w).sum() / x0.shape[0]).backward()
-    obs.flush()
-    return collector.pop(), samples, modules
+                        options={"step_size": DT}, observer=obs, observer_dt=DT)
+    ((ys[-1] * w).sum() / x0.shape[0]).backward()  # the solve's finish() evaluates the rest
+    return sums.pop(), obs.samples, modules
 
 
 @pytest.mark.parametrize("field,shape", [(LinearField, (4, 3)), (SquashField, (4, 3)),
@@ -185,29 +204,27 @@ def test_statistics_accumulate_over_every_ode_call_of_an_iteration():
     torch.manual_seed(0)
     func = LinearField().double()
     modules = [func.l1._layer, func.l2]
-    collector = FactorCollector()
-    obs = ODECurvatureObserver(func, modules, collector, batched_time=True)
+    sums = FactorAccumulator()
+    obs = ODEObserver(func, modules, sums, batched_time=True)
     x = torch.randn(4, 3, dtype=torch.float64)
     for t0 in (0.0, 1.0, 2.0):  # an ODE-RNN calls the block once per interval
         t = torch.tensor([t0, t0 + 1.0], dtype=torch.float64)
         x = odeint_adjoint(func, x, t, method="euler", options={"step_size": DT},
-                           observer=lambda t, x, a: obs(t, x, a, DT), observer_dt=DT)[-1]
+                           observer=obs, observer_dt=DT)[-1]
     x.sum().backward()
-    obs.flush()
-    assert collector.pop()[func.l2].uses == 30
+    assert sums.pop()[func.l2].uses == 30
 
 
 def test_ordinary_hooks_give_kfac_factors_of_a_plain_layer():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    collector = FactorCollector()
-    handles = hook_layers([lin], collector)
+    sums = FactorAccumulator()
+    hooks = KFACHooks([lin], sums)
     out = lin(x)
     (out**2).mean().backward()
-    for h in handles:
-        h.remove()
-    st = collector.pop()[lin]
+    hooks.remove()
+    st = sums.pop()[lin]
     z = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
     g = 2 * out.detach() / out.numel() * 5  # d(mean)/d out, times the batch size
     assert torch.allclose(st.a_sum, z.t() @ z / 5)
@@ -220,16 +237,15 @@ def test_ordinary_hooks_ignore_inner_derivatives_taken_in_the_forward():
     torch.manual_seed(0)
     lin = nn.Linear(3, 3).double()
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    collector = FactorCollector()
-    handles = hook_layers([lin], collector)
+    sums = FactorAccumulator()
+    hooks = KFACHooks([lin], sums)
     out = torch.tanh(lin(x))
     (inner,) = torch.autograd.grad(out.sum(), x, create_graph=True)  # fires the output hook
-    assert collector.stats == {}
+    assert sums.stats == {}
     loss = (out**2).mean() + inner.square().mean()
     loss.backward()
-    for h in handles:
-        h.remove()
-    st = collector.pop()[lin]
+    hooks.remove()
+    st = sums.pop()[lin]
     assert st.uses == 1
     lin_out = lin(x).detach().requires_grad_(True)
     out2 = torch.tanh(lin_out)
@@ -239,6 +255,229 @@ def test_ordinary_hooks_ignore_inner_derivatives_taken_in_the_forward():
     assert torch.allclose(st.b_sum, g.t() @ g / 5)
 
 
-def test_grouped_convolutions_are_rejected_with_advice():
+def test_unsupported_convolutions_are_rejected_with_advice():
     with pytest.raises(ValueError, match="groups=2"):
         check_layer(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="exclude"):
+        check_layer(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode='circular'"):
+        check_layer(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+
+
+# ---- layer helpers ------------------------------------------------------------------------
+
+
+def test_linear_rows_take_every_leading_dimension():
+    lin = nn.Linear(3, 2)
+    x, g = torch.randn(4, 5, 3), torch.randn(4, 5, 2)
+    assert torch.equal(input_rows(lin, x), x.reshape(20, 3))
+    assert torch.equal(output_rows(lin, g), g.reshape(20, 2))
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(dilation=2, padding=2),
+                                    dict(padding="same"), dict(padding="valid", bias=False)])
+def test_conv_rows_are_the_patches_of_each_output_location(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, **kwargs).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    z = input_rows(conv, x)
+    if isinstance(conv.padding, str):  # 'same'/'valid': compare with explicit padding
+        pad = conv._reversed_padding_repeated_twice
+        ref = nn.Conv2d(2, 3, 3, padding=(pad[2], pad[0])).double()
+        assert torch.equal(z, _manual_patches(x, ref))
+    else:
+        assert torch.equal(z, _manual_patches(x, conv))
+    out = conv(x)
+    # the patch rows times the flattened weight are the output rows
+    rows = z @ conv.weight.reshape(3, -1).t()
+    if conv.bias is not None:
+        rows = rows + conv.bias
+    assert torch.allclose(rows, output_rows(conv, out), atol=1e-12)
+
+
+def test_a_new_layer_type_needs_one_helper_and_subclasses_inherit_theirs():
+    class Scale(nn.Module):
+        """y = x * w, one weight per feature (a made-up layer type)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3, 1))
+            self.bias = None
+
+        def forward(self, x):
+            return x * self.weight[:, 0]
+
+    class ScaleHelper:
+        def check(self, module):
+            pass
+
+        def input_rows(self, module, x):
+            return x.reshape(-1, 1)
+
+        def output_rows(self, module, g):
+            return g.reshape(-1, 1)
+
+        def has_bias(self, module):
+            return False
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert helper_for(MyLinear(2, 2)) is LAYER_HELPERS[nn.Linear]
+    assert helper_for(Scale()) is None
+    try:
+        register_layer(Scale, ScaleHelper())
+        model = nn.Sequential(Scale(), nn.Tanh())
+        collector = CurvatureCollector(model, full=True)
+        assert list(collector.layers) == [model[0]]
+    finally:
+        del LAYER_HELPERS[Scale]
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_layer(int, ScaleHelper())
+
+
+# ---- the observer protocol ----------------------------------------------------------------
+
+
+def test_observer_buffers_until_finish_and_splits_chunks_by_weight():
+    torch.manual_seed(0)
+    func = LinearField().double()
+    sums = FactorAccumulator()
+    obs = ODEObserver(func, [func.l2], sums, batched_time=True)
+    x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    obs(0.5, x, a, 0.1)
+    obs(0.4, x, a, 0.1)
+    assert sums.stats == {} and len(obs.buffer) == 2
+    obs(0.2, x, a, 0.2)  # a new weight: the first two are evaluated as one chunk
+    assert sums.stats[func.l2].uses == 2 and len(obs.buffer) == 1
+    obs.finish()
+    assert sums.stats[func.l2].uses == 3 and obs.buffer == []
+    obs.listen(False)
+    obs(0.1, x, a, 0.1)
+    obs.finish()
+    assert sums.stats[func.l2].uses == 3
+    obs.listen(True)
+    obs(0.1, x, a, 0.1)
+    obs.discard()
+    obs.finish()
+    assert sums.pop()[func.l2].uses == 3
+
+
+def test_observer_weight_scales_b_like_the_grid_spacing():
+    torch.manual_seed(0)
+    func = LinearField().double()
+    x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    out = []
+    for weight in (0.1, 0.3):
+        sums = FactorAccumulator()
+        obs = ODEObserver(func, [func.l2], sums)
+        obs(0.5, x, a, weight)
+        obs.finish()
+        out.append(sums.pop()[func.l2])
+    assert torch.equal(out[0].a_sum, out[1].a_sum)
+    assert torch.allclose(out[1].b_sum, 9 * out[0].b_sum, rtol=1e-12)
+
+
+# ---- the collector ------------------------------------------------------------------------
+
+
+FAST = SolverSpec(method="rk4", options={"step_size": 0.25})
+
+
+class _Net(nn.Module):
+    """stem -> adjoint block -> backprop block -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 4)
+        self.ode = ODEBlock(MLPODEFunc(4, 6), solver=FAST)
+        self.bp = ODEBlock(MLPODEFunc(4, 5), solver=FAST.replace(adjoint=False))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.bp(self.ode(self.stem(x))))
+
+
+def _forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_collector_finds_where_each_layers_factors_come_from():
+    torch.manual_seed(0)
+    model = _Net()
+    field = [m for m in model.ode.func.modules() if isinstance(m, nn.Linear)]
+    bp = [m for m in model.bp.func.modules() if isinstance(m, nn.Linear)]
+    collector = CurvatureCollector(model)
+    assert list(collector.layers) == field + bp
+    assert [mods for _, mods in collector._observed] == [field]
+    full = CurvatureCollector(model, full=True, exclude=[model.bp])
+    assert list(full.layers) == field + [model.stem, model.head]
+    assert full.uncovered == []  # excluded parameters are not reported
+    assert collector.layers[field[0]].shape == (6, 4 + 1 + 1)  # ConcatLinear: t, bias
+
+
+def test_collection_is_alive_only_while_armed_and_pop_hands_out_the_factors():
+    torch.manual_seed(0)
+    model = _Net()
+    collector = CurvatureCollector(model, full=True)
+    x = torch.randn(5, 3)
+    assert not collector.armed and model.ode.observer is None and _forward_hooks(model) == 0
+    collector.arm()
+    assert collector.armed and model.ode.observer is not None and _forward_hooks(model) > 0
+    model(x).square().sum().backward()
+    stats = collector.pop()
+    assert set(stats) == set(collector.layers)
+    collector.disarm()
+    assert model.ode.observer is None and _forward_hooks(model) == 0
+    model(x).square().sum().backward()  # not armed: nothing, also from stale output hooks
+    assert collector.pop() == {}
+
+
+def test_discard_drops_factors_and_the_samples_of_an_unfinished_solve():
+    torch.manual_seed(0)
+    model = _Net()
+    collector = CurvatureCollector(model, full=True)
+    collector.arm()
+    model(torch.randn(5, 3)).square().sum().backward()
+    collector.discard()
+    assert collector.pop() == {}
+    obs = collector._observers[0]
+    obs(0.5, torch.randn(5, 4), torch.randn(5, 4), 0.01)  # a solve that never finished
+    assert collector.pop() == {} and obs.buffer == []
+
+
+def test_exclude_lets_an_unsupported_layer_stay_in_the_model():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match="groups=2"):
+        CurvatureCollector(model, full=True)
+    collector = CurvatureCollector(model, full=True, exclude={model[0]})
+    assert list(collector.layers) == [model[1]]
+    with pytest.raises(TypeError, match="exclude"):
+        CurvatureCollector(model, full=True, exclude=[model[0].weight])
+
+
+def test_uncovered_vector_field_parameters_are_named():
+    class Field(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+            self.gain = nn.Parameter(torch.ones(4))
+
+        def forward(self, t, x):
+            return self.gain * torch.tanh(self.lin(x)) + self.conv(x[:, None])[:, 0]
+
+    model = nn.Sequential(ODEBlock(Field(), solver=FAST))
+    collector = CurvatureCollector(model)
+    assert collector.uncovered == ["0.func.gain", "0.func.conv.weight", "0.func.conv.bias"]
+
+
+def test_bad_collector_settings_raise_clear_errors():
+    model = _Net()
+    for kwargs, match in [({"fisher": "exact"}, "fisher"), ({"observer_dt": 0.0}, "observer_dt"),
+                          ({"stats_batch": 0}, "stats_batch"),
+                          ({"memory_budget": 0}, "memory_budget")]:
+        with pytest.raises(ValueError, match=match):
+            CurvatureCollector(model, **kwargs)
+    with pytest.raises(TypeError, match="nn.Module"):
+        CurvatureCollector(model.parameters())

@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ocnode.nn import MLPODEFunc, ODEBlock
-from ocnode.optim import NewtonCG
-from ocnode.optim import functional as Fn
+from ocnode.optim import NewtonCG, cg
+from solvers import SolverSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def test_cg_solves_a_random_spd_system_given_as_a_tensor_list_to_tolerance():
     a = _spd([0.5 + k for k in range(12)])
     b = torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     shapes = [torch.Size([3, 2]), torch.Size([6])]
-    x, info = Fn.conjugate_gradient(_flat_matvec(a, shapes), [b[:6].reshape(3, 2), b[6:]],
+    x, info = cg.conjugate_gradient(_flat_matvec(a, shapes), [b[:6].reshape(3, 2), b[6:]],
                                     iters=100, tol=1e-9)
     exact = torch.linalg.solve(a, b)
     assert torch.allclose(torch.cat([t.reshape(-1) for t in x]), exact, atol=1e-8)
@@ -56,7 +56,7 @@ def test_cg_converges_in_as_many_iterations_as_distinct_eigenvalues(eigenvalues,
     a = _spd(eigenvalues, seed=2)
     b = torch.randn(len(eigenvalues), generator=torch.Generator().manual_seed(3),
                     dtype=torch.float64)
-    x, info = Fn.conjugate_gradient(lambda v: [a @ v[0]], [b], iters=50, tol=1e-10)
+    x, info = cg.conjugate_gradient(lambda v: [a @ v[0]], [b], iters=50, tol=1e-10)
     assert info.iterations == expected
     assert torch.allclose(x[0], torch.linalg.solve(a, b), atol=1e-10)
 
@@ -64,7 +64,7 @@ def test_cg_converges_in_as_many_iterations_as_distinct_eigenvalues(eigenvalues,
 def test_cg_stops_after_iters_and_reports_the_true_residual():
     a = _spd([1.0 + k for k in range(10)])
     b = [torch.ones(10, dtype=torch.float64)]
-    x, info = Fn.conjugate_gradient(lambda v: [a @ v[0]], b, iters=3, tol=0.0)
+    x, info = cg.conjugate_gradient(lambda v: [a @ v[0]], b, iters=3, tol=0.0)
     assert info.iterations == 3
     assert math.isclose(info.residual, float((b[0] - a @ x[0]).norm() / b[0].norm()),
                         rel_tol=1e-9)
@@ -73,7 +73,7 @@ def test_cg_stops_after_iters_and_reports_the_true_residual():
 def test_cg_on_negative_curvature_at_the_first_iteration_returns_the_right_hand_side():
     a = torch.diag(torch.tensor([1.0, -2.0], dtype=torch.float64))
     b = [torch.tensor([1.0, 1.0], dtype=torch.float64)]  # b^T A b = -1
-    x, info = Fn.conjugate_gradient(lambda v: [a @ v[0]], b, iters=5, tol=1e-12)
+    x, info = cg.conjugate_gradient(lambda v: [a @ v[0]], b, iters=5, tol=1e-12)
     assert info.negative_curvature and info.iterations == 0
     assert torch.equal(x[0], b[0])
 
@@ -81,7 +81,7 @@ def test_cg_on_negative_curvature_at_the_first_iteration_returns_the_right_hand_
 def test_cg_on_negative_curvature_later_returns_the_current_iterate():
     a = torch.diag(torch.tensor([4.0, 1.0, -3.0], dtype=torch.float64))
     b = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
-    x, info = Fn.conjugate_gradient(lambda v: [a @ v[0]], [b], iters=5, tol=1e-12)
+    x, info = cg.conjugate_gradient(lambda v: [a @ v[0]], [b], iters=5, tol=1e-12)
     first_iterate = (b @ b) / (b @ a @ b) * b  # x_1 of CG from x_0 = 0
     assert info.negative_curvature and info.iterations == 1
     assert torch.allclose(x[0], first_iterate)
@@ -91,14 +91,14 @@ def test_cg_on_negative_curvature_later_returns_the_current_iterate():
 def test_cg_with_a_zero_right_hand_side_returns_zero_without_matvecs():
     def matvec(v):
         raise AssertionError("no product needed")
-    x, info = Fn.conjugate_gradient(matvec, [torch.zeros(3)], iters=5, tol=1e-6)
-    assert torch.equal(x[0], torch.zeros(3)) and info == Fn.CGInfo(0, 0.0, False, 0.0)
+    x, info = cg.conjugate_gradient(matvec, [torch.zeros(3)], iters=5, tol=1e-6)
+    assert torch.equal(x[0], torch.zeros(3)) and info == cg.CGInfo(0, 0.0, False, 0.0)
 
 
 @pytest.mark.parametrize("iters, tol", [(0, 1e-4), (2.5, 1e-4), (3, -1.0)])
 def test_cg_rejects_bad_iteration_counts_and_tolerances(iters, tol):
     with pytest.raises(ValueError, match="iters"):
-        Fn.conjugate_gradient(lambda v: v, [torch.ones(2)], iters=iters, tol=tol)
+        cg.conjugate_gradient(lambda v: v, [torch.ones(2)], iters=iters, tol=tol)
 
 
 # ---- Hessian-vector products -----------------------------------------------------------
@@ -125,7 +125,7 @@ def test_hvp_equals_the_dense_autograd_hessian_times_v():
     dense = torch.autograd.functional.hessian(loss_of, flat)
     v = [torch.randn_like(p) for p in params]
     grads = torch.autograd.grad(net(x).square().mean(), params, create_graph=True)
-    hv = Fn.hessian_vector_product(grads, params, v)
+    hv = cg.hessian_vector_product(grads, params, v)
     expected = dense @ torch.cat([t.reshape(-1) for t in v])
     assert torch.allclose(torch.cat([t.reshape(-1) for t in hv]), expected, atol=1e-12)
 
@@ -135,14 +135,14 @@ def test_hvp_is_zero_for_a_parameter_the_loss_is_linear_in():
     c = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
     loss = (w ** 3).sum() + c.sum()
     grads = torch.autograd.grad(loss, [w, c], create_graph=True)
-    hv = Fn.hessian_vector_product(grads, [w, c], [torch.ones(2, dtype=torch.float64)] * 2)
+    hv = cg.hessian_vector_product(grads, [w, c], [torch.ones(2, dtype=torch.float64)] * 2)
     assert torch.allclose(hv[0], 6 * w.detach()) and torch.equal(hv[1], torch.zeros(2).double())
 
 
 def _ode_model(adjoint: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return ODEBlock(MLPODEFunc(3, 8), method="rk4", options={"step_size": 0.25},
-                    adjoint=adjoint).double()
+    return ODEBlock(MLPODEFunc(3, 8), solver=SolverSpec(
+        method="rk4", options={"step_size": 0.25}, adjoint=adjoint)).double()
 
 
 def _ode_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ def test_hvp_through_the_ode_solve_matches_finite_differences_of_gradients():
     params = list(model.parameters())
     v = [torch.randn_like(p) for p in params]
     grads = torch.autograd.grad(_ode_loss(model, x), params, create_graph=True)
-    hv = Fn.hessian_vector_product(grads, params, v)
+    hv = cg.hessian_vector_product(grads, params, v)
 
     def gradient_at(shift: float) -> list[torch.Tensor]:
         with torch.no_grad():

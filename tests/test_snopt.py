@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ from torch import nn
 
 from ocnode import MLPODEClassifier, ODEBlock
 from ocnode.optim import HorizonOptimizer, SNOpt
+from solvers import SolverSpec
 
-FAST = {"method": "rk4", "options": {"step_size": 0.25}}
+FAST = SolverSpec(method="rk4", options={"step_size": 0.25})
 
 
 def _data(seed=0, n=64):
@@ -24,7 +27,7 @@ def _data(seed=0, n=64):
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
-    return MLPODEClassifier(8, 4, hidden=12, **{**FAST, **kw})
+    return MLPODEClassifier(8, 4, hidden=12, solver=FAST.replace(**kw))
 
 
 def _train(model, opt, steps, seed=0, batch=16):
@@ -157,14 +160,15 @@ def test_step_closure_param_groups_and_lr_scheduler():
 
     loss = opt.step(closure)
     sched.step()
-    assert math.isfinite(float(loss))
+    assert math.isfinite(float(loss.detach()))
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"lr": 0.0}, "lr"), ({"lr": 0.1, "eps": 0.0}, "eps"), ({"lr": 0.1, "alpha": 1.5}, "alpha"),
     ({"lr": 0.1, "update_freq": 0}, "update_freq"), ({"lr": 0.1, "momentum": -1}, "momentum"),
-    ({"lr": 0.1, "damping": "svd"}, "damping"), ({"lr": 0.1, "fisher": "exact"}, "fisher"),
+    ({"lr": 0.1, "damping_mode": "svd"}, "damping_mode"),
+    ({"lr": 0.1, "fisher": "exact"}, "fisher"),
 ])
 def test_bad_hyperparameters_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -202,8 +206,153 @@ def test_true_fisher_uses_labels_sampled_from_the_model():
     nn.functional.cross_entropy(ref_model(x[:16]), sampled).backward()
     ref.step()
     for la, lb in zip(opt.preconditioned_layers, ref.preconditioned_layers):
-        assert torch.allclose(opt.state[la.weight]["g_factor"],
-                              ref.state[lb.weight]["g_factor"], rtol=1e-5, atol=1e-9)
+        assert torch.allclose(opt.state[la.weight]["b_factor"],
+                              ref.state[lb.weight]["b_factor"], rtol=1e-5, atol=1e-9)
+
+
+def test_snopt_takes_the_model_not_its_parameters():
+    with pytest.raises(TypeError, match="takes the model"):
+        SNOpt(_model().parameters(), lr=0.1)
+
+
+def test_an_excluded_grouped_conv_takes_the_plain_sgd_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 3, 1), nn.Flatten())
+    opt = SNOpt(model, lr=0.1, full=True, update_freq=1, exclude={model[0]})
+    assert opt.preconditioned_layers == [model[1]]
+    before = model[0].weight.detach().clone()
+    model(torch.randn(5, 2, 4, 4)).square().mean().backward()
+    grad = model[0].weight.grad.clone()
+    opt.step()
+    assert torch.allclose(model[0].weight, before - 0.1 * grad)
+    assert "basis_a" in opt.state[model[1].weight]
+
+
+def test_layers_whose_bias_is_not_optimized_keep_the_bias_column():
+    model = _model()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    opt = SNOpt(model, lr=0.05, update_freq=2, full=True, params=weights)
+    _train(model, opt, 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_state_dict_keys_and_shapes_are_checked_on_load():
+    model = _model()
+    opt = SNOpt(model, lr=0.05, update_freq=2, full=True)
+    _train(model, opt, 1)
+    layer = opt.preconditioned_layers[0]
+    assert set(opt.state[layer.weight]) >= {"a_factor", "b_factor", "basis_a", "basis_b",
+                                            "lam_a", "lam_b", "m2", "num_locations"}
+    saved = copy.deepcopy(opt.state_dict())
+    other = MLPODEClassifier(8, 4, hidden=10, solver=FAST)
+    with pytest.raises(ValueError, match="same architecture"):
+        SNOpt(other, lr=0.05, update_freq=2, full=True).load_state_dict(saved)
+    old = copy.deepcopy(saved)  # a checkpoint from before the rename of g_factor
+    for st in old["state"].values():
+        if isinstance(st, dict) and "b_factor" in st:
+            st["g_factor"] = st.pop("b_factor")
+    fresh = SNOpt(copy.deepcopy(model), lr=0.05, update_freq=2, full=True)
+    fresh.load_state_dict(old)
+    first = fresh.preconditioned_layers[0]
+    assert torch.equal(fresh.state[first.weight]["b_factor"],
+                       opt.state[layer.weight]["b_factor"])
+
+
+def test_vector_field_parameters_outside_covered_layers_warn_once():
+    class Field(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.gain = nn.Parameter(torch.ones(3))
+
+        def forward(self, t, x):
+            return self.gain * torch.tanh(self.lin(x))
+
+    model = nn.Sequential(ODEBlock(Field(), solver=FAST), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"plain SGD step: 0\.func\.gain") as record:
+        opt = SNOpt(model, lr=0.05, update_freq=1)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).square().mean().backward()
+            opt.step()
+    assert len([w for w in record if "plain SGD" in str(w.message)]) == 1
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_collection_is_alive_only_on_refresh_iterations():
+    model = _model()
+    opt = SNOpt(model, lr=0.05, update_freq=3, full=True)
+    armed = []
+    for _ in range(4):
+        armed.append((model.ode.observer is not None, _hooks(model) > 0))
+        _train(model, opt, 1)
+    assert armed == [(True, True), (False, False), (False, False), (True, True)]
+    opt.close()
+    assert model.ode.observer is None and _hooks(model) == 0
+
+
+def test_a_refresh_whose_backward_raised_leaves_no_trace():
+    # The adjoint solve fails half-way: the head's K-FAC factors and the observer's buffered
+    # grid samples were gathered before the failure; the next refresh must not see them.
+    model = _model()
+    reference = copy.deepcopy(model)
+    opt = SNOpt(model, lr=0.05, update_freq=5, full=True)
+    fail = {"on": True}
+
+    def bomb(module, args):  # the backward solve evaluates the field with grad mode on
+        t = args[0]
+        if fail["on"] and torch.is_grad_enabled() and t.numel() == 1 and float(t) < 0.5:
+            raise RuntimeError("simulated failure in the backward solve")
+
+    handle = model.ode.func.register_forward_pre_hook(bomb)
+    x, y = _data()
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+    with pytest.raises(RuntimeError, match="simulated"):
+        loss.backward()
+    assert opt.collector._sums.stats and opt.collector._observers[0].buffer  # a trace to drop
+    fail["on"] = False
+    handle.remove()
+    _train(model, opt, 1)
+    ref = SNOpt(reference, lr=0.05, update_freq=5, full=True)
+    _train(reference, ref, 1)
+    for la, lb in zip(opt.preconditioned_layers, ref.preconditioned_layers):
+        for key in ("a_factor", "b_factor", "m2"):
+            assert torch.equal(opt.state[la.weight][key], ref.state[lb.weight][key]), key
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_live_tensors_stay_flat_over_many_refreshes(fisher):
+    model = _model()
+    opt = SNOpt(model, lr=0.01, update_freq=1, full=True, fisher=fisher)
+    _train(model, opt, 5)
+    before = _live_tensors()
+    _train(model, opt, 30)
+    assert _live_tensors() <= before
+
+
+def test_true_fisher_refresh_runs_the_adjoint_backward_twice():
+    # The sampled labels need their own adjoint a~(t): one more backward solve per refresh
+    # iteration (the real backward's a(t) gives the gradient); other iterations cost the same.
+    nfe = {}
+    for fisher in ("empirical", "true"):
+        model = _model()
+        opt = SNOpt(model, lr=0.01, update_freq=2, full=True, fisher=fisher)
+        nfe[fisher] = []
+        for _ in range(2):
+            _train(model, opt, 1)
+            nfe[fisher].append(model.ode.nfe_backward)
+    assert nfe["true"] == [2 * nfe["empirical"][0], nfe["empirical"][1]]
 
 
 def test_feedback_horizon_policy_moves_t_towards_the_known_optimum():
@@ -216,7 +365,8 @@ def test_feedback_horizon_policy_moves_t_towards_the_known_optimum():
         def forward(self, t, x):
             return -self.k * x
 
-    block = ODEBlock(Decay(), t1=1.0, trainable_t1=True, rtol=1e-8, atol=1e-8).double()
+    block = ODEBlock(Decay(), t1=1.0, trainable_t1=True,
+                     solver=SolverSpec(rtol=1e-8, atol=1e-8)).double()
     block.func.k.requires_grad_(False)
     horizon = HorizonOptimizer(block, policy="feedback", lr=0.1, reg=1e-3, update_freq=1,
                                ema=0.5)

@@ -9,8 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 import solvers
-from ocnode.optim import functional as Fn
-from ocnode.secondorder import second_order_backward
+from ocnode.curvature import second_order_backward
+from ocnode.optim import kfac_math
 
 STEP = {"method": "rk4", "options": {"step_size": 0.01}}
 
@@ -104,10 +104,10 @@ def test_alpha_one_is_kfac_with_eigenvalue_damping():
     a, b = _random_psd(4, 0), _random_psd(3, 1)
     g = torch.randn(3, 4, dtype=torch.float64)
     n, eps = 7.0, 0.05
-    lam_a, basis_a = Fn.eigenbasis(a)
-    lam_b, basis_b = Fn.eigenbasis(b)
-    m2 = Fn.reset_second_moment(lam_a, lam_b, n)
-    out, m2_after = Fn.ekfac_precondition(g, basis_a, basis_b, m2, alpha=1.0, eps=eps,
+    lam_a, basis_a = kfac_math.eigenbasis(a)
+    lam_b, basis_b = kfac_math.eigenbasis(b)
+    m2 = kfac_math.reset_second_moment(lam_a, lam_b, n)
+    out, m2_after = kfac_math.ekfac_precondition(g, basis_a, basis_b, m2, alpha=1.0, eps=eps,
                                           batch_size=32)
     # (N A (x) B + eps I)^-1 vec(G), with column-major vec: (A (x) B) vec(G) = vec(B G A^T)
     dense = n * torch.kron(a, b) + eps * torch.eye(12, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_identity_factors_leave_the_gradient_unchanged():
     g = torch.randn(3, 5, dtype=torch.float64)
     eye_a, eye_b = torch.eye(5, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
     m2 = torch.full((3, 5), 1 - 0.05, dtype=torch.float64)
-    out, _ = Fn.ekfac_precondition(g, eye_a, eye_b, m2, alpha=1.0, eps=0.05, batch_size=8)
+    out, _ = kfac_math.ekfac_precondition(g, eye_a, eye_b, m2, alpha=1.0, eps=0.05, batch_size=8)
     assert torch.allclose(out, g, rtol=0, atol=1e-15)
 
 
@@ -128,7 +128,7 @@ def test_ekfac_moving_average_tracks_the_rotated_squared_gradient():
     g = torch.randn(2, 3, dtype=torch.float64)
     eye_a, eye_b = torch.eye(3, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
     m2 = torch.ones(2, 3, dtype=torch.float64)
-    _, new = Fn.ekfac_precondition(g, eye_a, eye_b, m2, alpha=0.75, eps=0.05, batch_size=4)
+    _, new = kfac_math.ekfac_precondition(g, eye_a, eye_b, m2, alpha=0.75, eps=0.05, batch_size=4)
     assert torch.allclose(new, 0.75 + 0.25 * 4 * g**2)
     assert torch.equal(m2, torch.ones(2, 3, dtype=torch.float64))  # not modified in place
 
@@ -136,9 +136,10 @@ def test_ekfac_moving_average_tracks_the_rotated_squared_gradient():
 def test_tikhonov_damping_inverts_the_damped_kronecker_product():
     a, b = _random_psd(3, 2), _random_psd(2, 3)
     g = torch.randn(2, 3, dtype=torch.float64)
-    lam_a, basis_a = Fn.eigenbasis(a)
-    lam_b, basis_b = Fn.eigenbasis(b)
-    out = Fn.tikhonov_precondition(g, basis_a, lam_a, basis_b, lam_b, eps=0.04, num_locations=5)
+    lam_a, basis_a = kfac_math.eigenbasis(a)
+    lam_b, basis_b = kfac_math.eigenbasis(b)
+    out = kfac_math.tikhonov_precondition(g, basis_a, lam_a, basis_b, lam_b, eps=0.04,
+                                          num_locations=5)
     damped = 5 * torch.kron(a + 0.2 * torch.eye(3, dtype=torch.float64),
                             b + 0.2 * torch.eye(2, dtype=torch.float64))
     expected = torch.linalg.solve(damped, g.t().reshape(-1)).reshape(3, 2).t()
@@ -156,15 +157,15 @@ def test_eigenbasis_retries_with_jitter_and_never_returns_nan(monkeypatch):
         return real(m)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    lam, vec = Fn.eigenbasis(_random_psd(3, 4))
+    lam, vec = kfac_math.eigenbasis(_random_psd(3, 4))
     assert len(calls) == 2 and bool(torch.isfinite(lam).all()) and bool((lam >= 0).all())
     with pytest.raises(torch.linalg.LinAlgError):
-        Fn.eigenbasis(torch.full((2, 2), float("nan"), dtype=torch.float64))
+        kfac_math.eigenbasis(torch.full((2, 2), float("nan"), dtype=torch.float64))
 
 
 def test_layer_gradient_round_trips_conv_weights_and_bias():
     w, b = torch.randn(4, 2, 3, 3), torch.randn(4)
-    g = Fn.layer_gradient(w, b)
+    g = kfac_math.layer_gradient(w, b)
     assert g.shape == (4, 19)
-    w2, b2 = Fn.split_gradient(g, w.shape, True)
+    w2, b2 = kfac_math.split_gradient(g, w.shape, True)
     assert torch.equal(w2, w) and torch.equal(b2, b)

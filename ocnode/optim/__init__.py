@@ -1,7 +1,8 @@
 """Optimizers: SNOpt, the horizon (T) optimizer, and the exact Newton-CG baseline.
 
 The classes keep the records; the maths are the functions of
-:mod:`ocnode.optim.functional`.
+:mod:`ocnode.optim.kfac_math` (K-FAC/EKFAC) and :mod:`ocnode.optim.cg` (conjugate gradients,
+Hessian-vector products); the curvature they use is collected by :mod:`ocnode.curvature`.
 """
 
 from ocnode.optim.horizon import HorizonOptimizer

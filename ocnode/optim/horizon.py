@@ -1,4 +1,5 @@
-"""Optimisation of the integration horizon T = t1 (SNOpt, ALGORITHM.md section 1.7).
+"""Optimisation of the integration horizon T = t1 (SNOpt; docs/algorithms.md, "The horizon
+policy").
 
 Objective J(theta, T) = L(theta, T) + (c/2) T^2. From the adjoint, s = dL/dT (the time
 gradient of t1; L is the batch-mean loss, so s is not divided by the batch size again).

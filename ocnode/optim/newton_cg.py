@@ -1,15 +1,14 @@
 """Newton-CG: Hessian-free (truncated) Newton with exact Hessian-vector products.
 
-The exact second-order baseline that SNOpt is compared against (ALGORITHM.md 1.9). Each
-``step(closure)`` evaluates the loss, takes its gradient g with a graph, and solves
-(H + damping I) d = g by conjugate gradients, where every H v is an exact Hessian-vector
-product by double backward (Pearlmutter 1994). For a Neural ODE these products go through the
-solver's operations, so ODE blocks must be built with ``adjoint=False`` (memory linear in the
-number of solver steps, and about twice a backward pass per CG iteration). Then
-theta <- theta - lr * d.
+The exact second-order baseline that SNOpt is compared against. Each ``step(closure)``
+evaluates the loss, takes its gradient g with a graph, and solves (H + damping I) d = g by
+conjugate gradients, where every H v is an exact Hessian-vector product by double backward
+(Pearlmutter 1994). For a Neural ODE these products go through the solver's operations, so ODE
+blocks must be built with ``adjoint=False`` (memory linear in the number of solver steps, and
+about twice a backward pass per CG iteration). Then theta <- theta - lr * d.
 
-The bookkeeping lives here; the maths are :func:`ocnode.optim.functional.conjugate_gradient`
-and :func:`ocnode.optim.functional.hessian_vector_product`.
+The bookkeeping lives here; the maths are :func:`ocnode.optim.cg.conjugate_gradient` and
+:func:`ocnode.optim.cg.hessian_vector_product`.
 
 References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010; Nocedal, Wright,
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ocnode.optim import functional as Fn
+from ocnode.optim import cg
 
 _GLOBAL = "newton_cg"  # key of the optimizer-wide counters in self.state
 
@@ -192,7 +191,7 @@ class NewtonCG(torch.optim.Optimizer):
     def _levenberg_marquardt(self, closure: Callable[[], torch.Tensor], loss: float,
                              params: list[torch.Tensor], steps: list[torch.Tensor],
                              grads: list[torch.Tensor], direction: list[torch.Tensor],
-                             info: Fn.CGInfo) -> None:
+                             info: cg.CGInfo) -> None:
         """Rate the update by rho = actual / predicted reduction; adapt damping; undo the
         update if the loss rose. Steps are s = -c * d per group (c = lr times the clip)."""
         with torch.no_grad():
@@ -240,16 +239,16 @@ class NewtonCG(torch.optim.Optimizer):
         return [float(by_id[id(p)]) for p in params]
 
     def _solve(self, params: list[torch.Tensor],
-               grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Fn.CGInfo]:
+               grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], cg.CGInfo]:
         """d = (H + damping I)^-1 g by CG, H v by double backward through the loss's graph."""
         dampings = self._group_values(params, "damping")
 
         def matvec(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            hv = Fn.hessian_vector_product(grads, params, v)
+            hv = cg.hessian_vector_product(grads, params, v)
             return [h + lam * u for h, u, lam in zip(hv, v, dampings)]
 
         b = [g.detach() for g in grads]
-        return Fn.conjugate_gradient(matvec, b, self.cg_iters, self.cg_tol)
+        return cg.conjugate_gradient(matvec, b, self.cg_iters, self.cg_tol)
 
     @torch.no_grad()
     def _steps(self, params: list[torch.Tensor],

@@ -1,51 +1,38 @@
 """SNOpt: the second-order Neural ODE optimizer (Liu, Chen, Theodorou, NeurIPS 2021).
 
 A :class:`torch.optim.Optimizer` used in the ordinary loop (``zero_grad``, ``backward``,
-``step``). Every ``update_freq`` iterations (a *refresh*) it collects Kronecker factors of the
-Linear/Conv2d layers inside ODE blocks along the adjoint's backward solve (O(1) memory), and,
-with ``full=True``, of the layers outside ODE blocks from the normal backward; it then
+``step``). Every ``update_freq`` iterations (a *refresh*) a
+:class:`~ocnode.curvature.CurvatureCollector` gathers Kronecker factors of the Linear/Conv2d
+layers inside ODE blocks along the adjoint's backward solve (O(1) memory), and, with
+``full=True``, of the layers outside ODE blocks from the normal backward; SNOpt then
 eigendecomposes them and preconditions every step's gradient in the Kronecker eigenbasis
 (EKFAC, George et al. 2018) before an SGD step with momentum and weight decay. Parameters that
 are not weights/biases of such layers take the plain SGD step. ODE blocks that backpropagate
 through their solver (``adjoint=False``) get ordinary K-FAC hooks on every solver evaluation
 ("K-FAC through the solver", memory linear in the number of steps).
 
-The bookkeeping lives here; the maths are the functions of :mod:`ocnode.optim.functional`.
+The optimizer keeps the records (state, refresh schedule); the collection is
+:mod:`ocnode.curvature`, the maths are the functions of :mod:`ocnode.optim.kfac_math`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ocnode.curvature import (
-    TRACKED,
-    FactorCollector,
-    LayerStats,
-    ODECurvatureObserver,
-    check_layer,
-    hook_layers,
-)
-from ocnode.nn.ode import ODEBlock
-from ocnode.optim import functional as Fn
+from ocnode.curvature import CoveredLayer, CurvatureCollector, LayerStats
+from ocnode.optim import kfac_math
 
 _GLOBAL = "snopt"  # key of the optimizer-wide counters in self.state
-
-
-@dataclass
-class _Layer:
-    module: nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+DAMPING_MODES = ("ekfac", "tikhonov")
 
 
 def _validate(lr: float, momentum: float, weight_decay: float, eps: float, alpha: float,
-              update_freq: int, damping: str, fisher: str) -> None:
+              update_freq: int, damping_mode: str) -> None:
     checks = [
         (lr > 0, f"lr must be > 0, got {lr}"),
         (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
@@ -54,9 +41,8 @@ def _validate(lr: float, momentum: float, weight_decay: float, eps: float, alpha
         (0 <= alpha <= 1, f"alpha must be in [0, 1] (1 = plain K-FAC), got {alpha}"),
         (isinstance(update_freq, int) and update_freq >= 1,
          f"update_freq must be a positive int, got {update_freq}"),
-        (damping in ("ekfac", "tikhonov"),
-         f"damping must be 'ekfac' or 'tikhonov', got {damping!r}"),
-        (fisher in ("empirical", "true"), f"fisher must be 'empirical' or 'true', got {fisher!r}"),
+        (damping_mode in DAMPING_MODES,
+         f"damping_mode must be 'ekfac' or 'tikhonov', got {damping_mode!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -66,137 +52,89 @@ def _validate(lr: float, momentum: float, weight_decay: float, eps: float, alpha
 class SNOpt(torch.optim.Optimizer):
     """Kronecker-factored second-order optimizer for Neural ODEs (and their stems/heads).
 
+    Call ``zero_grad()`` at the start of every iteration: besides the gradients it drops the
+    curvature gathered since the last step, so a refresh iteration whose backward raised
+    leaves nothing behind.
+
     Args:
-        model: the network; its ODEBlocks and Linear/Conv2d layers are found by type.
+        model: the network (an ``nn.Module``, not its parameters); its ODEBlocks and
+            Linear/Conv2d layers are found by type.
         lr, momentum, weight_decay: the SGD base step (weight decay added after
             preconditioning).
-        eps: damping epsilon (ALGORITHM.md 1.6; 0.03-0.1).
+        eps: damping epsilon (0.03-0.1).
         alpha: EKFAC moving-average rate of the second moments; 1 = plain K-FAC.
         update_freq: refresh period K (factors and eigenbases), in iterations.
         full: also precondition Linear/Conv2d layers outside ODE blocks (ordinary K-FAC).
-        damping: 'ekfac' (eigenvalue damping, default) or 'tikhonov' (factored
+        damping_mode: 'ekfac' (eigenvalue damping, default) or 'tikhonov' (factored
             (A + sqrt(eps) I) (x) (B + sqrt(eps) I)).
         observer_dt: spacing of the curvature grid along each solve; None: 0.01 * horizon.
         fisher: 'empirical' (y = grad of the loss) or 'true' (y = softmax - onehot(y_hat) with
-            y_hat sampled from the model; the model's output must be cross-entropy logits).
+            y_hat sampled from the model; the model's output must be cross-entropy logits;
+            a refresh iteration then runs each adjoint backward solve twice).
         memory_budget: bytes of stacked ODE states evaluated per batched grid chunk.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all). The refresh cost scales with it; the factors stay unbiased.
         params: parameters or parameter groups (default: ``model.parameters()``).
+        exclude: modules left out of the preconditioning (with everything inside them), e.g.
+            a grouped convolution; their parameters take the plain SGD step.
+
+    Attributes:
+        collector: the :class:`~ocnode.curvature.CurvatureCollector` on ``model``.
+        state[p] for a preconditioned layer's weight p: ``a_factor``, ``b_factor``,
+            ``basis_a``, ``basis_b``, ``lam_a``, ``lam_b``, ``num_locations``, ``m2`` (see
+            :class:`ocnode.optim.kfac_math.KroneckerBasis`) after its first refresh.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` (e.g. ``model.parameters()``).
+        ValueError: for a bad hyperparameter or an unsupported layer (the message says how
+            to exclude it).
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, eps: float = 0.05, alpha: float = 0.75,
-                 update_freq: int = 100, full: bool = False, damping: str = "ekfac",
+                 update_freq: int = 100, full: bool = False, damping_mode: str = "ekfac",
                  observer_dt: float | None = None, fisher: str = "empirical",
                  memory_budget: float = 64e6, stats_batch: int | None = None,
-                 params: Iterable | None = None) -> None:
-        _validate(lr, momentum, weight_decay, eps, alpha, update_freq, damping, fisher)
-        if stats_batch is not None and not (isinstance(stats_batch, int) and stats_batch >= 1):
-            raise ValueError(f"stats_batch must be a positive int or None, got {stats_batch!r}")
-        self.stats_batch = stats_batch
+                 params: Iterable | None = None, exclude: Iterable[nn.Module] = ()) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SNOpt takes the model (an nn.Module), got {type(model).__name__}: "
+                            "write SNOpt(model, lr=...), and pass params=... to choose the "
+                            "parameters or parameter groups")
+        _validate(lr, momentum, weight_decay, eps, alpha, update_freq, damping_mode)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
                         alpha=alpha)
         super().__init__(model.parameters() if params is None else params, defaults)
-        self.model, self.update_freq, self.full = model, update_freq, full
-        self.damping, self.fisher, self.observer_dt = damping, fisher, observer_dt
-        self.collector = FactorCollector()
-        self._observers: list[ODECurvatureObserver] = []
-        self._handles: list = []
-        self._layers = self._find_layers(memory_budget)
+        self.model, self.update_freq, self.damping_mode = model, update_freq, damping_mode
+        self.full, self.fisher, self.observer_dt = full, fisher, observer_dt
+        self.stats_batch = stats_batch
+        owned = [p for g in self.param_groups for p in g["params"]]
+        self.collector = CurvatureCollector(model, owned, full=full, fisher=fisher,
+                                            observer_dt=observer_dt, stats_batch=stats_batch,
+                                            memory_budget=memory_budget, exclude=exclude)
+        if self.collector.uncovered:
+            warnings.warn("SNOpt: these parameters of ODE vector fields are in no Linear/Conv2d "
+                          "layer, get no curvature and take the plain SGD step: "
+                          + ", ".join(self.collector.uncovered), UserWarning, stacklevel=2)
         # torch keys state by parameter; a string key round-trips through state_dict too
         self.state[_GLOBAL] = {"step": 0, "batch": 1}  # type: ignore[index]
         self._arm()
 
-    # ---- discovery ---------------------------------------------------------------------
-
-    def _find_layers(self, memory_budget: float) -> dict[nn.Module, _Layer]:
-        """Map each preconditioned layer to its parameters; build the block observers."""
-        owned = {id(p) for g in self.param_groups for p in g["params"]}
-        blocks = [m for m in self.model.modules() if isinstance(m, ODEBlock)]
-        inner = {id(m) for b in blocks for m in b.func.modules()}
-        self._block_layers: list[tuple[ODEBlock, Sequence[nn.Module]]] = []
-        self._hooked: list[nn.Module] = []
-        layers: dict[nn.Module, _Layer] = {}
-        for block in blocks:
-            mods: list[nn.Module] = [m for m in block.func.modules() if isinstance(m, TRACKED)]
-            (self._block_layers.append((block, mods)) if block.adjoint
-             else self._hooked.extend(mods))
-            layers.update(self._own(mods, owned))
-        outer: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, TRACKED)
-                                  and id(m) not in inner] if self.full else []
-        self._hooked.extend(outer)
-        layers.update(self._own(outer, owned))
-        self._memory_budget = memory_budget
-        return layers
-
-    @staticmethod
-    def _own(modules: Sequence[nn.Module], owned: set[int]) -> dict[nn.Module, _Layer]:
-        out = {}
-        for m in modules:
-            weight, bias = cast(torch.Tensor, m.weight), cast(torch.Tensor | None, m.bias)
-            if id(weight) in owned:
-                check_layer(m)
-                out[m] = _Layer(m, weight, bias if bias is not None and id(bias) in owned
-                                else None)
-        return out
-
-    # ---- collection (alive only on refresh iterations) ---------------------------------
+    # ---- schedule ------------------------------------------------------------------------
 
     def _refresh_due(self) -> bool:
         return self._counters["step"] % self.update_freq == 0
 
     def _arm(self) -> None:
-        """Register observers and hooks if the coming iteration is a refresh."""
-        self._disarm()
-        if not self._refresh_due():
-            return
-        for block, mods in self._block_layers:
-            obs = ODECurvatureObserver(block.func, mods, self.collector,
-                                       getattr(block.func, "supports_batched_time", False),
-                                       self._memory_budget, self.stats_batch)
-            self._observers.append(obs)
-            self._handles.append(block.register_observer(obs, self.observer_dt))
-        self._handles += hook_layers(self._hooked, self.collector)
-        if self.fisher == "true":
-            self._handles.append(self.model.register_forward_hook(self._true_fisher_hook))
-        self.collector.enabled = self.fisher == "empirical"
+        """Collect curvature during the coming iteration if it is a refresh."""
+        if self._refresh_due():
+            self.collector.arm()
+        else:
+            self.collector.disarm()
 
-    def _disarm(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._observers = [], []
-
-    def _true_fisher_hook(self, module: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
-        """On the real backward's arrival at the logits, run one backward of the sampled loss.
-
-        The sampled loss is cross-entropy with labels drawn from softmax(logits); its backward
-        (with the collectors switched on) feeds the factors, and accumulates no gradient.
-        """
-        if not (torch.is_grad_enabled() and logits.requires_grad):
-            return
-        sources = [p for p in self.model.parameters() if p.requires_grad]
-
-        fired = False
-
-        def hook(_grad: torch.Tensor) -> None:
-            nonlocal fired
-            if fired:  # the nested backward below reaches this tensor again
-                return
-            fired = True
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach().float(), dim=-1)
-                y_hat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(
-                    probs.shape[:-1])
-                y = (probs - nn.functional.one_hot(y_hat, probs.shape[-1])) / y_hat.numel()
-            self.collector.enabled = True
-            try:
-                torch.autograd.grad(logits, sources, y.to(logits.dtype), retain_graph=True,
-                                    allow_unused=True)
-            finally:
-                self.collector.enabled = False
-
-        logits.register_hook(hook)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and drop the curvature gathered since the last step."""
+        self.collector.discard()
+        super().zero_grad(set_to_none=set_to_none)
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -210,16 +148,12 @@ class SNOpt(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        refresh = self._refresh_due()
-        if refresh:
-            for obs in self._observers:
-                obs.flush()
         if not self._grads_finite():
-            self.collector.pop()
+            self.collector.discard()
             warnings.warn("SNOpt: non-finite gradient, step skipped (state unchanged); lower "
                           "the learning rate or clip gradients", RuntimeWarning, stacklevel=2)
             return loss
-        if refresh:
+        if self._refresh_due():
             self._refresh(self.collector.pop())
         self._precondition()
         self._sgd()
@@ -236,62 +170,65 @@ class SNOpt(torch.optim.Optimizer):
 
     def _refresh(self, stats: dict[nn.Module, LayerStats]) -> None:
         """Eigendecompose each layer's mean factors and reset its second moments."""
-        if self._layers and not stats:
+        layers = self.collector.layers
+        if layers and not stats:
             warnings.warn("SNOpt: no curvature was collected on this refresh iteration (did "
                           "backward run through the ODE blocks?); keeping the old factors",
                           RuntimeWarning, stacklevel=3)
         for module, st in stats.items():
-            layer = self._layers.get(module)
+            layer = layers.get(module)
             if layer is not None:
                 self._refresh_layer(layer, st)
         if stats:
             self._counters["batch"] = max(st.batch for st in stats.values())
 
-    def _refresh_layer(self, layer: _Layer, st: LayerStats) -> None:
-        a_factor, g_factor = st.a_sum / st.uses, st.b_sum / st.uses
-        if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(g_factor).all())):
+    def _refresh_layer(self, layer: CoveredLayer, st: LayerStats) -> None:
+        a_factor, b_factor = st.a_factor, st.b_factor
+        if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
             warnings.warn(f"SNOpt: non-finite factor for {layer.module}; keeping the old "
                           "basis", RuntimeWarning, stacklevel=4)
             return
         try:
-            lam_a, basis_a = Fn.eigenbasis(a_factor)
-            lam_b, basis_b = Fn.eigenbasis(g_factor)
+            basis = kfac_math.kronecker_basis(a_factor, b_factor, st.num_locations)
         except torch.linalg.LinAlgError:
             warnings.warn(f"SNOpt: eigh failed for {layer.module}; keeping the old basis",
                           RuntimeWarning, stacklevel=4)
             return
-        num_locations = st.uses * st.locations
-        self.state[layer.weight].update(
-            a_factor=a_factor, g_factor=g_factor, basis_a=basis_a, basis_b=basis_b,
-            lam_a=lam_a, lam_b=lam_b, num_locations=num_locations,
-            m2=Fn.reset_second_moment(lam_a, lam_b, num_locations))
+        self.state[layer.weight].update(basis._asdict())
 
     def _precondition(self) -> None:
         """Replace each preconditioned layer's gradient (weight and bias) in place."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         batch = self._counters["batch"]
-        for layer in self._layers.values():
+        for layer in self.collector.layers.values():
             st = self.state[layer.weight]
             if "m2" not in st or layer.weight.grad is None:
                 continue
-            group = group_of[id(layer.weight)]
-            bias_grad = layer.bias.grad if layer.bias is not None else None
-            if layer.bias is not None and bias_grad is None:
-                bias_grad = torch.zeros_like(layer.bias)
-            g = Fn.layer_gradient(layer.weight.grad, bias_grad)
-            g = self._precondition_matrix(g, st, group, batch)
-            w, b = Fn.split_gradient(g, layer.weight.shape, layer.bias is not None)
+            g = kfac_math.layer_gradient(layer.weight.grad, self._bias_grad(layer))
+            g = self._precondition_matrix(g, st, group_of[id(layer.weight)], batch)
+            w, b = kfac_math.split_gradient(g, layer.weight.shape, layer.has_bias)
             layer.weight.grad.copy_(w)
             if layer.bias is not None and layer.bias.grad is not None and b is not None:
                 layer.bias.grad.copy_(b)
 
+    @staticmethod
+    def _bias_grad(layer: CoveredLayer) -> torch.Tensor | None:
+        """The bias column of G: the bias's gradient, zeros where it has none or is not ours."""
+        if not layer.has_bias:
+            return None
+        if layer.bias is not None and layer.bias.grad is not None:
+            return layer.bias.grad
+        grad = cast(torch.Tensor, layer.weight.grad)
+        return grad.new_zeros(layer.weight.shape[0])
+
     def _precondition_matrix(self, g: torch.Tensor, st: dict, group: dict,
                              batch: int) -> torch.Tensor:
-        if self.damping == "tikhonov":
-            return Fn.tikhonov_precondition(g, st["basis_a"], st["lam_a"], st["basis_b"],
-                                            st["lam_b"], group["eps"], st["num_locations"])
-        g, st["m2"] = Fn.ekfac_precondition(g, st["basis_a"], st["basis_b"], st["m2"],
-                                            group["alpha"], group["eps"], batch)
+        if self.damping_mode == "tikhonov":
+            return kfac_math.tikhonov_precondition(g, st["basis_a"], st["lam_a"], st["basis_b"],
+                                                   st["lam_b"], group["eps"],
+                                                   st["num_locations"])
+        g, st["m2"] = kfac_math.ekfac_precondition(g, st["basis_a"], st["basis_b"], st["m2"],
+                                                   group["alpha"], group["eps"], batch)
         return g
 
     def _sgd(self) -> None:
@@ -320,14 +257,38 @@ class SNOpt(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = d.clone()
         return [self.state[p]["momentum_buffer"] for p in params]
 
+    # ---- state ---------------------------------------------------------------------------
+
     def close(self) -> None:
         """Detach every observer and hook from the model (to build another optimizer on it)."""
-        self._disarm()
+        self.collector.close()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore factors, eigenbases, m2, momentum and counters; re-arm collection."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore factors, eigenbases, m2, momentum and counters; re-arm collection.
+
+        Raises:
+            ValueError: if a layer's saved factors or bases do not have the shapes of this
+                model's layer (a checkpoint of another architecture), or the groups differ.
+        """
+        state_dict = _renamed_keys(state_dict)
+        self._check_layer_shapes(state_dict)
         super().load_state_dict(state_dict)
         self._arm()
+
+    def _check_layer_shapes(self, state_dict: dict[str, Any]) -> None:
+        saved = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(saved) != len(current):
+            return  # torch's load_state_dict says what differs
+        index = {id(p): i for i, p in zip(saved, current)}
+        for layer in self.collector.layers.values():
+            st = state_dict["state"].get(index.get(id(layer.weight)), {})
+            for key, shape in kfac_math.basis_shapes(*layer.shape).items():
+                if key in st and tuple(st[key].shape) != shape:
+                    raise ValueError(
+                        f"SNOpt.load_state_dict: {key} of {layer.module} has shape "
+                        f"{tuple(st[key].shape)}, the model's layer needs {shape}; load a "
+                        "checkpoint of the same architecture (and the same params order)")
 
     @property
     def _counters(self) -> dict:
@@ -342,4 +303,14 @@ class SNOpt(torch.optim.Optimizer):
     @property
     def preconditioned_layers(self) -> list[nn.Module]:
         """The layers whose gradients are preconditioned."""
-        return list(self._layers)
+        return list(self.collector.layers)
+
+
+def _renamed_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before the rename keep B under 'g_factor'; read it as 'b_factor'."""
+    state = state_dict.get("state", {})
+    if not any(isinstance(v, dict) and "g_factor" in v for v in state.values()):
+        return state_dict
+    renamed = {k: ({("b_factor" if n == "g_factor" else n): t for n, t in v.items()}
+                   if isinstance(v, dict) else v) for k, v in state.items()}
+    return {**state_dict, "state": renamed}

@@ -1,4 +1,4 @@
-"""Reference solver of SNOpt's exact second-order backward ODEs (ALGORITHM.md 1.3-1.4).
+"""Reference solver of the exact second-order backward ODEs of a Neural ODE.
 
 For small problems only: it forms the dense derivatives F_x (m x m), F_theta (m x n) and the
 adjoint-contracted second derivatives with :mod:`torch.func`, and integrates
