@@ -6,6 +6,13 @@ comparison runs its contenders in ONE process, INTERLEAVED (one iteration of A, 
 ...), each with its own clock; reports give medians and paired ratios (the median of the
 per-pair ratios, which a burst hitting both members of a pair leaves intact).
 
+Everything trains through the package's training core: the classification task of
+:func:`ocnode.training.make_task` (digits: the MLP-ODE classifier; Fashion-MNIST: the conv ODE
+classifier), optimizers from the registry (:func:`ocnode.training.build_optimizer`; "kfac" is
+K-FAC through the solver), iterations of :func:`ocnode.training.train_step`, NFE from
+:class:`ocnode.training.NFECounter` (backward counts include SNOpt's curvature evaluations on
+refresh iterations, one call per batched chunk of grid samples).
+
 Parts (``--parts``, comma-separated):
 
 timing
@@ -13,26 +20,27 @@ timing
     copies of the same initial model, interleaved iteration by iteration (the order flips
     every pair), on the same batches: (a) the digits MLP-ODE classifier, (b) the conv ODE
     classifier on Fashion-MNIST, batch 128 both. Fixed-step rk4 (step 0.25) so that both take
-    the same number of vector-field evaluations by construction; the NFE are recorded to show
-    it. SNOpt runs with refresh period ``period`` (every period-th iteration refreshes), so
-    one loop gives (i) non-refresh and (ii) refresh iterations, each paired with the Adam
-    iteration next to it; (iii) the amortised cost at update_freq = 100 is
+    the same number of forward vector-field evaluations by construction; the NFE are recorded
+    to show it. SNOpt runs with refresh period ``period`` (every period-th iteration
+    refreshes), so one loop gives (i) non-refresh and (ii) refresh iterations, each paired
+    with the Adam iteration next to it; (iii) the amortised cost at update_freq = 100 is
     (99 * non-refresh + refresh) / 100. One more refresh iteration runs under cProfile; the
     top entries and a per-phase summary go into the JSON.
 memory
-    Peak RSS growth of training iterations (fresh subprocess per configuration): set-up and
-    two warm-up iterations at a short horizon (t1 = 0.25), then VmRSS is read, the
-    high-water mark reset (``/proc/self/clear_refs`` <- 5), three iterations at t1 run
-    (refresh, plain, refresh; SNOpt's update_freq = 2) and VmHWM read. Digits MLP-ODE, batch
-    128, rk4 with step 0.05, so the solver takes 20 * t1 steps; t1 in {1, 2, 4, 8}. Modes:
-    SNOpt with adjoint ODE blocks (curvature along the adjoint), K-FAC through the solver
-    (adjoint=False + SNOpt: hooks on every solver evaluation), and Adam with the adjoint and
-    with backprop through the solver as references. The workers run with glibc's
-    ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so that freed buffers go back to the system and
-    the high-water mark measures what the iterations need, not what malloc kept.
+    Peak RSS growth of training iterations, each configuration in a forked child
+    (:func:`ocnode.training.memory.peak_rss_growth`: large blocks mmapped at 64 KiB, freed heap
+    trimmed, the high-water mark reset before the measured iterations): set-up and two
+    warm-up iterations at a short horizon (t1 = 0.25), then three iterations at t1 (refresh,
+    plain, refresh; SNOpt's update_freq = 2). Digits MLP-ODE, batch 128, rk4 with step 0.05,
+    so the solver takes 20 * t1 steps; t1 in {1, 2, 4, 8}. Modes: SNOpt with adjoint ODE
+    blocks (curvature along the adjoint), K-FAC through the solver (the registry's "kfac":
+    backprop through the solver, hooks on every solver evaluation), and Adam with the adjoint
+    and with backprop through the solver as references. Solver steps and NFE are counted in
+    the parent, by the same iterations run again unmeasured.
 tta
-    Time to accuracy: SNOpt, Adam and SGD with ALGORITHM.md's MNIST defaults, trained from
-    the same initial model on the same batch sequence, interleaved step by step in one
+    Time to accuracy: SNOpt, Adam and SGD with the SNOpt authors' MNIST defaults (Liu, Chen,
+    Theodorou 2021), trained by the comparison harness (:func:`ocnode.training.compare.train_seed`)
+    from the same initial model on the same batch sequence, interleaved step by step in one
     process per seed; each optimizer's clock counts its own training steps only (evaluation
     excluded) and stops at the wall-clock budget. Test accuracy every ``eval_every`` steps.
     Reported: the best test accuracy Adam reaches within the budget, the own-clock time SNOpt
@@ -49,30 +57,28 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
-import gc
 import json
 import math
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ocnode.data import load_dataset
-from ocnode.nn import ConvODEClassifier, MLPODEClassifier, ode_blocks
+from ocnode.nn import ode_blocks
 from ocnode.optim import SNOpt
-
-from common import command_line, machine_info, read_status_kib
+from ocnode.training import NFECounter, Task, TaskSettings, build_optimizer, compare, make_task
+from ocnode.training import train_step as core_step
+from ocnode.training.memory import peak_rss_growth
+from ocnode.training.records import command_line, machine_info
+from solvers import SolverSpec
 
 # ---- configuration (CLI flags override some of it) --------------------------------------
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -83,14 +89,18 @@ BATCH = 128
 METHOD, STEP_SIZE = "rk4", 0.25  # fixed step: equal NFE for every optimizer (16 fwd)
 CHANNELS = 64  # conv ODE state channels
 QUICK_CHANNELS = 16  # --quick only: a refresh of the 64-channel model alone takes ~35 s
-FMNIST_TRAIN_SUBSET = 10_000  # stratified training subset (tta)
+FMNIST_TRAIN_SUBSET = 10_000  # stratified training subset (timing, tta)
 FMNIST_TEST_SUBSET = 1_500  # fixed random test subset evaluated during tta (10k takes ~1 min)
 UPDATE_FREQ = 100  # SNOpt's refresh period K used for the amortised cost and in tta
-# ALGORITHM.md section 1.6, MNIST row; full=True also preconditions stem and head (image
+# The SNOpt authors' MNIST row; full=True also preconditions stem and head (image
 # classification, as the authors' scripts did).
 SNOPT_KW: dict[str, Any] = dict(lr=0.02, eps=0.05, alpha=0.75, full=True)
 ADAM_KW: dict[str, Any] = dict(lr=1e-3)
 SGD_KW: dict[str, Any] = dict(lr=0.02, momentum=0.9)
+#: Registry name -> hyperparameters (over the registry's defaults, the harness's and the task's).
+HPARAMS: dict[str, dict[str, Any]] = {
+    "snopt": {**SNOPT_KW, "update_freq": UPDATE_FREQ}, "adam": ADAM_KW, "sgd": SGD_KW,
+    "kfac": {**SNOPT_KW, "update_freq": UPDATE_FREQ}}
 
 # timing: SNOpt refreshes every `period` iterations; `refreshes` periods are timed after one
 # untimed warm-up period; then one refresh runs under cProfile.
@@ -106,11 +116,13 @@ PROFILE_TOP = 25
 MEMORY_T1S = (1.0, 2.0, 4.0, 8.0)
 MEMORY_STEP = 0.05  # rk4 step: 20 * t1 steps, 80 * t1 forward NFE
 MEMORY_WARMUP_T1 = 0.25
-MEMORY_MODES = ("snopt-adjoint", "kfac-through-solver", "adam-adjoint", "adam-backprop")
-# --quick: one configuration per mode, both at once (worker start-up alone takes ~5-10 s)
+MEMORY_ITERATIONS = 3  # refresh, plain, refresh (update_freq 2)
+#: mode -> (registry optimizer, ODE blocks with the adjoint)
+MEMORY_MODES: dict[str, tuple[str, bool]] = {
+    "snopt-adjoint": ("snopt", True), "kfac-through-solver": ("kfac", False),
+    "adam-adjoint": ("adam", True), "adam-backprop": ("adam", False)}
+# --quick: one configuration of each curvature mode
 QUICK_MEMORY_CONFIGS = ((1.0, "snopt-adjoint"), (2.0, "kfac-through-solver"))
-MALLOC_MMAP_THRESHOLD = 65536
-MEMORY_WORKERS = 2  # worker processes at a time
 
 # tta: own-clock budget per optimizer (seconds), evaluation period (steps). The full run
 # stays under ~40 minutes on 2 cores: 3 seeds x 3 optimizers x (20 s + 150 s) plus
@@ -131,85 +143,40 @@ OPTIMIZERS = ("snopt", "adam", "sgd")
 EVAL_BATCH = 500
 
 
-# ---- models, data, optimizers -----------------------------------------------------------
-def make_model(dataset: str, method: str = METHOD, step_size: float = STEP_SIZE,
-               adjoint: bool = True, t1: float = 1.0, channels: int = CHANNELS) -> nn.Module:
-    """The classifier of ``dataset`` with a fixed-step ODE block."""
-    block: dict[str, Any] = dict(method=method, options={"step_size": step_size},
-                                 adjoint=adjoint, t1=t1)
-    if dataset == "digits":
-        return MLPODEClassifier(64, 10, hidden=64, **block)
-    if dataset == "fashion-mnist":
-        return ConvODEClassifier(in_channels=1, n_classes=10, channels=channels, **block)
-    raise ValueError(f"unknown dataset {dataset!r}")
+# ---- tasks, optimizers, iterations --------------------------------------------------------
+def bench_task(dataset: str, batch: int = BATCH, channels: int = CHANNELS,
+               step_size: float = STEP_SIZE, t1: float = 1.0, train_subset: int | None = None,
+               test_subset: int | None = None, seed: int = 0) -> Task:
+    """The classification task of ``dataset`` with fixed-step rk4 ODE blocks.
+
+    Digits: the MLP-ODE classifier (width 64); Fashion-MNIST: the conv ODE classifier with
+    ``channels`` channels. ``test_subset`` evaluates a fixed random subset (seed 1234).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    digits = dataset == "digits"
+    settings = TaskSettings(model="mlp" if digits else "conv", width=64 if digits else channels,
+                            batch_size=batch, t1=t1, test_size=test_subset,
+                            solver=SolverSpec(method=METHOD, options={"step_size": step_size}),
+                            eval_batch_size=EVAL_BATCH)
+    return make_task(load_dataset(dataset, seed=seed, subset=train_subset), settings)
 
 
-def load_data(dataset: str, train_subset: int | None = None, test_subset: int | None = None,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test), images shaped (N, C, H, W) for the conv model."""
-    train, test, info = load_dataset(dataset, seed=seed, subset=train_subset)
-    (x_tr, y_tr), (x_te, y_te) = train.tensors, test.tensors
-    if dataset != "digits":
-        x_tr, x_te = x_tr.view(-1, *info["image_shape"]), x_te.view(-1, *info["image_shape"])
-    if test_subset is not None and test_subset < len(y_te):
-        keep = torch.randperm(len(y_te), generator=torch.Generator().manual_seed(1234))
-        x_te, y_te = x_te[keep[:test_subset]], y_te[keep[:test_subset]]
-    return x_tr, y_tr, x_te, y_te
+def optimizer(name: str, model: nn.Module, **changes: Any) -> torch.optim.Optimizer:
+    """The registry optimizer ``name`` with this benchmark's hyperparameters and ``changes``."""
+    return build_optimizer(name, model, {**HPARAMS[name], **changes})
 
 
-class Batches:
-    """Endless shuffled mini-batches; the same seed gives the same sequence."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> None:
-        self.x, self.y, self.batch = x, y, min(batch, len(y))
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order, self.pos = torch.randperm(len(y), generator=self.gen), 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos + self.batch > len(self.order):
-            self.order, self.pos = torch.randperm(len(self.y), generator=self.gen), 0
-        idx = self.order[self.pos:self.pos + self.batch]
-        self.pos += self.batch
-        return self.x[idx], self.y[idx]
-
-
-def make_optimizer(name: str, model: nn.Module,
-                   update_freq: int = UPDATE_FREQ) -> torch.optim.Optimizer:
-    """SNOpt / Adam / SGD with the configured hyperparameters."""
-    if name == "snopt":
-        return SNOpt(model, update_freq=update_freq, **SNOPT_KW)
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), **ADAM_KW)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), **SGD_KW)
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> float:
-    """One plain iteration: zero_grad, forward, backward, step; returns the loss."""
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
-def timed_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[float, float]:
-    """(milliseconds, loss) of one :func:`train_step`."""
+def timed_step(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch: Any,
+               counter: NFECounter) -> tuple[float, float]:
+    """(milliseconds, loss) of one :func:`ocnode.training.train_step`."""
     start = time.perf_counter()
-    loss = train_step(model, opt, x, y)
+    loss = core_step(model, opt, task.loss, batch, counter=counter)
     return (time.perf_counter() - start) * 1e3, loss
 
 
-def nfe(model: nn.Module) -> tuple[int, int]:
-    """(forward, backward) vector-field evaluations of the last call, over all ODE blocks."""
-    blocks = ode_blocks(model)
-    return sum(b.nfe_forward for b in blocks), sum(b.nfe_backward for b in blocks)
-
-
 def refresh_due(opt: SNOpt) -> bool:
+    """Whether SNOpt's coming iteration refreshes its curvature."""
     return opt.iteration % opt.update_freq == 0
 
 
@@ -221,27 +188,27 @@ def paired_median(a: list[float], b: list[float]) -> float:
 def time_dataset(dataset: str, batch: int, period: int, refreshes: int,
                  channels: int = CHANNELS) -> dict[str, Any]:
     """Interleaved per-iteration times of SNOpt (refresh every `period`) and Adam."""
-    x_tr, y_tr, _, _ = load_data(dataset, train_subset=FMNIST_TRAIN_SUBSET
-                                 if dataset != "digits" else None)
-    torch.manual_seed(0)
-    base = make_model(dataset, channels=channels)
-    models = {"snopt": base, "adam": copy.deepcopy(base)}
-    opts: dict[str, Any] = {
-        "snopt": make_optimizer("snopt", models["snopt"], update_freq=period),
-        "adam": make_optimizer("adam", models["adam"])}
-    data = Batches(x_tr, y_tr, batch, seed=0)
+    task = bench_task(dataset, batch, channels,
+                      train_subset=FMNIST_TRAIN_SUBSET if dataset != "digits" else None)
+    models = {n: compare.build_model(task, n, seed=0) for n in ("snopt", "adam")}
+    opts: dict[str, Any] = {"snopt": optimizer("snopt", models["snopt"], update_freq=period),
+                            "adam": optimizer("adam", models["adam"])}
+    counters = {n: NFECounter(m) for n, m in models.items()}
+    batches = task.batches(0)
     rows: list[dict[str, Any]] = []
     for i in range(period * (refreshes + 1)):
-        x, y = data.next()
-        refresh = refresh_due(opts["snopt"])
-        row: dict[str, Any] = {"refresh": refresh}
+        batch_ = next(batches)
+        row: dict[str, Any] = {"refresh": refresh_due(opts["snopt"])}
         for name in ("snopt", "adam") if i % 2 == 0 else ("adam", "snopt"):
-            row[f"{name}_ms"], row[f"{name}_loss"] = timed_step(models[name], opts[name], x, y)
-            row[f"{name}_nfe"] = nfe(models[name])
+            row[f"{name}_ms"], row[f"{name}_loss"] = timed_step(
+                task, models[name], opts[name], batch_, counters[name])
+            row[f"{name}_nfe"] = counters[name].take()
         if i >= period:  # the first period (one refresh, then plain steps) is the warm-up
             rows.append(row)
     assert refresh_due(opts["snopt"])
-    profile = profile_refresh(models["snopt"], opts["snopt"], *data.next())
+    profile = profile_refresh(task, models["snopt"], opts["snopt"], next(batches))
+    for counter in counters.values():
+        counter.remove()
     return {**timing_record(dataset, batch, period, rows, profile),
             "channels": channels if dataset != "digits" else None}
 
@@ -277,23 +244,29 @@ def timing_record(dataset: str, batch: int, period: int, rows: list[dict[str, An
     }
 
 
-def profile_refresh(model: nn.Module, opt: SNOpt, x: torch.Tensor,
-                    y: torch.Tensor) -> dict[str, Any]:
-    """One refresh iteration under cProfile: top entries and a per-phase summary."""
+def profile_refresh(task: Task, model: nn.Module, opt: SNOpt, batch: Any) -> dict[str, Any]:
+    """One refresh iteration (:func:`ocnode.training.train_step`) under cProfile: top entries and
+    a per-phase summary (clock marks at the end of the loss and before the optimizer step)."""
+    marks: dict[str, float] = {}
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        loss = task.loss(m, b)
+        marks["forward"] = time.perf_counter()
+        return loss
+
+    handle = opt.register_step_pre_hook(
+        lambda *_: marks.__setitem__("backward", time.perf_counter()))
     prof = cProfile.Profile()
-    clock = [time.perf_counter()]
+    start = time.perf_counter()
     prof.enable()
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    clock.append(time.perf_counter())
-    loss.backward()
-    clock.append(time.perf_counter())
-    opt.step()
-    clock.append(time.perf_counter())
+    core_step(model, opt, loss_fn, batch)
     prof.disable()
-    wall = clock[3] - clock[0]
-    split = {"forward_s": clock[1] - clock[0], "backward_s": clock[2] - clock[1],
-             "optimizer_step_s": clock[3] - clock[2]}
+    end = time.perf_counter()
+    handle.remove()
+    wall = end - start
+    split = {"forward_s": marks["forward"] - start,
+             "backward_s": marks["backward"] - marks["forward"],
+             "optimizer_step_s": end - marks["backward"]}
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     entries = [{"function": _label(key), "ncalls": nc, "tottime_s": tt, "cumtime_s": ct}
                for key, (_cc, nc, tt, ct, _callers) in stats.items()]
@@ -316,16 +289,16 @@ def _label(key: tuple[str, int, str]) -> str:
 
 def _cum(entries: list[dict[str, Any]], file_part: str, func: str) -> float:
     return sum(e["cumtime_s"] for e in entries
-               if file_part in e["function"] and e["function"].endswith(f"({func})"))
+               if e["function"].startswith(file_part) and e["function"].endswith(f"({func})"))
 
 
 def _phases(entries: list[dict[str, Any]], wall: float) -> dict[str, float]:
     """Seconds in the parts of a refresh iteration (cProfile cumulative times)."""
-    evaluate = _cum(entries, "ocnode/curvature.py", "_evaluate")
-    add = _cum(entries, "ocnode/curvature.py", "add")
-    factor = _cum(entries, "ocnode/curvature.py", "factor_sums")
-    rows = (_cum(entries, "ocnode/curvature.py", "input_rows")
-            + _cum(entries, "ocnode/curvature.py", "output_rows"))
+    curvature = "ocnode/curvature"  # the module or the package, whichever is installed
+    evaluate = _cum(entries, curvature, "_evaluate")
+    add = _cum(entries, curvature, "add")
+    factor = _cum(entries, curvature, "factor_sums")
+    rows = _cum(entries, curvature, "input_rows") + _cum(entries, curvature, "output_rows")
     return {
         "total_iteration_s": wall,
         "curvature_observer_total_s": evaluate,
@@ -333,7 +306,7 @@ def _phases(entries: list[dict[str, Any]], wall: float) -> dict[str, float]:
         "curvature_factor_matmuls_s": factor,
         "curvature_rows_unfold_s": rows,
         "curvature_other_in_add_s": add - factor - rows,
-        "eigendecomposition_s": _cum(entries, "ocnode/optim/functional.py", "eigenbasis"),
+        "eigendecomposition_s": _cum(entries, "ocnode/optim/", "eigenbasis"),
         "precondition_s": _cum(entries, "ocnode/optim/snopt.py", "_precondition"),
         "adjoint_backward_total_s": _cum(entries, "solvers/adjoint.py", "backward"),
     }
@@ -353,111 +326,100 @@ def run_timing(datasets: list[str], quick: bool) -> list[dict[str, Any]]:
     return records
 
 
-# ---- part 2: memory (one fresh subprocess per configuration) ----------------------------
-def memory_worker(t1: float, mode: str) -> dict[str, Any]:
-    """Peak RSS growth of three training iterations at horizon t1; run in a fresh process."""
-    opt_name, how = mode.split("-", 1)
-    adjoint = how in ("adjoint",)
-    x_tr, y_tr, _, _ = load_data("digits")
+# ---- part 2: memory (one forked child per configuration) ----------------------------------
+def memory_setup(t1: float, mode: str) -> tuple[Task, nn.Module, torch.optim.Optimizer,
+                                                list[Any]]:
+    """(task, model, optimizer, the measured batches) of one memory configuration: built,
+    warmed up by two iterations at MEMORY_WARMUP_T1, then set to the horizon ``t1``."""
+    name, adjoint = MEMORY_MODES[mode]
+    task = bench_task("digits", step_size=MEMORY_STEP, t1=MEMORY_WARMUP_T1)
     torch.manual_seed(0)
-    model = make_model("digits", step_size=MEMORY_STEP, adjoint=adjoint, t1=MEMORY_WARMUP_T1)
-    opt = make_optimizer("adam" if opt_name == "adam" else "snopt", model, update_freq=2)
-    data = Batches(x_tr, y_tr, BATCH, seed=0)
-    block = ode_blocks(model)[0]
+    model = task.build_model(adjoint)
+    opt = optimizer(name, model, **({"update_freq": 2} if name != "adam" else {}))
+    batches = task.batches(0)
     for _ in range(2):  # warm-up: a refresh and a plain step at a short horizon
-        train_step(model, opt, *data.next())
-    block.set_t1(t1)
-    batches = [data.next() for _ in range(3)]
-    gc.collect()
-    rss_before = read_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    refreshes = 0
-    for x, y in batches:
+        core_step(model, opt, task.loss, next(batches))
+    ode_blocks(model)[0].set_t1(t1)
+    return task, model, opt, [next(batches) for _ in range(MEMORY_ITERATIONS)]
+
+
+def memory_peak(t1: float, mode: str) -> float | None:
+    """Peak RSS growth (MiB) of the measured iterations, in a forked child (None: no probe)."""
+    def prepare() -> Any:
+        task, model, opt, batches = memory_setup(t1, mode)
+        todo = iter(batches)
+
+        def step() -> None:
+            core_step(model, opt, task.loss, next(todo))
+        return step
+
+    return peak_rss_growth(prepare, warmup=0, iterations=MEMORY_ITERATIONS,
+                           what=f"{mode} at t1={t1:g}")
+
+
+def memory_facts(t1: float, mode: str) -> dict[str, Any]:
+    """Solver steps and NFE of the last measured iteration, and the refresh count, from the
+    same iterations run in this process (unmeasured)."""
+    task, model, opt, batches = memory_setup(t1, mode)
+    counter, refreshes = NFECounter(model), 0
+    for batch_ in batches:
         refreshes += int(isinstance(opt, SNOpt) and refresh_due(opt))
-        train_step(model, opt, x, y)
-    peak = read_status_kib("VmHWM")
-    return {"t1": t1, "mode": mode, "peak_rss_delta_mib": (peak - rss_before) / 1024,
-            "rss_before_mib": rss_before / 1024, "solver_steps": block.stats.n_accepted,
-            "nfe_forward": block.nfe_forward, "nfe_backward": block.nfe_backward,
-            "iterations": len(batches), "refresh_iterations": refreshes}
+        core_step(model, opt, task.loss, batch_, counter=counter)
+        nfe_forward, nfe_backward = counter.take()
+    counter.remove()
+    if isinstance(opt, SNOpt):
+        opt.close()
+    return {"solver_steps": ode_blocks(model)[0].stats.n_accepted, "nfe_forward": nfe_forward,
+            "nfe_backward": nfe_backward, "iterations": len(batches),
+            "refresh_iterations": refreshes}
 
 
-def run_memory(quick: bool, threads: int) -> dict[str, Any]:
+def run_memory(quick: bool) -> dict[str, Any]:
     configs = (list(QUICK_MEMORY_CONFIGS) if quick else
                [(t1, mode) for t1 in MEMORY_T1S for mode in MEMORY_MODES])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD))
-
-    def worker(spec: tuple[float, str]) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads),
-               "--memory-worker", json.dumps({"t1": spec[0], "mode": spec[1]})]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    # Peak RSS is per process, so two workers may run at once (start-up dominates).
-    with ThreadPoolExecutor(MEMORY_WORKERS) as pool:
-        records = list(pool.map(worker, configs))
-    for rec in records:
-        print(f"  memory t1={rec['t1']:g} {rec['mode']}: {rec['peak_rss_delta_mib']:.1f} MiB, "
+    records = []
+    for t1, mode in configs:
+        rec = {"t1": t1, "mode": mode, "peak_rss_delta_mib": memory_peak(t1, mode),
+               **memory_facts(t1, mode)}
+        records.append(rec)
+        print(f"  memory t1={t1:g} {mode}: {_f(rec['peak_rss_delta_mib'], '.1f')} MiB, "
               f"{rec['solver_steps']} steps, NFE {rec['nfe_forward']}+{rec['nfe_backward']}",
               flush=True)
     growth = {}
     t1s = sorted({t1 for t1, _ in configs})
     for mode in dict.fromkeys(mode for _, mode in configs):
         peaks = [r["peak_rss_delta_mib"] for r in records if r["mode"] == mode]
-        if len(peaks) > 1:  # peak at the last t1 over peak at the first
+        if len(peaks) > 1 and None not in peaks:  # peak at the last t1 over peak at the first
             growth[mode] = peaks[-1] / peaks[0] if peaks[0] > 0 else float("nan")
     return {"records": records, "growth_first_to_last": growth,
             "t1s": t1s, "target_snopt_growth_max": 1.1}
 
 
 # ---- part 3: time to accuracy -----------------------------------------------------------
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    correct = 0
-    for i in range(0, len(y), EVAL_BATCH):
-        correct += int((model(x[i:i + EVAL_BATCH]).argmax(1) == y[i:i + EVAL_BATCH]).sum())
-    return correct / len(y)
-
-
 def tta_seed(dataset: str, seed: int, batch: int, budget_s: float, eval_every: int,
              train_subset: int | None, test_subset: int | None,
              channels: int = CHANNELS) -> dict[str, Any]:
-    """Train SNOpt, Adam and SGD interleaved from one initial model; curves per optimizer."""
-    x_tr, y_tr, x_te, y_te = load_data(dataset, train_subset, test_subset, seed=seed)
-    torch.manual_seed(seed)
-    base = make_model(dataset, channels=channels)
-    models = {n: copy.deepcopy(base) for n in OPTIMIZERS}
-    opts: dict[str, Any] = {n: make_optimizer(n, models[n]) for n in OPTIMIZERS}
-    data = {n: Batches(x_tr, y_tr, batch, seed=seed) for n in OPTIMIZERS}
-    acc0 = accuracy(base, x_te, y_te)
-    runs: dict[str, dict[str, Any]] = {
-        n: {"clock_s": 0.0, "steps": 0, "losses": [], "done": False, "refreshes": 0,
-            "curve": [{"step": 0, "time_s": 0.0, "test_acc": acc0, "train_loss": None}]}
-        for n in OPTIMIZERS}
-    turn = 0
-    while not all(r["done"] for r in runs.values()):
-        order = OPTIMIZERS[turn % 3:] + OPTIMIZERS[:turn % 3]  # rotate who goes first
-        turn += 1
-        for name in order:
-            run = runs[name]
-            if run["done"]:
-                continue
-            if name == "snopt":
-                run["refreshes"] += int(refresh_due(opts[name]))
-            ms, loss = timed_step(models[name], opts[name], *data[name].next())
-            run["clock_s"] += ms / 1e3
-            run["steps"] += 1
-            run["losses"].append(loss)
-            run["done"] = run["clock_s"] >= budget_s or not math.isfinite(loss)
-            if run["steps"] % eval_every == 0 or run["done"]:
-                run["curve"].append({"step": run["steps"], "time_s": run["clock_s"],
-                                     "test_acc": accuracy(models[name], x_te, y_te),
-                                     "train_loss": statistics.fmean(run["losses"])})
-                run["losses"] = []
-    for run in runs.values():
-        del run["losses"], run["done"]
-    return {"dataset": dataset, "seed": seed, "runs": runs}
+    """SNOpt, Adam and SGD from one initial model, interleaved by the comparison harness
+    (:func:`ocnode.training.compare.train_seed`); a curve per optimizer."""
+    task = bench_task(dataset, batch, channels, train_subset=train_subset,
+                      test_subset=test_subset, seed=seed)
+    settings = {"optimizers": list(OPTIMIZERS), "seeds": [seed], "budget_s": budget_s,
+                "eval_every": eval_every, "max_steps": None,
+                "threads": torch.get_num_threads(), "hparams": HPARAMS}
+    runs = compare.train_seed(task, seed, settings)
+    return {"dataset": dataset, "seed": seed,
+            "runs": {name: _tta_run(run) for name, run in runs.items()}}
+
+
+def _tta_run(run: Any) -> dict[str, Any]:
+    """One harness run as this benchmark records it: clock, steps, refreshes, curve."""
+    opt = run.opt
+    refreshes = -(-opt.iteration // opt.update_freq) if isinstance(opt, SNOpt) else 0
+    curve = [{"step": int(r["step"]), "time_s": r["time_s"], "test_acc": r["test_acc"],
+              "train_loss": r["train_loss"] if math.isfinite(r["train_loss"]) else None}
+             for r in run.rows]
+    return {"clock_s": run.clock, "steps": run.steps, "status": run.status,
+            "refreshes": refreshes, "curve": curve}
 
 
 def first_time_reaching(curve: list[dict[str, Any]], level: float) -> float | None:
@@ -589,9 +551,9 @@ def timing_markdown(records: list[dict[str, Any]] | None) -> list[str]:
             f"| {r['snopt_refresh_median_ms']:.1f} | {r['ratio_refresh']:.2f} "
             f"| {r['snopt_amortised_ms']:.1f} | {r['ratio_amortised']:.3f} "
             f"| {r['n_nonrefresh']}/{r['n_refresh']} | {r['nfe_snopt']} / {r['nfe_adam']} |")
-    lines += ["", "NFE: the refresh iterations take one more backward evaluation (the "
-              "vector field at the end of the last step, for the dense output at the "
-              "curvature grid times).", "",
+    lines += ["", "NFE (forward, backward per iteration; ocnode.training.NFECounter): on refresh "
+              "iterations the backward count includes SNOpt's curvature evaluations on the "
+              "adjoint's grid (one call per batched chunk of grid samples).", "",
               "Where a refresh iteration spends its time (one refresh under cProfile, seconds; "
               "curvature_* are parts of the observer, which runs inside backward and, for the "
               "last buffered chunk, inside the optimizer step):", "",
@@ -607,12 +569,13 @@ def memory_markdown(mem: dict[str, Any] | None) -> list[str]:
     if not mem:
         return ["## Memory", "", "Not run.", ""]
     lines = ["## Memory (peak RSS growth over 3 iterations incl. 2 refreshes)", "",
-             f"Digits MLP-ODE, batch {BATCH}, rk4 step {MEMORY_STEP} (20 t1 steps), fresh "
-             "process per row, MALLOC_MMAP_THRESHOLD_=65536.", "",
+             f"Digits MLP-ODE, batch {BATCH}, rk4 step {MEMORY_STEP} (20 t1 steps), a forked "
+             "child per row (ocnode.training.memory.peak_rss_growth, mmap threshold 64 KiB). "
+             "NFE: the last iteration (a refresh).", "",
              "| t1 | mode | peak RSS delta MiB | solver steps | NFE fwd | NFE bwd |",
              "|---|---|---|---|---|---|"]
     for r in mem["records"]:
-        lines.append(f"| {r['t1']:g} | {r['mode']} | {r['peak_rss_delta_mib']:.1f} "
+        lines.append(f"| {r['t1']:g} | {r['mode']} | {_f(r['peak_rss_delta_mib'], '.1f')} "
                      f"| {r['solver_steps']} | {r['nfe_forward']} | {r['nfe_backward']} |")
     lines += ["", f"Growth from t1 = {mem['t1s'][0]:g} to {mem['t1s'][-1]:g} (target for "
               f"snopt-adjoint <= {mem['target_snopt_growth_max']}x): "
@@ -671,7 +634,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "in --datasets order)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the result files")
-    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts, args.datasets = _csv(args.parts), _csv(args.datasets)
     for bad, allowed, what in ((set(args.parts) - set(PARTS), PARTS, "--parts"),
@@ -694,22 +656,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.memory_worker is not None:
-        spec = json.loads(args.memory_worker)
-        print(json.dumps(memory_worker(float(spec["t1"]), spec["mode"])))
-        return 0
     start = time.perf_counter()
     result: dict[str, Any] = {
         "command": command_line(), "machine": machine_info(),
         "settings": {"quick": args.quick, "parts": args.parts, "datasets": args.datasets,
                      "seeds": args.seeds, "batch": BATCH, "method": METHOD,
                      "step_size": STEP_SIZE, "channels": CHANNELS, "update_freq": UPDATE_FREQ,
-                     "snopt": SNOPT_KW, "adam": ADAM_KW, "sgd": SGD_KW},
+                     "snopt": SNOPT_KW, "adam": ADAM_KW, "sgd": SGD_KW, "hparams": HPARAMS},
     }
     print("command:", result["command"])
     print("machine:", json.dumps(result["machine"]), flush=True)
     runners = {"timing": lambda: run_timing(args.datasets, args.quick),
-               "memory": lambda: run_memory(args.quick, args.threads),
+               "memory": lambda: run_memory(args.quick),
                "tta": lambda: run_tta(args.datasets, args.seeds, args.quick, args.budgets)}
     result["part_runtime_s"] = {}
     for part in PARTS:

@@ -47,8 +47,8 @@ import torchdiffeq
 from torch import nn
 
 import solvers
-
-from common import machine_info, read_status_kib
+from ocnode.training.memory import read_status_kib
+from ocnode.training.records import machine_info
 
 # ---- configuration (CLI flags override the first three) ---------------------------------
 REPEATS = 20

@@ -1,4 +1,4 @@
-"""Experiment: optimising the integration horizon T (SNOpt paper, ALGORITHM.md section 1.7).
+"""Experiment: optimising the integration horizon T (SNOpt paper; docs/algorithms.md).
 
 On sklearn's digits (MLP ODE classifier, dopri5 with rtol = atol = 1e-3, adjoint), for
 each seed, three runs from the same seed (same initial model, same batches):
@@ -17,12 +17,14 @@ epoch, so the paper's 50-100 would give only 2-5 updates in 10 epochs), c = 1e-3
 of the paper's 1e-4..1e-3 range; with ~230 iterations the weaker 1e-4 barely moves the
 baseline's T), T_min = 0.1.
 
+Every run is one ``ocnode train`` run: :func:`ocnode.training.train` with a
+:class:`ocnode.training.TrainConfig` (``adaptive_t1``, ``t1_update_freq``, ``t1_reg``, ...).
 Recorded per run: final test accuracy, final T, training wall time (the run's own clock,
 ``wall_time`` of the last row of its metrics.csv: evaluation and checkpointing excluded),
-and the inference NFE: the trained model is rebuilt as ``ocnode.training`` builds it,
-loaded from the run's checkpoint.pt and evaluated once on the test set under
-``torch.no_grad()``; the forward NFE (summed over the ODE blocks) is averaged over the
-test batches.
+and the inference NFE: the trained model is rebuilt from the run's task
+(:func:`ocnode.training.make_task`), loaded from the run's checkpoint.pt and evaluated once on
+the whole test set under ``torch.no_grad()``; the forward NFE (summed over the ODE blocks,
+:class:`ocnode.training.NFECounter`) is averaged over the test batches.
 
 Outputs (``--out``, default experiments/results): horizon.json, horizon.md (table with
 means over seeds) and horizon.png (T and test accuracy against the step). The runs
@@ -38,7 +40,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import platform
@@ -52,7 +53,9 @@ import torch
 
 from ocnode.data import load_dataset
 from ocnode.nn import ode_blocks
-from ocnode.training import CHECKPOINT, METRICS, MODELS, TrainConfig, train
+from ocnode.training import OPTIMIZERS, NFECounter, TrainConfig, make_task, train
+from ocnode.training.loop import CHECKPOINT, METRICS
+from ocnode.training.records import MetricsLog
 
 # ---- configuration (CLI flags override some of it) --------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +84,6 @@ def policy_config(policy: str, seed: int, epochs: int, optimizer: str, out: Path
                        adaptive_t1=adaptive, out=str(out))
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 @torch.no_grad()
 def inference_nfe(config: TrainConfig) -> dict[str, float]:
     """Rebuild the trained model, load its checkpoint, and evaluate it once on the test set.
@@ -93,20 +91,23 @@ def inference_nfe(config: TrainConfig) -> dict[str, float]:
     Returns the mean forward NFE per test batch (summed over ODE blocks), the number of
     batches, the test accuracy of this pass and the model's horizon.
     """
-    _, test_set, info = load_dataset(config.dataset, config.data_dir, config.seed,
-                                     subset=config.train_size)
-    model = MODELS[config.model](config, info)
+    dataset = load_dataset(config.dataset, config.data_dir, config.seed,
+                           subset=config.train_size)
+    task = make_task(dataset, config.task_settings())
+    model = task.build_model(config.adjoint and not OPTIMIZERS[config.optimizer].through_solver)
     ckpt = torch.load(Path(config.out) / CHECKPOINT, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    blocks = ode_blocks(model)
-    loader = torch.utils.data.DataLoader(test_set, config.eval_batch_size)
+    blocks, counter = ode_blocks(model), NFECounter(model)
+    counter.phase = "forward"  # count the evaluation's calls
+    loader = torch.utils.data.DataLoader(dataset.test, config.eval_batch_size)
     nfes, correct, count = [], 0, 0
     for x, y in loader:
         logits = model(x)
-        nfes.append(sum(b.nfe_forward for b in blocks))
+        nfes.append(counter.take()[0])
         correct += int((logits.argmax(dim=1) == y).sum())
         count += len(y)
+    counter.remove()
     return {"inference_nfe_per_batch": statistics.fmean(nfes), "inference_batches": len(nfes),
             "inference_batch_size": config.eval_batch_size, "inference_acc": correct / count,
             "model_t1": statistics.fmean(b.t1 for b in blocks)}
@@ -117,7 +118,7 @@ def run_one(policy: str, seed: int, epochs: int, optimizer: str, run_dir: Path,
     out = run_dir / f"seed{seed}" / policy
     config = policy_config(policy, seed, epochs, optimizer, out, overrides)
     final = train(config)
-    rows = read_metrics(out / METRICS)
+    rows = MetricsLog(out / METRICS, ()).read()
     record = {
         "seed": seed, "policy": policy, "adaptive_t1": config.adaptive_t1,
         "final_acc": final["test_acc"], "final_t1": final["t1"],
@@ -147,7 +148,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
     lines = [
-        "# Horizon optimisation (SNOpt paper, ALGORITHM.md 1.7) on digits",
+        "# Horizon optimisation (SNOpt paper; docs/algorithms.md) on digits",
         "",
         f"MLP ODE classifier (width {s['width']}), {s['method']} rtol=atol={s['rtol']:g}, "
         f"adjoint; {s['optimizer']} lr {s['lr']:g}, batch {s['batch_size']}, "

@@ -1,7 +1,7 @@
 """Image classification with the conv ODE classifier: Adam, SGD, SNOpt, K-FAC through the
 solver and Newton-CG, compared by :mod:`compare` (interleaved, own clocks, several seeds).
 
-Datasets (offline, ../shared/DATASETS.md): Fashion-MNIST (the paper's MNIST stand-in; a
+Datasets (offline: shipped by PyPI or Debian packages): Fashion-MNIST (the paper's MNIST stand-in; a
 stratified training subset, a fixed test subset for the periodic evaluation), the real
 5000-digit MNIST subset (``mnist5k``), and ``fmnist32``, Fashion-MNIST padded to 3x32x32,
 a *stand-in* for CIFAR-10/SVHN (same shape, not the same difficulty).
@@ -10,7 +10,7 @@ Model: :class:`ocnode.ConvODEClassifier` (conv stem, one ODE block of ``CHANNELS
 solved by dopri5 at rtol = atol = 1e-3 on [0, 1], pooled linear head). Adam, SGD and SNOpt
 use the adjoint; K-FAC and Newton-CG backpropagate through the solver.
 
-Hyperparameters: ALGORITHM.md section 3 (MNIST row) for SNOpt (lr 0.02, eps 0.05), Adam
+Hyperparameters: the SNOpt authors' MNIST settings for SNOpt (lr 0.02, eps 0.05), Adam
 (1e-3) and SGD (0.02, momentum 0.9); SNOpt and K-FAC refresh every 50 iterations with
 ``stats_batch = 32`` samples (the refresh of a conv block is FLOP-bound on a CPU, see
 bench_snopt); Newton-CG: lr 1, damping 1, 5 CG iterations, steps clipped to norm 1 (without
@@ -28,25 +28,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from ocnode import ConvODEClassifier, load_dataset
-
-import compare
+from ocnode import load_dataset
+from ocnode.training import Task, TaskSettings, compare, make_task
+from solvers import SolverSpec
 
 DATASETS = ("fashion-mnist", "mnist5k", "fmnist32")
 CHANNELS, QUICK_CHANNELS = 16, 8
-BATCH = 64
+BATCH, QUICK_BATCH = 64, 32
 TRAIN_SUBSET, QUICK_TRAIN_SUBSET = 10_000, 500  # stratified (mnist5k has 5000 in all)
 TEST_SUBSET, QUICK_TEST_SUBSET = 1_000, 200  # fixed random draw, the same for every run
 EVAL_BATCH = 500
 BUDGET_S = 40.0  # training seconds per run, own clock (3 sets x 3 seeds x 5 runs: 44 min)
-BLOCK: dict[str, Any] = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "t1": 1.0}
+SOLVER = SolverSpec(method="dopri5", rtol=1e-3, atol=1e-3)
 HPARAMS: dict[str, dict[str, Any]] = {
     "snopt": {"stats_batch": 32},
     "kfac": {"stats_batch": 32},
@@ -54,51 +49,16 @@ HPARAMS: dict[str, dict[str, Any]] = {
 }
 
 
-def endless_batches(x: Tensor, y: Tensor, batch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffled mini-batches of ``(x, y)`` forever; the same seed, the same sequence."""
-    gen = torch.Generator().manual_seed(seed)
-    batch = min(batch, len(y))
-    while True:
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y) - batch + 1, batch):
-            idx = order[i:i + batch]
-            yield x[idx], y[idx]
-
-
-def classification_metrics(model: nn.Module, x: Tensor, y: Tensor,
-                           batch: int = EVAL_BATCH) -> dict[str, float]:
-    """Test accuracy and mean cross-entropy of ``model`` on ``(x, y)``."""
-    correct, total_loss = 0, 0.0
-    for i in range(0, len(y), batch):
-        logits = model(x[i:i + batch])
-        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
-        total_loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
-    return {"test_acc": correct / len(y), "test_loss": total_loss / len(y)}
-
-
-def make_task(dataset: str, quick: bool) -> compare.Task:
-    """The classification task of ``dataset`` (images shaped (N, C, H, W))."""
-    train, test, info = load_dataset(dataset, seed=0,
-                                     subset=QUICK_TRAIN_SUBSET if quick else TRAIN_SUBSET)
-    shape = tuple(info["image_shape"])
-    (x_tr, y_tr), (x_te, y_te) = train.tensors, test.tensors
-    x_tr, x_te = x_tr.view(-1, *shape), x_te.view(-1, *shape)
-    keep = torch.randperm(len(y_te), generator=torch.Generator().manual_seed(1234))
-    keep = keep[:QUICK_TEST_SUBSET if quick else TEST_SUBSET]
-    x_te, y_te = x_te[keep], y_te[keep]
-    channels = QUICK_CHANNELS if quick else CHANNELS
-
-    def build(adjoint: bool) -> nn.Module:
-        return ConvODEClassifier(shape[0], info["n_classes"], channels=channels,
-                                 adjoint=adjoint, **BLOCK)
-
-    return compare.Task(
-        name=f"image-{dataset}", metric="test_acc", higher_is_better=True,
-        build_model=build,
-        batches=lambda seed: endless_batches(x_tr, y_tr, 32 if quick else BATCH, seed),
-        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
-        evaluate=lambda model: classification_metrics(model, x_te, y_te),
-        hparams=HPARAMS)
+def image_task(dataset: str, quick: bool) -> Task:
+    """The conv classification task of ``dataset`` with this experiment's settings."""
+    data = load_dataset(dataset, seed=0, subset=QUICK_TRAIN_SUBSET if quick else TRAIN_SUBSET)
+    task = make_task(data, TaskSettings(
+        model="conv", width=QUICK_CHANNELS if quick else CHANNELS,
+        batch_size=QUICK_BATCH if quick else BATCH, solver=SOLVER,
+        test_size=QUICK_TEST_SUBSET if quick else TEST_SUBSET, eval_batch_size=EVAL_BATCH,
+        label=f"image-{dataset}"))
+    task.hparams = HPARAMS
+    return task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.datasets == ",".join(DATASETS):
         datasets = ["mnist5k"]  # the packaged set: no system dataset needed for a smoke run
     for dataset in datasets:
-        compare.run(make_task(dataset, args.quick), args)
+        compare.run(image_task(dataset, args.quick), args)
     return 0
 
 

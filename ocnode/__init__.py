@@ -10,10 +10,12 @@ from ocnode.nn import (
     ConvODEFunc,
     MLPODEClassifier,
     MLPODEFunc,
+    NeuralSDE,
     ODEBlock,
     ODERNNClassifier,
     TrajectoryODE,
 )
+from ocnode.optim import SNOpt
 from ocnode.training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -27,8 +29,10 @@ __all__ = [
     "ConvODEFunc",
     "MLPODEClassifier",
     "MLPODEFunc",
+    "NeuralSDE",
     "ODEBlock",
     "ODERNNClassifier",
+    "SNOpt",
     "TrainConfig",
     "TrajectoryODE",
     "__version__",

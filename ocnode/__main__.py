@@ -2,6 +2,6 @@
 
 import sys
 
-from ocnode.cli import main
+from ocnode.training.cli import main
 
 sys.exit(main())

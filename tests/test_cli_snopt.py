@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocnode.cli import build_parser, main
+from ocnode.data import load_dataset
 from ocnode.optim import SNOpt
-from ocnode.training import CHECKPOINT, METRIC_COLUMNS, MODELS, OPTIMIZERS, TrainConfig
+from ocnode.training import TrainConfig, build_optimizer, make_task
+from ocnode.training.cli import build_parser, main
+from ocnode.training.loop import CHECKPOINT
+
+METRIC_COLUMNS = ("step", "epoch", "wall_time", "train_loss", "test_loss", "test_acc",
+                  "nfe_forward", "nfe_backward", "lr", "t1")
 
 # Tiny settings: 12 steps of 128 digits, two RK4 steps per solve, width 8.
 TINY = ["--epochs", "1", "--width", "8", "--method", "rk4", "--step-size", "0.5",
@@ -33,19 +38,23 @@ def _train(out: Path, *flags: str) -> list[dict[str, float]]:
     return values
 
 
-@pytest.mark.parametrize("optimizer", ["snopt", "kfac"])
+@pytest.mark.parametrize(("optimizer", "flags", "alpha"), [
+    ("snopt", [], 0.75), ("snopt", ["--alpha", "1"], 1.0), ("kfac", [], 0.75)],
+    ids=["snopt", "snopt-alpha-1", "kfac-through-the-solver"])
 def test_snopt_and_kfac_runs_write_finite_metrics_with_horizon_and_nfe(
-    tmp_path: Path, optimizer: str
+    tmp_path: Path, optimizer: str, flags: list[str], alpha: float
 ) -> None:
     rows = _train(tmp_path / optimizer, "--optimizer", optimizer, "--update-freq", "5",
-                  "--eps", "0.1")
+                  "--eps", "0.1", *flags)
     assert [r["step"] for r in rows] == [3, 6, 9, 12]
-    assert all(r["t1"] == 1.0 and r["nfe_forward"] == 8 and r["nfe_backward"] > 0
-               for r in rows)  # fixed horizon; rk4 with two steps: 8 evaluations
+    # fixed horizon; rk4 with two steps: 8 evaluations; K-FAC through the solver
+    # backpropagates through them (no vector-field call in the backward)
+    assert all(r["t1"] == 1.0 and r["nfe_forward"] == 8 for r in rows)
+    assert all((r["nfe_backward"] == 0) == (optimizer == "kfac") for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     saved = torch.load(tmp_path / optimizer / CHECKPOINT, weights_only=True)["optimizer"]
     group = saved["param_groups"][0]
-    assert (group["alpha"], group["eps"]) == ((1.0 if optimizer == "kfac" else 0.75), 0.1)
+    assert (group["alpha"], group["eps"]) == (alpha, 0.1)
     assert saved["state"]["snopt"]["step"] == 12
     # Without --full only the vector field's two layers are preconditioned.
     assert sum("basis_a" in st for k, st in saved["state"].items() if k != "snopt") == 2
@@ -75,21 +84,24 @@ def test_adaptive_baseline_horizon_runs_with_adam(tmp_path: Path) -> None:
 def test_snopt_flags_reach_the_optimizer() -> None:
     args = vars(build_parser().parse_args([
         "train", "--optimizer", "snopt", "--eps", "0.03", "--alpha", "0.5", "--update-freq",
-        "7", "--full", "--damping", "tikhonov", "--observer-dt", "0.02", "--fisher", "true",
-        "--momentum", "0.9"]))
+        "7", "--full", "--damping-mode", "tikhonov", "--observer-dt", "0.02", "--fisher",
+        "true", "--momentum", "0.9"]))
     args.pop("command")
     config = TrainConfig(**args)
     config.validate()
-    model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})
-    opt = OPTIMIZERS["snopt"](model, config)
+    model = make_task(load_dataset("digits"), config.task_settings()).build_model(True)
+    opt = build_optimizer("snopt", model, config.hparams({"eps", "alpha", "update_freq", "full",
+                                                          "damping_mode", "observer_dt",
+                                                          "fisher", "momentum"}))
     assert isinstance(opt, SNOpt)
     group = opt.param_groups[0]
     assert (group["eps"], group["alpha"], group["momentum"]) == (0.03, 0.5, 0.9)
-    assert (opt.update_freq, opt.full, opt.damping, opt.observer_dt, opt.fisher) == (
+    assert (opt.update_freq, opt.full, opt.damping_mode, opt.observer_dt, opt.fisher) == (
         7, True, "tikhonov", 0.02, "true")
     assert len(opt.preconditioned_layers) == 4  # 2 in the vector field + stem + head
 
 
+@pytest.mark.system_data
 def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -> None:
     rows = _train(tmp_path / "fmnist", "--dataset", "fashion-mnist", "--model", "conv",
                   "--train-size", "256", "--width", "4", "--log-every", "100")
@@ -100,18 +112,18 @@ def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'; choose one of adam, kfac, sgd"),
+    (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["--optimizer", "snopt", "--eps", "0"], "eps must be > 0"),
     (["--optimizer", "snopt", "--alpha", "1.5"], "alpha"),
-    (["--update-freq", "0"], "update_freq must be >= 1"),
-    (["--damping", "svd"], "invalid choice: 'svd'"),
+    (["--update-freq", "0"], "update_freq must be an int >= 1"),
+    (["--damping-mode", "svd"], "invalid choice: 'svd'"),
     (["--fisher", "exact"], "invalid choice: 'exact'"),
     (["--observer-dt", "-1"], "observer_dt must be > 0"),
     (["--adaptive-t1", "on"], "invalid choice: 'on'"),
     (["--adaptive-t1", "feedback", "--t1-min", "2"], "t1_min .* must not exceed"),
     (["--t1-lr", "0"], "t1_lr must be > 0"),
     (["--t1-reg", "-1"], "t1_reg must be >= 0"),
-    (["--t1-update-freq", "0"], "t1_update_freq must be >= 1"),
+    (["--t1-update-freq", "0"], "t1_update_freq must be an int >= 1"),
     (["--momentum", "1.5"], "momentum must be in"),
     (["--train-size", "0"], "train_size must be an int >= 1"),
     (["--dataset", "mnist"], "mnist: no data_dir given.*--data-dir"),

@@ -1,48 +1,30 @@
-"""experiments/compare.py, the optimizer-comparison harness: interleaved training, NFE
+"""ocnode.training.compare, the optimizer-comparison harness: interleaved training, NFE
 counting, the summary's target and claim arithmetic, the memory probe."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from ocnode import MLPODEClassifier  # noqa: E402
+from ocnode.data import load_dataset
+from ocnode.training import Task, TaskSettings, compare, make_task, train_step
+from solvers import SolverSpec
 
-import compare  # noqa: E402
-
-X = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
-Y = (X[:, 0] > 0).long()
+_DIGITS = load_dataset("digits", subset=64)
 
 
-def _batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.randperm(64, generator=gen)[:16]
-        yield X[idx], Y[idx]
-
-
-def _task(hparams: dict | None = None) -> compare.Task:
-    def build(adjoint: bool) -> nn.Module:
-        return MLPODEClassifier(6, 2, hidden=8, method="rk4", options={"step_size": 0.5},
-                                adjoint=adjoint)
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        logits = model(X)
-        return {"test_acc": float((logits.argmax(1) == Y).float().mean()),
-                "test_loss": float(F.cross_entropy(logits, Y))}
-
-    return compare.Task("toy", "test_acc", True, build, _batches,
-                        lambda m, b: F.cross_entropy(m(b[0]), b[1]), evaluate,
-                        hparams or {})
+def _task(hparams: dict | None = None) -> Task:
+    """64 digits, a width-8 MLP ODE with two RK4 steps, batches of 16."""
+    task = make_task(_DIGITS, TaskSettings(
+        width=8, batch_size=16, test_size=64, label="toy",
+        solver=SolverSpec(method="rk4", options={"step_size": 0.5})))
+    task.hparams = hparams or {}
+    return task
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -57,7 +39,7 @@ def test_nfe_counter_splits_forward_and_backward_and_ignores_evaluation(one_thre
     model = task.build_model(True)
     opt = compare.build_optimizer("adam", model, compare.hparams_for(task, "adam"))
     counter = compare.NFECounter(model)
-    compare.train_step(task, model, opt, next(_batches(0)), counter)
+    train_step(model, opt, task.loss, next(task.batches(0)), counter=counter)
     # rk4, 2 steps: 8 forward evaluations; the adjoint solve (rk4, 2 steps) evaluates the
     # field with its VJP 8 times
     assert counter.take() == (8, 8)

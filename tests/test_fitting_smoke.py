@@ -39,7 +39,7 @@ def test_fitting_quick_writes_results_and_trajectory_plots_of_both_datasets(
 
     for task in ("fitting-spirals", "fitting-lasa"):
         folder = tmp_path / task
-        for name in ("results.md", "summary.json", "curves.png", "trajectories.png"):
+        for name in ("results.md", "summary.json", "curves.png", "trajectory.png"):
             assert (folder / name).is_file() and (folder / name).stat().st_size > 0, (task, name)
         csvs = sorted((folder / "runs").glob("*.csv"))
         assert {p.name for p in csvs} == {f"{n}_seed0.csv" for n in OPTIMIZERS}

@@ -13,21 +13,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import ocnode.training as train_module
-from ocnode.cli import main
+import ocnode.training.loop as train_module
 from ocnode.data import load_dataset
 from ocnode.nn import ode_blocks
 from ocnode.optim import SNOpt
-from ocnode.training import (
-    CHECKPOINT,
-    METRIC_COLUMNS,
-    MODELS,
-    OPTIMIZERS,
-    TrainConfig,
-    atomic_torch_save,
-    horizon_parameters,
-    train,
-)
+from ocnode.training import OPTIMIZERS, TrainConfig, build_optimizer, make_task, train
+from ocnode.training.cli import main
+from ocnode.training.loop import CHECKPOINT, horizon_parameters, optimizer_parameters
+from ocnode.training.records import atomic_torch_save
+from ocnode.training.tasks import TaskSettings
+
+#: metrics.csv of a classification run
+METRIC_COLUMNS = ("step", "epoch", "wall_time", "train_loss", "test_loss", "test_acc",
+                  "nfe_forward", "nfe_backward", "lr", "t1")
 
 # A tiny, fast run: 12 steps per epoch, two fixed RK4 steps per solve.
 FAST = {"width": 16, "method": "rk4", "step_size": 0.5, "batch_size": 128, "lr": 1e-2,
@@ -70,25 +68,28 @@ def _assert_identical(a: object, b: object, where: str = "") -> None:
 # ----------------------------------------------------------------------------- data
 
 def test_digits_split_is_stratified_and_deterministic() -> None:
-    train_a, test_a, info = load_dataset("digits", seed=0)
-    train_b, test_b, _ = load_dataset("digits", seed=0)
-    _, test_other, _ = load_dataset("digits", seed=1)
+    a = load_dataset("digits", seed=0)
+    train_a, test_a = a.train, a.test
+    b = load_dataset("digits", seed=0)
+    train_b, test_b = b.train, b.test
+    test_other = load_dataset("digits", seed=1).test
     assert torch.equal(train_a.tensors[0], train_b.tensors[0])
     assert torch.equal(test_a.tensors[1], test_b.tensors[1])
     assert not torch.equal(test_a.tensors[0], test_other.tensors[0])
     per_class_test = torch.bincount(test_a.tensors[1], minlength=10).double()
     per_class_all = per_class_test + torch.bincount(train_a.tensors[1], minlength=10)
     assert (per_class_test - 0.2 * per_class_all).abs().max() <= 1.0
-    assert (info["n_train"], info["n_test"], info["n_classes"]) == (1437, 360, 10)
+    assert (a.n_train, a.n_test, a.n_classes) == (1437, 360, 10)
 
 
 def test_digits_are_standardised_with_training_statistics_only() -> None:
     from sklearn.datasets import load_digits
 
-    train_set, test_set, info = load_dataset("digits")
+    ds = load_dataset("digits")
+    train_set, test_set = ds.train, ds.test
     x_train, x_test = train_set.tensors[0], test_set.tensors[0]
     assert x_train.dtype == torch.float32 and train_set.tensors[1].dtype == torch.int64
-    mean, std = torch.from_numpy(info["mean"]), torch.from_numpy(info["std"])
+    mean, std = torch.from_numpy(ds.mean), torch.from_numpy(ds.std)
     train_std = x_train.double().std(0, correction=0)
     assert x_train.double().mean(0).abs().max() < 1e-5
     assert torch.allclose(train_std[train_std > 0], torch.ones(()).double(), atol=1e-5)
@@ -124,13 +125,13 @@ def test_short_run_writes_metrics_checkpoint_and_curves(tmp_path: Path) -> None:
 
 
 def test_wall_time_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    evaluate = train_module.evaluate
+    evaluate = train_module._Run._evaluate
 
-    def slow_evaluate(*args: object) -> tuple[float, float]:
+    def slow_evaluate(self: train_module._Run) -> dict[str, float]:
         time.sleep(0.5)
-        return evaluate(*args)  # type: ignore[arg-type]
+        return evaluate(self)
 
-    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_module._Run, "_evaluate", slow_evaluate)
     start = time.perf_counter()
     final = train(_config(tmp_path, epochs=1))
     elapsed = time.perf_counter() - start
@@ -145,10 +146,10 @@ def test_resuming_a_killed_run_ends_bit_identical_to_an_uninterrupted_one(
 
     original_step = train_module._Run.train_step
 
-    def killed_in_epoch_two(self: train_module._Run, x: Tensor, y: Tensor) -> None:
+    def killed_in_epoch_two(self: train_module._Run, batch: tuple[Tensor, ...]) -> None:
         if self.step == STEPS_PER_EPOCH + 6:
             raise KeyboardInterrupt
-        original_step(self, x, y)
+        original_step(self, batch)
 
     interrupted = _config(tmp_path, "interrupted", epochs=2)
     monkeypatch.setattr(train_module._Run, "train_step", killed_in_epoch_two)
@@ -210,12 +211,22 @@ class _NaNAfter(nn.Module):
         return logits
 
 
+def _with_model(monkeypatch: pytest.MonkeyPatch, build: object) -> None:
+    """Make the training loop's tasks build ``build(dataset)`` as their model."""
+    def task_with_model(ds: object, settings: TaskSettings) -> object:
+        task = make_task(ds, settings)  # type: ignore[arg-type]
+        task.build_model = lambda adjoint: build(ds)  # type: ignore[operator]
+        return task
+
+    monkeypatch.setattr(train_module, "make_task", task_with_model)
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(MODELS, "nan_in_epoch_2", lambda config, info: _NaNAfter(
-        info["input_dim"], info["n_classes"], healthy_steps=STEPS_PER_EPOCH + 3))
-    config = _config(tmp_path, model="nan_in_epoch_2", epochs=3)
+    _with_model(monkeypatch, lambda ds: _NaNAfter(ds.input_dim, ds.n_classes,
+                                                  healthy_steps=STEPS_PER_EPOCH + 3))
+    config = _config(tmp_path, epochs=3)
     with pytest.raises(FloatingPointError, match="loss became nan at epoch 2") as error:
         train(config)
     assert "left untouched" in str(error.value) and "smaller lr" in str(error.value)
@@ -226,27 +237,28 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of .*digits"),
-    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose one of adam, kfac, sgd, snopt"),
+    ({"optimizer": "lbfgs"},
+     "unknown optimizer 'lbfgs'; choose one of adam, kfac, newton-cg, sgd, snopt"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"lr": 0.0}, "lr must be > 0"),
-    ({"epochs": 0}, "epochs must be >= 1"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"epochs": 0}, "epochs must be an int >= 1"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ({"rtol": -1.0}, "rtol must be > 0"),
     ({"device": "gpu7"}, "unknown device"),
     ({"resume": True}, "no checkpoint at"),
     ({"eps": 0.0}, "eps must be > 0"),
     ({"alpha": 1.5}, r"alpha .* must be in \[0, 1\]"),
-    ({"update_freq": 0}, "update_freq must be >= 1"),
-    ({"update_freq": 2.5}, "update_freq must be >= 1"),
-    ({"damping": "svd"}, "unknown damping 'svd'; choose one of ekfac, tikhonov"),
+    ({"update_freq": 0}, "update_freq must be an int >= 1"),
+    ({"update_freq": 2.5}, "update_freq must be an int >= 1"),
+    ({"damping_mode": "svd"}, "unknown damping_mode 'svd'; choose one of ekfac, tikhonov"),
     ({"fisher": "exact"}, "unknown fisher 'exact'; choose one of empirical, true"),
-    ({"observer_dt": 0.0}, "observer_dt must be > 0 or None"),
+    ({"observer_dt": 0.0}, "observer_dt must be > 0"),
     ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
     ({"adaptive_t1": "on"}, "unknown adaptive_t1 'on'; choose one of baseline, feedback, off"),
     ({"t1_lr": 0.0}, "t1_lr must be > 0"),
     ({"t1_reg": -1.0}, "t1_reg must be >= 0"),
     ({"t1_min": 0.0}, "t1_min must be > 0"),
-    ({"t1_update_freq": 0}, "t1_update_freq must be >= 1"),
+    ({"t1_update_freq": 0}, "t1_update_freq must be an int >= 1"),
     ({"adaptive_t1": "feedback", "t1_min": 2.0}, "t1_min .* must not exceed .* t1"),
     ({"train_size": 0}, "train_size must be an int >= 1"),
 ])
@@ -260,9 +272,9 @@ def test_bad_config_raises_a_value_error_saying_what_to_do(
 def test_adaptive_t1_needs_a_model_with_a_trainable_horizon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(MODELS, "plain", lambda config, info: nn.Linear(info["input_dim"], 10))
+    _with_model(monkeypatch, lambda ds: nn.Linear(ds.input_dim, 10))
     with pytest.raises(ValueError, match="needs a model whose ODE blocks have a trainable t1"):
-        train(_config(tmp_path, model="plain", adaptive_t1="feedback"))
+        train(_config(tmp_path, adaptive_t1="feedback"))
 
 
 def test_an_out_folder_holding_a_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
@@ -308,34 +320,45 @@ def test_resuming_snopt_and_adaptive_t1_runs_is_bit_identical(
         assert a["horizon"][0]["ema_qt"] is not None
 
 
-@pytest.mark.parametrize("name", ["adam", "sgd", "snopt", "kfac"])
+def _digits_task(**settings: object) -> object:
+    return make_task(load_dataset("digits"), TaskSettings(width=8, **settings))  # type: ignore
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_the_parameter_optimizer_leaves_an_adaptive_t1_to_the_horizon_optimizer(
     name: str
 ) -> None:
-    config = TrainConfig(optimizer=name, adaptive_t1="feedback", width=8)
-    model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})
+    config = TrainConfig(optimizer=name, adaptive_t1="feedback")
+    model = _digits_task(trainable_t1=True).build_model(True)  # type: ignore[attr-defined]
     (t1,) = horizon_parameters(model)
-    optimized = [p for g in OPTIMIZERS[name](model, config).param_groups for p in g["params"]]
+    params = optimizer_parameters(model, config)
+    optimized = [p for g in build_optimizer(name, model, params=params).param_groups
+                 for p in g["params"]]
     assert all(p is not t1 for p in optimized)
     assert len(optimized) == len(list(model.parameters())) - 1
-    fixed = MODELS["mlp"](TrainConfig(width=8), {"input_dim": 4, "n_classes": 3})
+    fixed = _digits_task().build_model(True)  # type: ignore[attr-defined]
     assert horizon_parameters(fixed) == [] and ode_blocks(fixed)[0].t1 == 1.0
 
 
 def test_optimizer_defaults_follow_the_authors_scripts() -> None:
-    def build(**fields: object) -> torch.optim.Optimizer:
-        config = TrainConfig(width=8, **fields)  # type: ignore[arg-type]
-        model = MODELS["mlp"](config, {"input_dim": 4, "n_classes": 3})  # one per optimizer
-        return OPTIMIZERS[config.optimizer](model, config)
+    def build(name: str, **hparams: object) -> torch.optim.Optimizer:
+        entry = OPTIMIZERS[name]
+        model = _digits_task().build_model(not entry.through_solver)  # type: ignore
+        return build_optimizer(name, model, hparams)
 
-    sgd, snopt = build(optimizer="sgd"), build(optimizer="snopt")
-    kfac = build(optimizer="kfac", alpha=0.5)
-    assert sgd.param_groups[0]["momentum"] == 0.9
+    sgd, snopt = build("sgd"), build("snopt")
+    kfac = build("kfac", alpha=0.5)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 0.02
     assert isinstance(snopt, SNOpt) and isinstance(kfac, SNOpt)
     assert snopt.param_groups[0]["momentum"] == 0.0
-    assert (snopt.param_groups[0]["alpha"], kfac.param_groups[0]["alpha"]) == (0.75, 1.0)
+    assert (snopt.param_groups[0]["alpha"], kfac.param_groups[0]["alpha"]) == (0.75, 0.5)
     assert snopt.param_groups[0]["eps"] == 0.05 and snopt.update_freq == 100
-    assert build(optimizer="snopt", momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert build("snopt", momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert build("adam").param_groups[0]["lr"] == 1e-3
+    # K-FAC through the solver: the model's blocks backpropagate through the solver
+    assert OPTIMIZERS["kfac"].through_solver and not OPTIMIZERS["snopt"].through_solver
+    with pytest.raises(ValueError, match="takes no hyperparameter 'eps'"):
+        build("adam", eps=0.1)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -343,7 +366,7 @@ def test_optimizer_defaults_follow_the_authors_scripts() -> None:
 def test_cli_trains_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status = main(["train", "--out", str(tmp_path / "cli"), "--epochs", "1", "--width", "16",
                    "--method", "rk4", "--step-size", "0.5", "--batch-size", "128",
-                   "--no-adjoint", "--no-progress"])
+                   "--backprop", "--no-progress"])
     assert status == 0
     assert "done: epoch 1, step 12, test_acc" in capsys.readouterr().out
     assert _load(tmp_path / "cli")["config"]["adjoint"] is False

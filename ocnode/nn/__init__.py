@@ -7,6 +7,7 @@
 - :mod:`ocnode.nn.sequence`: ``ODERNNClassifier`` (irregular time series).
 - :mod:`ocnode.nn.trajectory`: ``TrajectoryODE`` (fitting observed trajectories).
 - :mod:`ocnode.nn.cnf`: ``CNF`` (continuous normalizing flow).
+- :mod:`ocnode.nn.sde`: ``NeuralSDE`` (a Neural SDE fitted to observed trajectories).
 """
 
 from ocnode.nn.classifiers import ConvODEClassifier, MLPODEClassifier
@@ -14,11 +15,12 @@ from ocnode.nn.cnf import CNF
 from ocnode.nn.fields import ACTIVATIONS, ConvODEFunc, MLPODEFunc
 from ocnode.nn.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
 from ocnode.nn.ode import ObserverHandle, ODEBlock, ode_blocks
+from ocnode.nn.sde import NeuralSDE
 from ocnode.nn.sequence import ODERNNClassifier
 from ocnode.nn.trajectory import TrajectoryODE
 
 __all__ = [
     "ACTIVATIONS", "CNF", "ConcatConv2d", "ConcatLinear", "ConcatSquashLinear",
     "ConvODEClassifier", "ConvODEFunc", "MLPODEClassifier", "MLPODEFunc", "ODEBlock",
-    "ODERNNClassifier", "ObserverHandle", "TrajectoryODE", "ode_blocks",
+    "NeuralSDE", "ODERNNClassifier", "ObserverHandle", "TrajectoryODE", "ode_blocks",
 ]

@@ -6,7 +6,7 @@ observer evaluates many grid times in one batched call this way), and keeps its 
 maps in real ``nn.Linear`` / ``nn.Conv2d`` submodules (``_layer``, ``_hyper_gate``,
 ``_hyper_bias``): the curvature code of the second-order optimizers hooks
 those module types, and time is simply one more input column or channel for them
-(ALGORITHM.md §1.5).
+(docs/algorithms.md, "Kronecker factors").
 """
 
 from __future__ import annotations

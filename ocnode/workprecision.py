@@ -35,24 +35,27 @@ torchdiffeq, e.g. "underflow in dt") or returns non-finite values is recorded as
 point, not a crash. A point whose predicted single-solve time exceeds MAX_SOLVE_S (from the
 previous point and the method's order) is skipped, and so are the tighter ones after it.
 
-Output (in ``--out``): solver_comparison.json (every point, settings, machine),
-solver_comparison.md (tables and summary) and solver_comparison_<problem>.png (error vs NFE
-and error vs wall time, log-log; our engine solid, torchdiffeq dashed; x = failed solve).
+Output (in ``--out``, default ``experiments/results`` under the working directory):
+solver_comparison.json (every point, settings, machine), solver_comparison.md (tables and
+summary) and solver_comparison_<problem>.png (error vs NFE and error vs wall time, log-log;
+our engine solid, torchdiffeq dashed; x = failed solve).
 With ``--grad`` (every solve with autograd on, the parameters frozen so no graph is
 recorded: our engine then keeps its stages as a list instead of the reused no-grad buffer)
 the files are named solver_comparison_grad*, so both modes can be kept side by side.
 
-``--nfe-during-training`` instead trains an MLPODEFunc on the spiral trajectory through
-``solvers.odeint`` (dopri5, backprop through the solver) and records the forward NFE per
-iteration (solver_comparison_training.json / .png). It is optional and not part of the
-default run.
+``--nfe-during-training`` instead trains an ``MLPODEFunc`` in an ODE block (dopri5,
+backprop through the solver, Adam from the optimizer registry, one
+:func:`ocnode.training.step.train_step` per iteration) on segments of the spiral trajectory and
+records the forward NFE per iteration (:class:`ocnode.training.step.NFECounter`;
+solver_comparison_training.json / .png). It is optional and not part of the default run.
 
-Usage:
-    python experiments/solver_comparison.py                       # full study, < 5 min
-    python experiments/solver_comparison.py --quick               # fewer points, 1 repeat
-    python experiments/solver_comparison.py --problems linear --methods dopri5,rk4
-    python experiments/solver_comparison.py --grad                # solves with autograd on
-    python experiments/solver_comparison.py --nfe-during-training --quick
+Usage (``ocnode solvers`` runs :func:`main`)::
+
+    ocnode solvers                       # full study, < 5 min
+    ocnode solvers --quick               # fewer points, 1 repeat
+    ocnode solvers --problems linear --methods dopri5,rk4
+    ocnode solvers --grad                # solves with autograd on
+    ocnode solvers --nfe-during-training --quick
 """
 
 from __future__ import annotations
@@ -69,14 +72,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 import solvers
-from ocnode import MLPODEFunc
-
-from common import machine_info
+from ocnode.nn import MLPODEFunc, ODEBlock
+from ocnode.training.optimizers import build_optimizer
+from ocnode.training.records import machine_info
+from ocnode.training.step import NFECounter, train_step
 
 # ---- configuration (CLI flags override the first ones) ----------------------------------
-OUT_DIR = Path(__file__).resolve().parent / "results"
+OUT_DIR = Path("experiments/results")  # relative to the working directory
 PROBLEMS = ("linear", "neural", "vdp")
 ADAPTIVE = ("adaptive_heun", "bosh3", "dopri5", "tsit5")
 FIXED = ("euler", "midpoint", "rk4", "rk38")
@@ -643,34 +648,69 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 # ---- NFE during training (optional) -----------------------------------------------------
-def nfe_during_training(iters: int, out: Path) -> None:
-    """Fit MLPODEFunc to spiral trajectory segments through odeint; record NFE per iteration."""
-    torch.manual_seed(SEED)
-    gen = torch.Generator().manual_seed(SEED)
+class SpiralFit(nn.Module):
+    """An ``MLPODEFunc(2, NEURAL_HIDDEN)`` in an ODE block that returns whole trajectories.
+
+    The block solves with dopri5 at ``TRAIN_TOL`` and backpropagates through the solver.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        spec = solvers.SolverSpec(method="dopri5", rtol=TRAIN_TOL, atol=TRAIN_TOL, adjoint=False)
+        self.ode = ODEBlock(MLPODEFunc(2, NEURAL_HIDDEN), solver=spec)
+
+    def forward(self, x0: Tensor, t: Tensor) -> Tensor:
+        """States at the times ``t`` (S,) from ``x0`` (B, 2) at ``t[0]``: (S, B, 2)."""
+        ys = self.ode.trajectory(x0, t)
+        assert isinstance(ys, Tensor)
+        return ys
+
+
+def spiral_truth() -> tuple[Tensor, Tensor]:
+    """(times, states) of the spiral from (2, 0): (TRAIN_POINTS,), (TRAIN_POINTS, 2)."""
     t_all = torch.linspace(0.0, NEURAL_T1, TRAIN_POINTS, dtype=DTYPE)
     start_state = torch.tensor([[2.0, 0.0]], dtype=DTYPE)
     truth = odeint_tensor(lambda t, x: spiral_field(x), start_state, t_all, rtol=1e-10,
                           atol=1e-10)[:, 0]  # no parameters: no graph is recorded
-    func = MLPODEFunc(2, NEURAL_HIDDEN).to(DTYPE)
-    opt = torch.optim.Adam(func.parameters(), lr=TRAIN_LR)
+    return t_all, truth
+
+
+def segment_batch(truth: Tensor, gen: torch.Generator) -> tuple[Tensor]:
+    """TRAIN_BATCH random segments of TRAIN_SEGMENT points, stacked as (S, B, 2)."""
+    idx = torch.randint(0, TRAIN_POINTS - TRAIN_SEGMENT, (TRAIN_BATCH,), generator=gen)
+    return (torch.stack([truth[i:i + TRAIN_SEGMENT] for i in idx], dim=1),)
+
+
+def nfe_during_training(iters: int, out: Path) -> None:
+    """Fit :class:`SpiralFit` to spiral trajectory segments with the training core (Adam,
+    :func:`ocnode.training.step.train_step`); record the loss and NFE of every iteration."""
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    t_all, truth = spiral_truth()
+    t_seg = t_all[:TRAIN_SEGMENT]
+    model = SpiralFit().to(DTYPE)
+    opt = build_optimizer("adam", model, {"lr": TRAIN_LR})
+    counter = NFECounter(model)
+
+    def loss_fn(m: nn.Module, batch: tuple[Tensor]) -> Tensor:
+        segs = batch[0]
+        return (m(segs[0], t_seg) - segs).abs().mean()
+
     log = []
     for it in range(iters):
-        idx = torch.randint(0, TRAIN_POINTS - TRAIN_SEGMENT, (TRAIN_BATCH,), generator=gen)
-        segs = torch.stack([truth[i:i + TRAIN_SEGMENT] for i in idx], dim=1)  # (S, B, 2)
-        stats = solvers.SolverStats()
+        batch = segment_batch(truth, gen)
         start = time.perf_counter()
-        pred = odeint_tensor(func, segs[0], t_all[:TRAIN_SEGMENT], rtol=TRAIN_TOL,
-                             atol=TRAIN_TOL, method="dopri5", stats=stats)
-        loss = (pred - segs).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.append({"iter": it, "loss": loss.item(), "nfe_forward": stats.nfe,
-                    "seconds": time.perf_counter() - start})
+        loss = train_step(model, opt, loss_fn, batch, counter=counter)
+        seconds = time.perf_counter() - start
+        nfe_forward, nfe_backward = counter.take()
+        log.append({"iter": it, "loss": loss, "nfe_forward": nfe_forward,
+                    "nfe_backward": nfe_backward, "seconds": seconds})
+    counter.remove()
     out.mkdir(parents=True, exist_ok=True)
     (out / "solver_comparison_training.json").write_text(json.dumps(
         {"settings": {"iters": iters, "tol": TRAIN_TOL, "lr": TRAIN_LR, "batch": TRAIN_BATCH,
-                      "segment": TRAIN_SEGMENT}, "log": log}, indent=1) + "\n")
+                      "segment": TRAIN_SEGMENT, "optimizer": "adam", "method": "dopri5",
+                      "adjoint": False}, "log": log}, indent=1) + "\n")
     plot_training(log, out / "solver_comparison_training.png")
     print(f"NFE during training: first {log[0]['nfe_forward']}, last {log[-1]['nfe_forward']}")
 
@@ -694,7 +734,9 @@ def plot_training(log: list[dict[str, Any]], path: Path) -> None:
 
 # ---- command line -----------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The study's flags (``argv`` None: ``sys.argv[1:]``)."""
+    p = argparse.ArgumentParser(prog="ocnode solvers",
+                                description=(__doc__ or "").splitlines()[0].replace("``", ""))
     p.add_argument("--quick", action="store_true",
                    help="fewer tolerances and step sizes, one repeat, no reference cross-check")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the result files")
@@ -742,6 +784,7 @@ def run_problem(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the study (``ocnode solvers ARGS``); returns the exit status."""
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     start = time.perf_counter()

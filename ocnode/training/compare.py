@@ -1,105 +1,60 @@
-"""Optimizer comparison harness shared by the experiment scripts (image, time series,
-fitting, CNF).
+"""The optimizer comparison harness (``ocnode compare``, and the experiment scripts).
 
-:func:`run` trains one :class:`Task` with several optimizers over several seeds. Within a
-seed every optimizer starts from the same initial weights, and the runs advance interleaved,
-one iteration each in turn (the order rotates every turn), each on its own clock: evaluation
-and bookkeeping are outside the clock, so bursts of machine load hit every optimizer alike.
-A run stops at its wall-clock budget, at ``--max-steps`` or when its loss stops being finite.
+:func:`run` trains one :class:`ocnode.training.tasks.Task` with several registered optimizers
+over several seeds. Within a seed every optimizer starts from the same initial weights, and
+the runs advance interleaved, one iteration each in turn (the order rotates every turn),
+each on its own clock: evaluation and bookkeeping are outside the clock, so bursts of
+machine load hit every optimizer alike. A run stops at its wall-clock budget, at
+``--max-steps``, when its loss stops being finite, or when its solver fails (a blown-up
+model ends that run, not the comparison). Iterations are :func:`ocnode.training.step.train_step`,
+the same as ``ocnode train``'s.
 
-Optimizers (ALGORITHM.md section 3 for the defaults; a task overrides them in ``hparams``):
+Hyperparameters: the registry's defaults (:mod:`ocnode.training.optimizers`), then
+:data:`COMPARE_HPARAMS` (SNOpt and K-FAC refresh every 50 iterations and also precondition
+the layers outside the ODE blocks), then the task's tuned values, then ``--hparams``.
 
-* ``adam``, ``sgd``: torch's, on adjoint ODE blocks.
-* ``snopt``: :class:`ocnode.optim.SNOpt` on adjoint ODE blocks (curvature from the backward
-  solve, ``full=True``: the layers outside the blocks get ordinary K-FAC).
-* ``kfac``: K-FAC through the solver: the same class on ODE blocks built with
-  ``adjoint=False``, so its hooks see every vector-field evaluation of the solve (memory grows
-  with the number of solver steps). It uses the same eigenvalue-corrected update as SNOpt
-  (``alpha = 0.75``), so the two differ only in where the curvature comes from. Plain K-FAC
-  (``--hparams '{"kfac": {"alpha": 1}}'``) diverged on Fashion-MNIST at SNOpt's lr and eps and
-  did not learn at half the lr and twice the eps (see BENCHMARKS.md).
-* ``newton-cg``: :class:`ocnode.optim.NewtonCG`, exact Hessian-vector products through the
-  solve (``adjoint=False``), a few CG iterations per step.
+Outputs under ``<out>/<task.label>/``: ``runs/<optimizer>_seed<k>.csv`` (one row per
+evaluation: ``step, time_s, train_loss, step_ms, nfe_forward, nfe_backward`` and the task's
+evaluation columns), ``summary.json``, ``results.md`` and ``curves.png`` (training loss, the
+task's metric and the forward NFE per iteration against each run's own wall-clock), and the
+task's picture of the first seed's models where it has one.
 
-Outputs under ``<out>/<task.name>/``: ``runs/<optimizer>_seed<k>.csv`` (one row per
-evaluation), ``summary.json``, ``results.md`` and ``curves.png`` (training loss, the task's
-metric and the forward NFE per iteration against each run's own wall-clock).
-
-Peak memory is measured apart from the timed runs: for each optimizer a forked child process
-builds a fresh model, runs one warm-up iteration, resets the kernel's peak-RSS mark, and runs
-two more iterations (including a curvature refresh for SNOpt and K-FAC); the table reports
-that peak RSS growth (Linux only; otherwise it is left empty).
+Peak memory is measured apart from the timed runs (:mod:`ocnode.training.memory`): for each
+optimizer a forked child builds a fresh model, runs one warm-up iteration and measures two
+more (including a curvature refresh for SNOpt and K-FAC).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import ctypes
-import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ocnode.nn import ode_blocks
-from ocnode.optim import NewtonCG, SNOpt
+from ocnode.training.memory import peak_rss_growth
+from ocnode.training.optimizers import OPTIMIZERS, build_optimizer, resolve_hparams
+from ocnode.training.plots import COLORS
+from ocnode.training.records import command_line, machine_info
+from ocnode.training.step import NFECounter, train_step
+from ocnode.training.tasks import Task
 from solvers import SolverError
 
-from common import command_line, machine_info, read_status_kib
-
-OPTIMIZER_NAMES = ("adam", "sgd", "snopt", "kfac", "newton-cg")
-#: Optimizers whose models backpropagate through the solver instead of the adjoint.
-THROUGH_SOLVER = {"kfac", "newton-cg"}
-DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
-    "adam": {"lr": 1e-3},
-    "sgd": {"lr": 0.02, "momentum": 0.9},
-    "snopt": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 50, "full": True},
-    "kfac": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 50, "full": True},
-    "newton-cg": {"lr": 1.0, "damping": 0.3, "cg_iters": 5},
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
+#: The harness's choices over the registry defaults (the task's and --hparams come after).
+COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
+    "snopt": {"update_freq": 50, "full": True},
+    "kfac": {"update_freq": 50, "full": True},
 }
-COLORS = {"adam": "tab:blue", "sgd": "tab:green", "snopt": "tab:red", "kfac": "tab:purple",
-          "newton-cg": "tab:orange"}
-MEMORY_MMAP_THRESHOLD = 1 << 16  # bytes; larger blocks are mmapped, so RSS follows frees
-
-
-@dataclass
-class Task:
-    """One training problem for :func:`run`.
-
-    Attributes:
-        name: results subfolder, e.g. ``"fashion-mnist"``.
-        metric: key of ``evaluate``'s dict used in the table and the target,
-            e.g. ``"test_acc"``.
-        higher_is_better: direction of ``metric``.
-        build_model: ``build_model(adjoint)`` returns a fresh model; the harness seeds torch
-            before each call, so every optimizer of a seed starts from the same weights.
-        batches: ``batches(seed)`` returns an endless iterator of training batches.
-        loss: ``loss(model, batch)`` returns the scalar training loss, with its graph.
-        evaluate: held-out metrics of a model (run outside the clock under no_grad unless it
-            enables grad itself); must include ``metric`` and ``"test_loss"``.
-        hparams: optimizer name -> keyword overrides of :data:`DEFAULT_HPARAMS`.
-    """
-
-    name: str
-    metric: str
-    higher_is_better: bool
-    build_model: Callable[[bool], nn.Module]
-    batches: Callable[[int], Iterator[Any]]
-    loss: Callable[[nn.Module, Any], Tensor]
-    evaluate: Callable[[nn.Module], dict[str, float]]
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
@@ -151,75 +106,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- optimizers
 
-def build_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``model`` with ``hparams`` (already merged with defaults)."""
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), **hparams)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), **hparams)
-    if name in ("snopt", "kfac"):  # the model's blocks decide where the curvature comes from
-        return SNOpt(model, **hparams)
-    if name == "newton-cg":
-        return NewtonCG(model.parameters(), **hparams)
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
 def hparams_for(task: Task, name: str,
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then the task's choices, then the command line's ``--hparams``."""
-    return {**DEFAULT_HPARAMS[name], **task.hparams.get(name, {}),
-            **(overrides or {}).get(name, {})}
+    """Registry defaults, the harness's choices, the task's, then ``--hparams``."""
+    return resolve_hparams(name, COMPARE_HPARAMS.get(name), task.hparams.get(name),
+                           (overrides or {}).get(name))
 
 
-class NFECounter:
-    """Counts vector-field calls of every ODE block, split by phase ("forward"/"backward").
-
-    The forward phase is the loss evaluation; everything else of an iteration (adjoint
-    solve, curvature re-evaluations) counts as backward. Calls outside :func:`train_step`
-    (phase "idle", e.g. evaluation) are not counted.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.phase, self.counts = "idle", {"forward": 0, "backward": 0}
-        self._handles = [b.func.register_forward_pre_hook(self._hook) for b in ode_blocks(model)]
-
-    def _hook(self, module: nn.Module, inputs: tuple) -> None:
-        if self.phase != "idle":
-            self.counts[self.phase] += 1
-
-    def take(self) -> tuple[int, int]:
-        out = self.counts["forward"], self.counts["backward"]
-        self.counts = {"forward": 0, "backward": 0}
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def train_step(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch: Any,
-               counter: NFECounter | None = None) -> float:
-    """One iteration of any of the optimizers; returns the training loss."""
-    def closure() -> Tensor:
-        if counter is not None:
-            counter.phase = "forward"
-        try:
-            return task.loss(model, batch)
-        finally:
-            if counter is not None:
-                counter.phase = "backward"
-
-    try:
-        if isinstance(opt, NewtonCG):
-            return float(opt.step(closure))
-        opt.zero_grad(set_to_none=True)
-        loss = closure()
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-    finally:
-        if counter is not None:
-            counter.phase = "idle"
+def build_model(task: Task, name: str, seed: int) -> nn.Module:
+    """The task's model for optimizer ``name``, from the seed's initial weights."""
+    torch.manual_seed(seed)
+    return task.build_model(not OPTIMIZERS[name].through_solver)
 
 
 # ----------------------------------------------------------------------------- training
@@ -256,13 +153,10 @@ def _evaluate(task: Task, run: _Run) -> dict[str, float]:
             metrics = task.evaluate(run.model)
     except SolverError as err:  # a blown-up model: the run ends, the comparison goes on
         _fail(run, err)
-        return {task.metric: math.nan, "test_loss": math.nan}
+        return {k: math.nan for k in task.columns}
     finally:
         run.model.train(was_training)
-    if task.metric not in metrics or "test_loss" not in metrics:
-        raise KeyError(f"task {task.name!r}: evaluate() must return {task.metric!r} and "
-                       f"'test_loss', got {sorted(metrics)}")
-    return {k: float(v) for k, v in metrics.items()}
+    return {k: float(metrics[k]) for k in task.columns}
 
 
 def _record(task: Task, run: _Run) -> None:
@@ -281,7 +175,9 @@ def _advance(task: Task, run: _Run, settings: dict[str, Any]) -> None:
     batch = next(run.batches)
     start = time.perf_counter()
     try:
-        loss = train_step(task, run.model, run.opt, batch, run.counter)
+        loss = train_step(run.model, run.opt, task.loss, batch, counter=run.counter)
+    except FloatingPointError:
+        loss = math.nan
     except SolverError as err:  # a blown-up model ends this run, not the comparison
         loss = math.nan
         _fail(run, err)
@@ -307,8 +203,7 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
     """All optimizers on one seed, interleaved; returns the finished runs."""
     runs: dict[str, _Run] = {}
     for name in settings["optimizers"]:
-        torch.manual_seed(seed)
-        model = task.build_model(name not in THROUGH_SOLVER)
+        model = build_model(task, name, seed)
         opt = build_optimizer(name, model, hparams_for(task, name, settings["hparams"]))
         runs[name] = _Run(name, model, opt, task.batches(seed), NFECounter(model))
         _record(task, runs[name])  # the initial model, at time 0
@@ -327,60 +222,24 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
 
 # ----------------------------------------------------------------------------- memory
 
-def _memory_child(task: Task, name: str, seed: int,
-                  overrides: dict[str, Any]) -> dict[str, float]:
-    torch.set_num_threads(1)
-    libc = None
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MEMORY_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    torch.manual_seed(seed)
-    model = task.build_model(name not in THROUGH_SOLVER)
-    hp = hparams_for(task, name, overrides)
-    if name in ("snopt", "kfac"):
-        hp["update_freq"] = 2  # refresh, plain, refresh
-    opt = build_optimizer(name, model, hp)
-    batches = task.batches(seed)
-    train_step(task, model, opt, next(batches))
-    measured = [next(batches) for _ in range(2)]
-    gc.collect()
-    if libc is not None:  # hand the warm-up's freed heap back, or it hides the next peak
-        libc.malloc_trim(0)
-    before = read_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
-    for batch in measured:
-        train_step(task, model, opt, batch)
-    return {"peak_rss_growth_mib": (read_status_kib("VmHWM") - before) / 1024}
-
-
 def measure_memory(task: Task, name: str, seed: int = 0,
                    overrides: dict[str, Any] | None = None) -> float | None:
-    """Peak RSS growth (MiB) of two iterations of ``name``, in a forked child; None where
-    fork or /proc is unavailable, or the child failed."""
-    if not hasattr(os, "fork") or not Path("/proc/self/clear_refs").exists():
-        return None
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:  # child: measure, report through the pipe, exit without cleanup
-        code = 0
-        try:
-            payload = json.dumps(_memory_child(task, name, seed, overrides or {}))
-        except BaseException as err:  # noqa: BLE001 - report any failure to the parent
-            payload, code = json.dumps({"error": f"{type(err).__name__}: {err}"}), 1
-        os.write(write_fd, payload.encode())
-        os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        text = pipe.read()
-    os.waitpid(pid, 0)
-    result = json.loads(text) if text else {"error": "no output"}
-    if "error" in result:
-        warnings.warn(f"memory probe of {name} on {task.name} failed: {result['error']}",
-                      stacklevel=2)
-        return None
-    return float(result["peak_rss_growth_mib"])
+    """Peak RSS growth (MiB) of two iterations of ``name`` after one warm-up, in a forked
+    child (:func:`ocnode.training.memory.peak_rss_growth`); SNOpt and K-FAC refresh every second
+    iteration so that a refresh is measured. None where the probe cannot run."""
+    def prepare() -> Callable[[], None]:
+        model = build_model(task, name, seed)
+        hp = hparams_for(task, name, overrides)
+        if "update_freq" in hp:
+            hp["update_freq"] = 2  # refresh, plain, refresh
+        opt = build_optimizer(name, model, hp)
+        batches = task.batches(seed)
+
+        def step() -> None:
+            train_step(model, opt, task.loss, next(batches))
+        return step
+
+    return peak_rss_growth(prepare, warmup=1, iterations=2, what=f"{name} on {task.label}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -446,7 +305,7 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
             "steps_mean": statistics.fmean(r.steps for r in runs),
             "status": sorted({r.status for r in runs}),
             "peak_rss_growth_mib": memory.get(n)})
-    return {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+    return {"task": task.label, "metric": task.metric, "higher_is_better": task.higher_is_better,
             "target_rule": "best mean final metric among the baselines (every optimizer "
                            "except snopt)", **metrics, "settings": settings,
             "hparams": {n: hparams_for(task, n, settings["hparams"]) for n in names},
@@ -510,7 +369,7 @@ def plot_curves(task: Task, seed_runs: list[dict[str, _Run]], path: Path) -> Non
     if losses and min(losses) > 0:
         axes[0].set_yscale("log")
     axes[1].legend(loc="best")
-    fig.suptitle(f"{task.name}: one line per optimizer and seed")
+    fig.suptitle(f"{task.label}: one line per optimizer and seed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -596,7 +455,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     trained model of the first seed) added."""
     settings = _settings(args)
     torch.set_num_threads(settings["threads"])
-    folder = Path(args.out) / task.name
+    folder = Path(args.out) / task.label
     if args.refresh_report:
         return refresh_report(task, folder)
     seed_runs = []
@@ -605,7 +464,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
         runs = train_seed(task, seed, settings)
         write_csvs(folder / "runs", seed, runs)
         seed_runs.append(runs)
-        print(f"[{task.name}] seed {seed} ({time.perf_counter() - start:.0f} s): " + ", ".join(
+        print(f"[{task.label}] seed {seed} ({time.perf_counter() - start:.0f} s): " + ", ".join(
             f"{n} {task.metric}={r.rows[-1][task.metric]:.4g} ({r.steps} it, {r.status})"
             for n, r in runs.items()), flush=True)
     memory = {} if args.no_memory else {
@@ -615,5 +474,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (folder / "results.md").write_text(markdown(summary))
     plot_curves(task, seed_runs, folder / "curves.png")
+    models = {n: r.model for n, r in seed_runs[0].items()}
+    if task.plot is not None:
+        task.plot(models, folder / f"{task.name}.png")
     print(markdown(summary), flush=True)
-    return {**summary, "models": {n: r.model for n, r in seed_runs[0].items()}}
+    return {**summary, "models": models}

@@ -1,0 +1,178 @@
+"""``TrainConfig``: everything a run of ``ocnode train`` depends on, validated in one place.
+
+Fields left at None take the default of the task (model, width, batch size, solver) or of
+the optimizer (its hyperparameters, :mod:`ocnode.training.optimizers`), so one command line
+trains any dataset sensibly; a set field always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from ocnode.data import DATASETS
+from ocnode.training.optimizers import OPTIMIZERS
+from ocnode.training.records import resolve_device
+from ocnode.training.tasks import MODELS, TASKS, TaskSettings
+
+#: Choices of ``TrainConfig.damping_mode``, ``.fisher`` and ``.adaptive_t1``.
+DAMPING_MODES = ("ekfac", "tikhonov")
+FISHERS = ("empirical", "true")
+ADAPTIVE_T1 = ("off", "baseline", "feedback")
+#: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
+HPARAM_FIELDS = ("lr", "momentum", "weight_decay", "eps", "alpha", "update_freq", "full",
+                 "damping_mode", "observer_dt", "fisher", "stats_batch")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on.
+
+    Attributes:
+        dataset: a key of ``ocnode.data.DATASETS`` (or ``uea:<Name>``, ``lasa:<Shape>``).
+        data_dir: folder with the dataset files, for datasets read from disk.
+        train_size: cap the training split at this many examples (stratified, seeded).
+        test_size: evaluate on a fixed random subset of this many test examples (None: all).
+        task: a key of :data:`ocnode.training.tasks.TASKS`; None: the dataset's kind decides.
+        model: one of the task's models (:data:`ocnode.training.tasks.MODELS`); None: its first.
+        width: the model's width (hidden units or channels); None: the task's default.
+        optimizer: a key of :data:`ocnode.training.optimizers.OPTIMIZERS`.
+        lr, momentum, weight_decay, eps, alpha, update_freq, full, damping_mode, observer_dt,
+            fisher, stats_batch: optimizer hyperparameters; None takes the task's tuned value
+            or the optimizer's default; an optimizer ignores the ones it does not take.
+        lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``.
+        epochs: total epochs of the run (a resumed run continues up to this number).
+        batch_size: training batch size; None: the task's default.
+        seed: seeds torch, numpy, python and the data split and shuffling.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        out: output folder; resume: continue the run saved there; overwrite: start over.
+        method, rtol, atol, step_size: the ODE solver; None keeps the task's default
+            (``step_size`` is required by fixed-step methods such as rk4).
+        adjoint: gradients by the adjoint (True) or by backpropagation through the solver;
+            optimizers that need the latter (kfac, newton-cg) always get it.
+        t1: the (initial) integration horizon.
+        adaptive_t1: ``"off"``, ``"baseline"`` (first-order open loop) or ``"feedback"``
+            (SNOpt's second-order policy) optimisation of the horizon t1.
+        t1_lr, t1_reg, t1_update_freq, t1_min: the horizon optimizer's step size, T^2
+            regularisation, iterations between T updates and lower bound of T.
+        log_every: a metrics row (with an evaluation) every this many steps and per epoch.
+        eval_batch_size: batch size of the evaluation.
+        progress: show a progress bar.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    task: str | None = None
+    model: str | None = None
+    width: int | None = None
+    optimizer: str = "adam"
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    alpha: float | None = None
+    update_freq: int | None = None
+    full: bool | None = None
+    damping_mode: str | None = None
+    observer_dt: float | None = None
+    fisher: str | None = None
+    stats_batch: int | None = None
+    lr_decay: float = 0.8
+    epochs: int = 15
+    batch_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/ocnode"
+    resume: bool = False
+    overwrite: bool = False
+    method: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    step_size: float | None = None
+    adjoint: bool = True
+    t1: float = 1.0
+    adaptive_t1: str = "off"
+    t1_lr: float = 0.1
+    t1_reg: float = 1e-4
+    t1_update_freq: int = 50
+    t1_min: float = 0.1
+    log_every: int = 10
+    eval_batch_size: int = 1024
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError, saying what to change, if the configuration cannot run."""
+        if self.dataset not in DATASETS and ":" not in self.dataset:
+            _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name, registry in (("task", TASKS), ("damping_mode", DAMPING_MODES),
+                               ("fisher", FISHERS)):
+            if getattr(self, name) is not None:
+                _check_choice(name, getattr(self, name), registry)
+        _check_choice("adaptive_t1", self.adaptive_t1, ADAPTIVE_T1)
+        if self.model is not None:
+            _check_choice("model", self.model, {m for ms in MODELS.values() for m in ms})
+        self._validate_numbers()
+        self._validate_rates()
+        resolve_device(self.device)
+
+    def _validate_numbers(self) -> None:
+        positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1,
+                    "eps": self.eps, "t1_lr": self.t1_lr, "t1_min": self.t1_min,
+                    "step_size": self.step_size, "observer_dt": self.observer_dt}
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        counts = {"epochs": self.epochs, "log_every": self.log_every,
+                  "eval_batch_size": self.eval_batch_size, "t1_update_freq": self.t1_update_freq,
+                  "batch_size": self.batch_size, "width": self.width,
+                  "update_freq": self.update_freq, "stats_batch": self.stats_batch,
+                  "train_size": self.train_size, "test_size": self.test_size}
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    def _validate_rates(self) -> None:
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        momentum = self.momentum if self.momentum is not None else 0.0
+        weight_decay = self.weight_decay if self.weight_decay is not None else 0.0
+        if not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError("momentum must be in [0, 1) and weight_decay >= 0, got "
+                             f"{self.momentum} and {self.weight_decay}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha (EKFAC second-moment rate) must be in [0, 1], got "
+                             f"{self.alpha}; 1 freezes the second moments (plain K-FAC)")
+        if self.t1_reg < 0:
+            raise ValueError(f"t1_reg must be >= 0, got {self.t1_reg}")
+        if self.adaptive_t1 != "off" and self.t1_min > self.t1:
+            raise ValueError(f"t1_min ({self.t1_min}) must not exceed the initial horizon t1 "
+                             f"({self.t1}); lower t1_min or raise t1")
+
+    def solver_changes(self) -> dict[str, Any]:
+        """The solver settings this config sets (the rest keeps the task's default solver)."""
+        values = {"method": self.method, "rtol": self.rtol, "atol": self.atol,
+                  "step_size": self.step_size}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def task_settings(self) -> TaskSettings:
+        """The choices this config makes for :func:`ocnode.training.tasks.make_task`."""
+        return TaskSettings(task=self.task, model=self.model, width=self.width,
+                            batch_size=self.batch_size, solver_changes=self.solver_changes(),
+                            t1=self.t1,
+                            trainable_t1=self.adaptive_t1 != "off", test_size=self.test_size,
+                            eval_batch_size=self.eval_batch_size)
+
+    def hparams(self, accepted: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyperparameters this config sets (not None) that an optimizer ``accepted``."""
+        values = {k: getattr(self, k) for k in HPARAM_FIELDS}
+        return {k: v for k, v in values.items() if k in accepted and v is not None}
+
+
+def _check_choice(field: str, value: str, registry: Collection[str]) -> None:
+    if value not in registry:
+        raise ValueError(f"unknown {field} {value!r}; choose one of {', '.join(sorted(registry))}")

@@ -1,0 +1,286 @@
+"""The training loop of the ``ocnode train`` command: any task, any registered optimizer.
+
+``train(TrainConfig(...))`` loads the dataset, builds its task (:mod:`ocnode.training.tasks`),
+the model and the optimizer (:mod:`ocnode.training.optimizers`), trains for ``epochs`` with
+:func:`ocnode.training.step.train_step` and writes to ``config.out``:
+
+- ``metrics.csv``: one row per logging step. Columns: ``step, epoch, wall_time, train_loss``,
+  the task's evaluation columns (classification and series: ``test_loss, test_acc``;
+  trajectory: ``test_loss, test_mse, extrap_mse, train_mse``; density: ``test_loss,
+  test_nll``), then ``nfe_forward, nfe_backward, lr, t1``. ``wall_time`` is training time
+  only (the clock pauses while evaluating and checkpointing); ``train_loss`` and the NFE
+  columns (see :mod:`ocnode.training.step`) are means over the iterations since the previous
+  row; ``t1`` is the horizon (mean over the ODE blocks; NaN without blocks).
+- ``checkpoint.pt``: written atomically at the end of every epoch, with the model, the
+  optimizer, the horizon optimizers, the counters, the elapsed training time and every RNG
+  state, so that ``resume=True`` continues bit-identically to an uninterrupted run.
+- ``curves.png``: train loss and the task's metric against wall-clock time, and the task's
+  picture where it has one (``trajectory.png``: data, fit and extrapolation;
+  ``density.png``: a 2-D CNF's density and samples).
+
+With ``adaptive_t1`` other than ``"off"``, the ODE blocks get a trainable horizon ``t1``,
+which the parameter optimizer leaves out and a :class:`ocnode.optim.HorizonOptimizer` per
+block updates (docs/algorithms.md, "The horizon policy").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ocnode.data import load_dataset
+from ocnode.nn import ode_blocks
+from ocnode.optim import HorizonOptimizer
+from ocnode.training import records
+from ocnode.training.config import TrainConfig
+from ocnode.training.optimizers import OPTIMIZERS, build_optimizer
+from ocnode.training.step import NFECounter, train_step
+from ocnode.training.tasks import Task, make_task
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+#: Fields that may change when a run is resumed; any other change would break bit-identity.
+RESUMABLE_FIELDS = {"epochs", "out", "resume", "overwrite", "device", "progress", "log_every",
+                    "eval_batch_size"}
+
+
+def metric_columns(task: Task) -> tuple[str, ...]:
+    """The columns of a task's ``metrics.csv``."""
+    return ("step", "epoch", "wall_time", "train_loss", *task.columns, "nfe_forward",
+            "nfe_backward", "lr", "t1")
+
+
+def horizon_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable horizons (``t1`` parameters) of the model's ODE blocks."""
+    return [b.t1_tensor for b in ode_blocks(model) if isinstance(b.t1_tensor, nn.Parameter)]
+
+
+def optimizer_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """All parameters, except the horizons when horizon optimizers own them."""
+    if config.adaptive_t1 == "off":
+        return list(model.parameters())
+    horizons = {id(p) for p in horizon_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in horizons]
+
+
+def build_horizons(model: nn.Module, config: TrainConfig) -> list[HorizonOptimizer]:
+    """One horizon optimizer per ODE block when ``adaptive_t1`` is on, else none."""
+    if config.adaptive_t1 == "off":
+        return []
+    blocks = [b for b in ode_blocks(model) if isinstance(b.t1_tensor, nn.Parameter)]
+    if not blocks:
+        raise ValueError(f"adaptive_t1={config.adaptive_t1!r} needs a model whose ODE blocks "
+                         f"have a trainable t1; the {config.model!r} model has none: use "
+                         "adaptive_t1='off'")
+    return [HorizonOptimizer(b, policy=config.adaptive_t1, lr=config.t1_lr, reg=config.t1_reg,
+                             update_freq=config.t1_update_freq, t_min=config.t1_min)
+            for b in blocks]
+
+
+class _Window:
+    """Training statistics accumulated since the last metrics row."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.nfe_forward, self.nfe_backward, self.steps = 0.0, 0, 0, 0
+
+    def add(self, loss: float, nfe: tuple[int, int]) -> None:
+        self.loss_sum += loss
+        self.nfe_forward += nfe[0]
+        self.nfe_backward += nfe[1]
+        self.steps += 1
+
+    def means(self) -> tuple[float, float, float]:
+        n = max(self.steps, 1)
+        return self.loss_sum / n, self.nfe_forward / n, self.nfe_backward / n
+
+
+class _Run:
+    """One training run: the objects a step needs, its counters and its files."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config, self.out = config, Path(config.out)
+        self.device = records.resolve_device(config.device)
+        records.seed_everything(config.seed)
+        dataset = load_dataset(config.dataset, config.data_dir, config.seed,
+                               subset=config.train_size)
+        self.task = make_task(dataset, config.task_settings())
+        entry = OPTIMIZERS[config.optimizer]
+        self.model = self.task.build_model(config.adjoint and not entry.through_solver)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(
+            config.optimizer, self.model,
+            {**self.task.hparams.get(config.optimizer, {}), **config.hparams(entry.defaults)},
+            params=optimizer_parameters(self.model, config))
+        self.horizons = build_horizons(self.model, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_loader = self.task.loader(self.generator)
+        self.blocks = ode_blocks(self.model)
+        self.counter = NFECounter(self.model)
+        self.log = records.MetricsLog(self.out / METRICS, metric_columns(self.task))
+        self.epoch = self.step = 0
+        self.saved_wall_time = 0.0  # training time of the epochs done before resuming
+        self.clock = records.Stopwatch()
+        self.window = _Window()
+
+    def save_checkpoint(self) -> None:
+        records.atomic_torch_save({
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "horizon": [h.state_dict() for h in self.horizons],
+            "epoch": self.epoch,
+            "step": self.step,
+            "wall_time": self.clock.elapsed(),
+            "rng": records.rng_states(self.generator),
+        }, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> None:
+        ckpt = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
+        _check_resumable(ckpt["config"], self.config)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        saved_horizons = ckpt.get("horizon", [])
+        if len(saved_horizons) != len(self.horizons):
+            raise ValueError(f"cannot resume {self.out}: the checkpoint holds "
+                             f"{len(saved_horizons)} horizon optimizer states, the model needs "
+                             f"{len(self.horizons)}")
+        for horizon, state in zip(self.horizons, saved_horizons):
+            horizon.load_state_dict(state)
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.saved_wall_time = ckpt["wall_time"]
+        records.set_rng_states(ckpt["rng"], self.generator)
+
+    def train_step(self, batch: Any) -> None:
+        batch = tuple(t.to(self.device) for t in batch)
+        try:
+            value = train_step(self.model, self.optimizer, self.task.loss, batch,
+                               self.horizons, self.counter)
+        except FloatingPointError as err:
+            raise FloatingPointError(self._diverged_message(err)) from None
+        self.window.add(value, self.counter.take())
+        self.step += 1
+
+    def log_metrics(self) -> dict[str, float]:
+        wall_time = self.clock.elapsed()
+        with self.clock.paused():
+            metrics = self._evaluate()
+            train_loss, nfe_forward, nfe_backward = self.window.means()
+            self.window = _Window()
+            row = {"step": self.step, "epoch": self.step / len(self.train_loader),
+                   "wall_time": wall_time, "train_loss": train_loss, **metrics,
+                   "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
+                   "lr": self.optimizer.param_groups[0]["lr"], "t1": self.current_t1()}
+            self.log.append(row)
+        return row
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            metrics = self.task.evaluate(self.model)
+        finally:
+            self.model.train(was_training)
+        return {k: metrics[k] for k in self.task.columns}
+
+    def current_t1(self) -> float:
+        """The current integration horizon (mean over the ODE blocks; NaN without blocks)."""
+        return sum(b.t1 for b in self.blocks) / len(self.blocks) if self.blocks else math.nan
+
+    def run(self) -> dict[str, float]:
+        config, n_batches = self.config, len(self.train_loader)
+        self.clock = records.Stopwatch(self.saved_wall_time)
+        metric = self.task.metric
+        with tqdm(total=config.epochs * n_batches, initial=self.step, unit="step",
+                  desc="train", disable=not config.progress, dynamic_ncols=True) as bar:
+            for epoch in range(self.epoch, config.epochs):
+                _set_epoch_lr(self.optimizer, config.lr_decay**epoch)
+                for i, batch in enumerate(self.train_loader):
+                    self.train_step(batch)
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or i == n_batches - 1:
+                        row = self.log_metrics()
+                        bar.set_postfix(loss=f"{row['train_loss']:.4f}",
+                                        **{metric: f"{row[metric]:.4f}"})
+                self.epoch = epoch + 1
+                with self.clock.paused():
+                    self.save_checkpoint()
+        self.counter.remove()
+        return self._finish()
+
+    def _finish(self) -> dict[str, float]:
+        rows = self.log.read()
+        records.plot_curves(rows, self.out / CURVES, self.task.metric,
+                            f"{self.task.label}: {self.task.model_name}, {self.config.optimizer}")
+        if self.task.plot is not None:
+            self.task.plot({self.config.optimizer: self.model.cpu()},
+                           self.out / f"{self.task.name}.png")
+        return rows[-1]
+
+    def _diverged_message(self, err: FloatingPointError) -> str:
+        path = self.out / CHECKPOINT
+        kept = (f"the last good checkpoint, {path} (epoch {self.epoch}), is left untouched"
+                if path.exists() else "no checkpoint had been written yet")
+        return (f"{err} at epoch {self.epoch + 1}, step {self.step + 1}; stopped before the "
+                f"optimizer step, and {kept}. Start a new run with a smaller lr, tighter "
+                "rtol/atol or weight decay.")
+
+
+def _set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    now = dataclasses.asdict(config)
+    changed = sorted(k for k in now if k not in RESUMABLE_FIELDS and saved.get(k) != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {config.out}: the settings differ from the saved run "
+                         f"({diffs}); resume with the same settings, or start a new run "
+                         "in another out folder")
+
+
+def _prepare_out(config: TrainConfig) -> None:
+    out = Path(config.out)
+    checkpoint = out / CHECKPOINT
+    if config.resume and not checkpoint.exists():
+        raise ValueError(f"resume: there is no checkpoint at {checkpoint}; run without "
+                         "resume to start a new run there, or point out at the run's folder")
+    if not config.resume and checkpoint.exists():
+        if not config.overwrite:
+            raise ValueError(f"{out} already holds a run ({checkpoint}); pass resume to "
+                             "continue it, overwrite to start over, or choose another out")
+        checkpoint.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Train as configured and write metrics, checkpoints and curves.
+
+    Args:
+        config: the run's settings.
+
+    Returns:
+        The last metrics row (keys :func:`metric_columns` of the run's task).
+
+    Raises:
+        ValueError: bad settings, a missing checkpoint with ``resume``, or an ``out`` that
+            already holds a run without ``resume``/``overwrite``.
+        FloatingPointError: the training loss became NaN or infinite.
+    """
+    config.validate()
+    _prepare_out(config)
+    run = _Run(config)
+    if config.resume:
+        run.load_checkpoint()
+    run.log.start(keep_until_step=run.step if config.resume else None)
+    return run.run()
