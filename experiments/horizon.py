@@ -55,7 +55,7 @@ from ocnode.data import load_dataset
 from ocnode.nn import ode_blocks
 from ocnode.training import OPTIMIZERS, NFECounter, TrainConfig, make_task, train
 from ocnode.training.loop import CHECKPOINT, METRICS
-from ocnode.training.records import MetricsLog
+from ocnode.training.records import MetricsLog, load_checkpoint
 
 # ---- configuration (CLI flags override some of it) --------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def inference_nfe(config: TrainConfig) -> dict[str, float]:
                            subset=config.train_size)
     task = make_task(dataset, config.task_settings())
     model = task.build_model(config.adjoint and not OPTIMIZERS[config.optimizer].through_solver)
-    ckpt = torch.load(Path(config.out) / CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(Path(config.out) / CHECKPOINT)
     model.load_state_dict(ckpt["model"])
     model.eval()
     blocks, counter = ode_blocks(model), NFECounter(model)

@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from ocnode.data import load_dataset
 from ocnode.optim import SNOpt
 from ocnode.training import TrainConfig, build_optimizer, make_task
 from ocnode.training.cli import build_parser, main
 from ocnode.training.loop import CHECKPOINT
+from ocnode.training.records import load_checkpoint
 
 METRIC_COLUMNS = ("step", "epoch", "wall_time", "train_loss", "test_loss", "test_acc",
                   "nfe_forward", "nfe_backward", "lr", "t1")
@@ -52,7 +52,7 @@ def test_snopt_and_kfac_runs_write_finite_metrics_with_horizon_and_nfe(
     assert all(r["t1"] == 1.0 and r["nfe_forward"] == 8 for r in rows)
     assert all((r["nfe_backward"] == 0) == (optimizer == "kfac") for r in rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    saved = torch.load(tmp_path / optimizer / CHECKPOINT, weights_only=True)["optimizer"]
+    saved = load_checkpoint(tmp_path / optimizer / CHECKPOINT)["optimizer"]
     group = saved["param_groups"][0]
     assert (group["alpha"], group["eps"]) == (alpha, 0.1)
     assert saved["state"]["snopt"]["step"] == 12
@@ -70,7 +70,7 @@ def test_adaptive_feedback_horizon_moves_t1_and_respects_t1_min(tmp_path: Path) 
     assert all(b <= a for a, b in zip(horizons, horizons[1:])) and len(set(horizons)) > 2
     assert min(horizons) >= 0.75 and abs(horizons[-1] - 0.75) < 1e-6
     assert all(r["nfe_backward"] > 0 for r in rows)
-    checkpoint = torch.load(tmp_path / "t1" / CHECKPOINT, weights_only=True)
+    checkpoint = load_checkpoint(tmp_path / "t1" / CHECKPOINT)
     assert checkpoint["horizon"][0]["step"] == 12
     assert abs(float(checkpoint["model"]["ode.t1_tensor"]) - 0.75) < 1e-6
 
@@ -106,7 +106,7 @@ def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -
     rows = _train(tmp_path / "fmnist", "--dataset", "fashion-mnist", "--model", "conv",
                   "--train-size", "256", "--width", "4", "--log-every", "100")
     assert rows[-1]["step"] == 2  # 256 stratified images in batches of 128
-    saved = torch.load(tmp_path / "fmnist" / CHECKPOINT, weights_only=True)
+    saved = load_checkpoint(tmp_path / "fmnist" / CHECKPOINT)
     assert saved["config"]["train_size"] == 256
     assert saved["model"]["1.stem.0.weight"].shape == (4, 1, 3, 3)
 
@@ -126,6 +126,8 @@ def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -
     (["--t1-update-freq", "0"], "t1_update_freq must be an int >= 1"),
     (["--momentum", "1.5"], "momentum must be in"),
     (["--train-size", "0"], "train_size must be an int >= 1"),
+    (["--method", "rk4"], "rk4 needs options=.*step_size.*--step-size"),
+    (["--method", "rk5"], "unknown method 'rk5'"),
     (["--dataset", "mnist"], "mnist: no data_dir given.*--data-dir"),
 ])
 def test_bad_flags_are_usage_errors_saying_what_to_fix(

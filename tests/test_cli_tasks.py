@@ -12,6 +12,7 @@ import torch
 
 from ocnode.training.cli import main
 from ocnode.training.loop import CHECKPOINT
+from ocnode.training.records import load_checkpoint
 
 # (dataset flags, metric column, extra columns, picture); tiny data, one or two epochs
 TASKS = {
@@ -54,8 +55,8 @@ def test_every_task_trains_from_the_command_line_and_resumes_bit_identically(
     resumed = _train(tmp_path / "split", flags, "--epochs", "2", "--resume")
     assert [{k: v for k, v in r.items() if k != "wall_time"} for r in resumed] == [
         {k: v for k, v in r.items() if k != "wall_time"} for r in rows]
-    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model"]
-    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)["model"]
+    a = load_checkpoint(tmp_path / "full" / CHECKPOINT)["model"]
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

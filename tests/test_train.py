@@ -20,7 +20,7 @@ from ocnode.optim import SNOpt
 from ocnode.training import OPTIMIZERS, TrainConfig, build_optimizer, make_task, train
 from ocnode.training.cli import main
 from ocnode.training.loop import CHECKPOINT, horizon_parameters, optimizer_parameters
-from ocnode.training.records import atomic_torch_save
+from ocnode.training.records import atomic_torch_save, load_checkpoint
 from ocnode.training.tasks import TaskSettings
 
 #: metrics.csv of a classification run
@@ -46,7 +46,7 @@ def _rows(out: str | Path) -> list[dict[str, str]]:
 
 
 def _load(out: str | Path) -> dict:
-    return torch.load(Path(out) / CHECKPOINT, weights_only=True)
+    return load_checkpoint(Path(out) / CHECKPOINT)
 
 
 def _assert_identical(a: object, b: object, where: str = "") -> None:

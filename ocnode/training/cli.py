@@ -28,11 +28,25 @@ from ocnode.training.config import ADAPTIVE_T1, DAMPING_MODES, FISHERS, TrainCon
 from ocnode.training.loop import train
 from ocnode.training.optimizers import OPTIMIZERS
 from ocnode.training.tasks import MODELS, TASKS, TaskSettings, make_task
-from solvers import SolverError
+from solvers import SolverError, SolverInputError
 
 _DEFAULTS = TrainConfig()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (then the help text says what decides it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is argparse.SUPPRESS \
+                or not action.option_strings or action.help == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".lstrip()
 _TASK_DEFAULT = "the task's default"
 _OPT_DEFAULT = "the task's or optimizer's default"
+
+
+def _size_or_all(text: str) -> int | None:
+    return None if text == "all" else int(text)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -44,8 +58,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="folder with the dataset files (datasets read from disk)")
     g.add_argument("--train-size", type=int, default=d.train_size,
                    help="cap the training split (stratified, seeded); default: all")
-    g.add_argument("--test-size", type=int, default=d.test_size,
-                   help="evaluate on a fixed random subset of the test split; default: all")
+    g.add_argument("--test-size", type=_size_or_all, default=d.test_size,
+                   help="evaluate on a fixed random subset of the test split ('all': all of it)")
     g.add_argument("--task", default=d.task, choices=sorted(TASKS),
                    help="default: the dataset's kind decides")
     g.add_argument("--model", default=d.model,
@@ -81,21 +95,27 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS),
                    help="kfac = K-FAC through the solver; snopt --alpha 1 = plain K-FAC on "
                         "adjoint blocks")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--eps", type=float, default=d.eps, help="SNOpt/K-FAC damping (0.03-0.1)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate ({_OPT_DEFAULT})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help=f"({_OPT_DEFAULT})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"({_OPT_DEFAULT})")
+    g.add_argument("--eps", type=float, default=d.eps,
+                   help=f"SNOpt/K-FAC damping, 0.03-0.1 ({_OPT_DEFAULT})")
     g.add_argument("--alpha", type=float, default=d.alpha,
-                   help="EKFAC second-moment rate in [0, 1]; 1 freezes them (plain K-FAC)")
+                   help="EKFAC second-moment rate in [0, 1]; 1 freezes them (plain K-FAC) "
+                        f"({_OPT_DEFAULT})")
     g.add_argument("--update-freq", type=int, default=d.update_freq,
-                   help="iterations between curvature refreshes")
+                   help=f"iterations between curvature refreshes ({_OPT_DEFAULT})")
     g.add_argument("--full", action="store_const", const=True, default=argparse.SUPPRESS,
                    help="also precondition the layers outside the ODE blocks (stem, head)")
-    g.add_argument("--damping-mode", default=d.damping_mode, choices=DAMPING_MODES)
+    g.add_argument("--damping-mode", default=d.damping_mode, choices=DAMPING_MODES,
+                   help=f"how eps damps the curvature ({_OPT_DEFAULT}: ekfac)")
     g.add_argument("--observer-dt", type=float, default=d.observer_dt,
                    help="curvature grid spacing along the adjoint solve (default: 0.01 of "
                         "the horizon)")
-    g.add_argument("--fisher", default=d.fisher, choices=FISHERS)
+    g.add_argument("--fisher", default=d.fisher, choices=FISHERS,
+                   help=f"empirical (the loss's gradient) or true (sampled labels) Fisher "
+                        f"({_OPT_DEFAULT}: empirical)")
     g.add_argument("--stats-batch", type=int, default=d.stats_batch,
                    help="samples of each batch used for the ODE-block curvature")
 
@@ -115,7 +135,7 @@ def _add_horizon_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a model on a dataset",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     d = _DEFAULTS
     p.add_argument("--out", default=d.out, help="output folder (metrics, checkpoint, plots)")
     _add_data_flags(p)
@@ -123,10 +143,11 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_optimizer_flags(p)
     _add_horizon_flags(p)
     g = p.add_argument_group("run")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of the run")
     g.add_argument("--lr-decay", type=float, default=d.lr_decay,
                    help="learning rate factor per epoch (1: constant)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the weights, the data split and the shuffling")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between metrics rows (each with an evaluation)")
@@ -136,16 +157,25 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="start over in an --out that holds a run")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    default=argparse.SUPPRESS, help="hide the progress bar")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads (default: half the cores, 1 to 4)")
+    _add_debug_flag(p)
+
+
+def _add_debug_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
 
 
 def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="compare optimizers on one dataset's task "
                               "(interleaved, own clocks, several seeds)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     _add_data_flags(p)
     _add_solver_flags(p)
     p.add_argument("--label", default=None, help="results subfolder (default <task>-<dataset>)")
     compare.add_arguments(p)
+    _add_debug_flag(p)
 
 
 def _add_solvers_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -164,8 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: dict[str, Any]) -> int:
-    config = TrainConfig(**args)
+def _explicit_train_flags(argv: list[str]) -> dict[str, Any]:
+    """The ``ocnode train`` flags given on the command line (not their defaults)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    given.pop("command", None)
+    return given
+
+
+def _train(args: dict[str, Any], argv: list[str]) -> int:
+    if args.get("resume"):  # the saved settings, with the flags given now
+        given = _explicit_train_flags(argv)
+        config = TrainConfig.from_run(given.pop("out", args["out"]), **given)
+    else:
+        config = TrainConfig(**args)
     metrics = train(config)
     metric = next(k for k in ("test_acc", "test_nll", "test_mse") if k in metrics)
     print(f"done: epoch {metrics['epoch']:g}, step {int(metrics['step'])}, "
@@ -202,13 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         return workprecision.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    values = vars(args)
+    command, debug = values.pop("command"), values.pop("debug", False)
     try:
-        if args.command == "compare":
-            return _compare(args)
-        values = vars(args)
-        values.pop("command")
-        return _train(values)
-    except (ValueError, DatasetError, SolverError) as err:
+        return _compare(args) if command == "compare" else _train(values, argv)
+    except SolverInputError as err:  # bad solver settings: a usage error
+        if debug:
+            raise
+        parser.error(f"{err} (on the command line: --method, --step-size, --rtol, --atol)")
+    except (SolverError, FloatingPointError) as err:  # the run failed: one line, exit 1
+        if debug:
+            raise
+        print(f"ocnode {command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except (ValueError, DatasetError) as err:  # bad settings, data or run folder
+        if debug:
+            raise
         parser.error(str(err))
     return 2
 

@@ -13,10 +13,19 @@ the model and the optimizer (:mod:`ocnode.training.optimizers`), trains for ``ep
   row; ``t1`` is the horizon (mean over the ODE blocks; NaN without blocks).
 - ``checkpoint.pt``: written atomically at the end of every epoch, with the model, the
   optimizer, the horizon optimizers, the counters, the elapsed training time and every RNG
-  state, so that ``resume=True`` continues bit-identically to an uninterrupted run.
+  state, so that ``resume=True`` continues bit-identically to an uninterrupted run. It
+  carries a SHA-256 checksum, verified on load; the one it replaced is kept as
+  ``checkpoint.prev.pt``.
+- ``config.json``: the run's settings, from which ``TrainConfig.from_run`` (and
+  ``ocnode train --resume``) rebuild them.
 - ``curves.png``: train loss and the task's metric against wall-clock time, and the task's
   picture where it has one (``trajectory.png``: data, fit and extrapolation;
   ``density.png``: a 2-D CNF's density and samples).
+
+Nothing of an earlier run is lost: ``overwrite`` builds the new run first (dataset, model),
+then moves the old run's files into ``replaced-<time>/`` inside the folder and deletes them
+only once the new run has written its first checkpoint; ``resume`` rewrites
+``metrics.csv`` atomically and checks it against the checkpoint.
 
 With ``adaptive_t1`` other than ``"off"``, the ODE blocks get a trainable horizon ``t1``,
 which the parameter optimizer leaves out and a :class:`ocnode.optim.HorizonOptimizer` per
@@ -26,7 +35,11 @@ block updates (docs/algorithms.md, "The horizon policy").
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +51,16 @@ from ocnode.data import load_dataset
 from ocnode.nn import ode_blocks
 from ocnode.optim import HorizonOptimizer
 from ocnode.training import records
-from ocnode.training.config import TrainConfig
+from ocnode.training.config import RESUMABLE_FIELDS, TrainConfig, default_threads
 from ocnode.training.optimizers import OPTIMIZERS, build_optimizer
 from ocnode.training.step import NFECounter, train_step
 from ocnode.training.tasks import Task, make_task
+from solvers import SolverError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
-#: Fields that may change when a run is resumed; any other change would break bit-identity.
-RESUMABLE_FIELDS = {"epochs", "out", "resume", "overwrite", "device", "progress", "log_every",
-                    "eval_batch_size"}
+CONFIG = "config.json"
 
 
 def metric_columns(task: Task) -> tuple[str, ...]:
@@ -124,25 +136,27 @@ class _Run:
         self.blocks = ode_blocks(self.model)
         self.counter = NFECounter(self.model)
         self.log = records.MetricsLog(self.out / METRICS, metric_columns(self.task))
-        self.epoch = self.step = 0
+        self.epoch = self.step = self.rows = 0
+        self.saved_rows: int | None = None  # metrics rows the resumed checkpoint had seen
         self.saved_wall_time = 0.0  # training time of the epochs done before resuming
         self.clock = records.Stopwatch()
         self.window = _Window()
 
     def save_checkpoint(self) -> None:
-        records.atomic_torch_save({
+        records.save_checkpoint({
             "config": dataclasses.asdict(self.config),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "horizon": [h.state_dict() for h in self.horizons],
             "epoch": self.epoch,
             "step": self.step,
+            "metrics_rows": self.rows,
             "wall_time": self.clock.elapsed(),
             "rng": records.rng_states(self.generator),
         }, self.out / CHECKPOINT)
 
     def load_checkpoint(self) -> None:
-        ckpt = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
+        ckpt = records.load_checkpoint(self.out / CHECKPOINT)
         _check_resumable(ckpt["config"], self.config)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -154,6 +168,7 @@ class _Run:
         for horizon, state in zip(self.horizons, saved_horizons):
             horizon.load_state_dict(state)
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.saved_rows = ckpt.get("metrics_rows")
         self.saved_wall_time = ckpt["wall_time"]
         records.set_rng_states(ckpt["rng"], self.generator)
 
@@ -164,6 +179,11 @@ class _Run:
                                self.horizons, self.counter)
         except FloatingPointError as err:
             raise FloatingPointError(self._diverged_message(err)) from None
+        except SolverError as err:  # the run stops; say where and what is left of it
+            message = err.args[0] if err.args else "the solve failed"
+            err.args = (f"{message} (epoch {self.epoch + 1}, step {self.step + 1}); "
+                        f"{self._folder_state()}", *err.args[1:])
+            raise
         self.window.add(value, self.counter.take())
         self.step += 1
 
@@ -178,6 +198,7 @@ class _Run:
                    "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
                    "lr": self.optimizer.param_groups[0]["lr"], "t1": self.current_t1()}
             self.log.append(row)
+            self.rows += 1
         return row
 
     @torch.no_grad()
@@ -194,7 +215,9 @@ class _Run:
         """The current integration horizon (mean over the ODE blocks; NaN without blocks)."""
         return sum(b.t1 for b in self.blocks) / len(self.blocks) if self.blocks else math.nan
 
-    def run(self) -> dict[str, float]:
+    def run(self, replaced: list[Path] | None = None) -> dict[str, float]:
+        """Train to ``config.epochs``; ``replaced`` (an earlier run moved aside) is deleted
+        once this run's first checkpoint is written."""
         config, n_batches = self.config, len(self.train_loader)
         self.clock = records.Stopwatch(self.saved_wall_time)
         metric = self.task.metric
@@ -212,6 +235,9 @@ class _Run:
                 self.epoch = epoch + 1
                 with self.clock.paused():
                     self.save_checkpoint()
+                    for folder in replaced or []:
+                        shutil.rmtree(folder, ignore_errors=True)
+                    replaced = None
         self.counter.remove()
         return self._finish()
 
@@ -224,13 +250,15 @@ class _Run:
                            self.out / f"{self.task.name}.png")
         return rows[-1]
 
-    def _diverged_message(self, err: FloatingPointError) -> str:
+    def _folder_state(self) -> str:
         path = self.out / CHECKPOINT
-        kept = (f"the last good checkpoint, {path} (epoch {self.epoch}), is left untouched"
+        return (f"the last good checkpoint, {path} (epoch {self.epoch}), is left untouched"
                 if path.exists() else "no checkpoint had been written yet")
+
+    def _diverged_message(self, err: FloatingPointError) -> str:
         return (f"{err} at epoch {self.epoch + 1}, step {self.step + 1}; stopped before the "
-                f"optimizer step, and {kept}. Start a new run with a smaller lr, tighter "
-                "rtol/atol or weight decay.")
+                f"optimizer step, and {self._folder_state()}. Start a new run with a smaller "
+                "lr, tighter rtol/atol or weight decay.")
 
 
 def _set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -249,18 +277,41 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
                          "in another out folder")
 
 
-def _prepare_out(config: TrainConfig) -> None:
+def _check_out(config: TrainConfig) -> None:
+    """Refuse an ``out`` that does not fit ``resume``/``overwrite``; touches nothing."""
     out = Path(config.out)
     checkpoint = out / CHECKPOINT
     if config.resume and not checkpoint.exists():
         raise ValueError(f"resume: there is no checkpoint at {checkpoint}; run without "
                          "resume to start a new run there, or point out at the run's folder")
-    if not config.resume and checkpoint.exists():
-        if not config.overwrite:
-            raise ValueError(f"{out} already holds a run ({checkpoint}); pass resume to "
-                             "continue it, overwrite to start over, or choose another out")
-        checkpoint.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume and _holds_run(out) and not config.overwrite:
+        raise ValueError(f"{out} already holds a run ({checkpoint}); pass resume to "
+                         "continue it, overwrite to start over, or choose another out")
+
+
+def _holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in (CHECKPOINT, METRICS, CONFIG))
+
+
+def _move_aside(out: Path) -> list[Path]:
+    """Move an earlier run's files into ``out/replaced-<UTC time>/``; returns every such
+    folder in ``out`` (those of earlier overwrites that never reached a checkpoint too)."""
+    stamp = time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = out / stamp, 1
+    while aside.exists():
+        aside, n = out / f"{stamp}-{n}", n + 1
+    aside.mkdir()
+    for entry in out.iterdir():
+        if entry != aside and not entry.name.startswith("replaced-"):
+            entry.rename(aside / entry.name)
+    print(f"ocnode: moved the earlier run in {out} to {aside}; it is deleted once this run "
+          "writes its first checkpoint", file=sys.stderr)
+    return sorted(out.glob("replaced-*"))
+
+
+def _write_config(config: TrainConfig) -> None:
+    text = json.dumps(dataclasses.asdict(config), indent=1) + "\n"
+    records.atomic_write(Path(config.out) / CONFIG, lambda f: f.write(text.encode()))
 
 
 def train(config: TrainConfig) -> dict[str, float]:
@@ -278,9 +329,25 @@ def train(config: TrainConfig) -> dict[str, float]:
         FloatingPointError: the training loss became NaN or infinite.
     """
     config.validate()
-    _prepare_out(config)
-    run = _Run(config)
+    _check_out(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or default_threads())
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig) -> dict[str, float]:
+    run = _Run(config)  # data and model first: a failure here leaves the folder untouched
+    out = Path(config.out)
+    replaced = _move_aside(out) if config.overwrite and not config.resume and _holds_run(out) \
+        else None
+    out.mkdir(parents=True, exist_ok=True)
+    records.remove_stale_temporaries(out, CHECKPOINT)
     if config.resume:
         run.load_checkpoint()
-    run.log.start(keep_until_step=run.step if config.resume else None)
-    return run.run()
+    run.rows = run.log.start(keep_until_step=run.step if config.resume else None,
+                             expected_rows=run.saved_rows)
+    _write_config(config)
+    return run.run(replaced)

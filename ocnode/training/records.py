@@ -2,6 +2,8 @@
 
 - :class:`MetricsLog`: rows appended to ``metrics.csv``, flushed row by row.
 - :func:`atomic_torch_save`: write, fsync, rename: a crash leaves the previous file intact.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: checkpoints with a SHA-256 checksum,
+  verified on load, and the previous one kept as ``checkpoint.prev.pt``.
 - :func:`rng_states` / :func:`set_rng_states`: every generator a run draws from, so that a
   resumed run continues bit-identically.
 - :class:`Stopwatch`: a clock that pauses while evaluating and checkpointing.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import io
 import os
 import platform
 import random
@@ -20,6 +24,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -71,23 +76,118 @@ class Stopwatch:
             self._since = time.perf_counter()
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+def _file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (e.g. 0o644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
-    A crash or error at any point leaves the previous file at ``path`` untouched.
+
+def atomic_write(path: str | Path, write: Any, keep_previous: Path | None = None) -> None:
+    """Write a file atomically: ``write(f)`` into a temporary file in the same folder, fsync
+    it, give it the permissions of an ordinary new file, then rename it over ``path``.
+
+    A crash or error at any point leaves the previous file at ``path`` untouched. With
+    ``keep_previous``, the previous file is moved there just before the rename.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left for ``name``."""
+    stale = sorted(folder.glob(f".{name}.*.tmp"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
+
+
+CHECKPOINT_MAGIC = b"OCNODECK"  # 8 bytes, then the payload's SHA-256 (32 bytes), the payload
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not an ocnode checkpoint."""
+
+
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """Save ``obj`` with its SHA-256 checksum, atomically; the file it replaces becomes
+    ``<name>.prev<suffix>`` (e.g. ``checkpoint.prev.pt``)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).digest()
+    atomic_write(path, lambda f: f.write(CHECKPOINT_MAGIC + digest + payload),
+                 keep_previous=previous_checkpoint(path))
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, fails its checksum or is not a
+            checkpoint; the message says how to go on.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    header = len(CHECKPOINT_MAGIC) + 32
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < header:
+        return _legacy_checkpoint(path, data)
+    payload = data[header:]
+    if hashlib.sha256(payload).digest() != data[len(CHECKPOINT_MAGIC):header]:
+        _corrupt(path, "checksum mismatch")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a verified file that torch cannot read
+        _corrupt(path, f"unreadable: {type(err).__name__}: {err}")
+    raise AssertionError  # unreachable: _corrupt raises
+
+
+def _legacy_checkpoint(path: Path, data: bytes) -> dict[str, Any]:
+    """A checkpoint of an ocnode release before checksums (a plain ``torch.save`` of a dict
+    with ``config`` and ``model``), loaded with a warning; anything else is corrupt."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - garbage, truncated or empty
+        obj = None
+    if not (isinstance(obj, dict) and {"config", "model"} <= set(obj)):
+        _corrupt(path, "not an ocnode checkpoint, or truncated")
+    warnings.warn(f"{path} was written without a checksum (an older ocnode); it is used as it "
+                  "is, and the next checkpoint will carry one", RuntimeWarning, stacklevel=3)
+    return obj
+
+
+def _corrupt(path: Path, why: str) -> None:
+    prev = previous_checkpoint(path)
+    fallback = (f" ({prev} holds the checkpoint before it: copy it to {path} to resume from "
+                "there)" if prev.exists() else "")
+    raise CheckpointError(f"checkpoint {path} is corrupt ({why}); use --overwrite to start "
+                          f"over, or restore a copy{fallback}")
 
 
 def rng_states(loader_generator: torch.Generator) -> dict[str, Any]:
@@ -121,14 +221,40 @@ class MetricsLog:
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.path, self.columns = path, tuple(columns)
 
-    def start(self, keep_until_step: int | None = None) -> None:
-        """Begin a fresh file, or keep the rows with ``step <= keep_until_step`` (resume)."""
+    def start(self, keep_until_step: int | None = None,
+              expected_rows: int | None = None) -> int:
+        """Begin a fresh file, or keep the rows with ``step <= keep_until_step`` (resume).
+
+        The file is replaced atomically (written beside it, then renamed), so an interrupted
+        start never truncates the history.
+
+        Args:
+            keep_until_step: resume: keep the rows up to this step (None: start afresh).
+            expected_rows: the number of rows up to that step the run wrote (checked).
+
+        Returns:
+            The number of rows kept.
+
+        Raises:
+            ValueError: fewer or more rows than ``expected_rows`` (history truncated or
+                edited since the checkpoint).
+        """
         rows = [] if keep_until_step is None else [
             r for r in self._read_text() if float(r["step"]) <= keep_until_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
+        if expected_rows is not None and len(rows) != expected_rows:
+            raise ValueError(f"{self.path} holds {len(rows)} rows up to step {keep_until_step}, "
+                             f"the checkpoint expects {expected_rows}: the history was "
+                             "truncated or edited; restore it, or start over with --overwrite")
+
+        def write(f: Any) -> None:
+            text = io.TextIOWrapper(f, newline="", write_through=True)
+            writer = csv.DictWriter(text, self.columns)
             writer.writeheader()
             writer.writerows(rows)
+            text.detach()
+
+        atomic_write(self.path, write)
+        return len(rows)
 
     def append(self, row: dict[str, float]) -> None:
         """Append one row (keys: the log's columns)."""
