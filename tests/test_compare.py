@@ -51,7 +51,7 @@ def test_nfe_counter_splits_forward_and_backward_and_ignores_evaluation(one_thre
 
 def test_runs_share_the_initial_model_and_stop_at_the_step_cap(one_thread) -> None:
     settings = compare._settings(_args("--optimizers", "adam,sgd,snopt,kfac",
-                                       "--max-steps", "4", "--eval-every", "2"))
+                                       "--max-steps", "4", "--eval-every", "2"), _task())
     runs = compare.train_seed(_task(), 0, settings)
     first = {n: r.rows[0]["test_loss"] for n, r in runs.items()}
     assert len(set(first.values())) == 1, first  # one initial model for every optimizer
@@ -64,7 +64,7 @@ def test_runs_share_the_initial_model_and_stop_at_the_step_cap(one_thread) -> No
 
 def test_a_diverging_run_ends_alone(one_thread) -> None:
     task = _task({"sgd": {"lr": 1e12, "momentum": 0.0}})
-    settings = compare._settings(_args("--optimizers", "adam,sgd", "--max-steps", "6"))
+    settings = compare._settings(_args("--optimizers", "adam,sgd", "--max-steps", "6"), task)
     runs = compare.train_seed(task, 0, settings)
     assert runs["sgd"].status in ("diverged",) or runs["sgd"].status.startswith("error")
     assert runs["sgd"].steps < 6
@@ -115,9 +115,16 @@ def test_memory_probe_measures_a_forked_iteration(one_thread) -> None:
     assert growth is not None and growth >= 0.0
 
 
+def test_the_default_optimizers_are_those_that_can_train_the_tasks_model() -> None:
+    ode = compare._settings(_args(), _task())["optimizers"]
+    assert ode == ["adam", "sgd", "snopt", "kfac", "newton-cg"]  # not the chains-only DDPNOpt
+    chain = make_task(_DIGITS, TaskSettings(model="fcn", width=8))
+    assert "ddpnopt" in compare._settings(_args(), chain)["optimizers"]
+
+
 def test_bad_optimizer_names_are_rejected() -> None:
     with pytest.raises(SystemExit, match="unknown optimizer"):
-        compare._settings(_args("--optimizers", "adam,lbfgs"))
+        compare._settings(_args("--optimizers", "adam,lbfgs"), _task())
 
 
 def test_run_writes_a_complete_result_and_refresh_report_recomputes_it(

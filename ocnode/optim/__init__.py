@@ -5,8 +5,9 @@ The classes keep the records; the maths are the functions of
 Hessian-vector products); the curvature they use is collected by :mod:`ocnode.curvature`.
 """
 
+from ocnode.optim.ddpnopt import DDPNOpt, vanilla_ddp_step
 from ocnode.optim.horizon import HorizonOptimizer
 from ocnode.optim.newton_cg import NewtonCG
 from ocnode.optim.snopt import SNOpt
 
-__all__ = ["SNOpt", "HorizonOptimizer", "NewtonCG"]
+__all__ = ["SNOpt", "HorizonOptimizer", "NewtonCG", "DDPNOpt", "vanilla_ddp_step"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from ocnode.data import DATASETS, DatasetError
 from ocnode.training import compare
-from ocnode.training.config import ADAPTIVE_T1, DAMPING_MODES, FISHERS, TrainConfig
+from ocnode.training.config import ADAPTIVE_T1, DAMPING_MODES, DDP_BASES, FISHERS, TrainConfig
 from ocnode.training.loop import train
 from ocnode.training.optimizers import OPTIMIZERS
 from ocnode.training.tasks import MODELS, TASKS, TaskSettings, make_task
@@ -118,6 +118,9 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
                         f"({_OPT_DEFAULT}: empirical)")
     g.add_argument("--stats-batch", type=int, default=d.stats_batch,
                    help="samples of each batch used for the ODE-block curvature")
+    g.add_argument("--ddp-base", default=d.ddp_base, choices=DDP_BASES,
+                   help="DDPNOpt's base optimizer (default: sgd); DDPNOpt trains the plain "
+                        "chains --model fcn and cnn")
 
 
 def _add_horizon_flags(p: argparse.ArgumentParser) -> None:

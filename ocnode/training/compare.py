@@ -42,7 +42,13 @@ import torch
 from torch import nn
 
 from ocnode.training.memory import peak_rss_growth
-from ocnode.training.optimizers import OPTIMIZERS, build_optimizer, resolve_hparams
+from ocnode.training.optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    check_fits,
+    compatible,
+    resolve_hparams,
+)
 from ocnode.training.plots import COLORS
 from ocnode.training.records import command_line, machine_info
 from ocnode.training.step import NFECounter, train_step
@@ -68,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
                         help=f"training seconds per run on its own clock (default {budget:g}, "
                              f"--quick {quick_budget:g})")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on iterations per run")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
-                        help="comma-separated subset of " + ",".join(OPTIMIZER_NAMES))
+    parser.add_argument("--optimizers", default=None,
+                        help="comma-separated subset of " + ",".join(OPTIMIZER_NAMES)
+                             + " (default: every one that can train the task's model)")
     parser.add_argument("--eval-every", type=int, default=None,
                         help=f"iterations between evaluations (default {eval_every}, "
                              f"--quick {quick_eval_every})")
@@ -85,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
                         _quick_eval_every=quick_eval_every)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+def _settings(args: argparse.Namespace, task: Task) -> dict[str, Any]:
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()] \
+        if args.optimizers is not None else compatible(task.chain)
     unknown = sorted(set(names) - set(OPTIMIZER_NAMES))
     if unknown or not names:
         raise SystemExit(f"unknown optimizer(s) {unknown or names}; choose from "
@@ -97,6 +105,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     eval_every = args.eval_every or (args._quick_eval_every if args.quick else args._eval_every)
     if budget <= 0 or eval_every < 1:
         raise SystemExit("--budget must be > 0 and --eval-every >= 1")
+    for name in names:
+        try:
+            check_fits(name, task.chain, task.model_name)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     if not isinstance(args.hparams, dict) or set(args.hparams) - set(OPTIMIZER_NAMES):
         raise SystemExit(f"--hparams must map optimizer names to keyword dicts, got "
                          f"{args.hparams!r}")
@@ -453,7 +466,7 @@ def refresh_report(task: Task, folder: Path) -> dict[str, Any]:
 def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     """Train, measure and report ``task``; returns the summary with ``models`` (optimizer ->
     trained model of the first seed) added."""
-    settings = _settings(args)
+    settings = _settings(args, task)
     torch.set_num_threads(settings["threads"])
     folder = Path(args.out) / task.label
     if args.refresh_report:

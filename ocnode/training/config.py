@@ -23,12 +23,15 @@ from ocnode.training.tasks import MODELS, TASKS, TaskSettings
 DAMPING_MODES = ("ekfac", "tikhonov")
 FISHERS = ("empirical", "true")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
+DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
 #: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
 #: Fields that may change when a run is resumed; any other change would break bit-identity.
 RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", "progress",
                               "log_every", "eval_batch_size", "threads"})
 HPARAM_FIELDS = ("lr", "momentum", "weight_decay", "eps", "alpha", "update_freq", "full",
-                 "damping_mode", "observer_dt", "fisher", "stats_batch")
+                 "damping_mode", "observer_dt", "fisher", "stats_batch", "ddp_base")
+#: Config fields whose optimizer keyword has another name.
+HPARAM_NAMES = {"ddp_base": "base"}
 
 
 @dataclasses.dataclass
@@ -49,6 +52,8 @@ class TrainConfig:
         lr, momentum, weight_decay, eps, alpha, update_freq, full, damping_mode, observer_dt,
             fisher, stats_batch: optimizer hyperparameters; None takes the task's tuned value
             or the optimizer's default; an optimizer ignores the ones it does not take.
+        ddp_base: DDPNOpt's base optimizer (``"sgd"``, ``"rmsprop"``, ``"adam"``,
+            ``"ekfac"``); None: sgd.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``.
         epochs: total epochs of the run (a resumed run continues up to this number).
         batch_size: training batch size; None: the task's default.
@@ -89,6 +94,7 @@ class TrainConfig:
     observer_dt: float | None = None
     fisher: str | None = None
     stats_batch: int | None = None
+    ddp_base: str | None = None
     lr_decay: float = 0.8
     epochs: int = 15
     batch_size: int | None = None
@@ -143,7 +149,7 @@ class TrainConfig:
             _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         for name, registry in (("task", TASKS), ("damping_mode", DAMPING_MODES),
-                               ("fisher", FISHERS)):
+                               ("fisher", FISHERS), ("ddp_base", DDP_BASES)):
             if getattr(self, name) is not None:
                 _check_choice(name, getattr(self, name), registry)
         _check_choice("adaptive_t1", self.adaptive_t1, ADAPTIVE_T1)
@@ -204,7 +210,7 @@ class TrainConfig:
 
     def hparams(self, accepted: Mapping[str, Any]) -> dict[str, Any]:
         """The hyperparameters this config sets (not None) that an optimizer ``accepted``."""
-        values = {k: getattr(self, k) for k in HPARAM_FIELDS}
+        values = {HPARAM_NAMES.get(k, k): getattr(self, k) for k in HPARAM_FIELDS}
         return {k: v for k, v in values.items() if k in accepted and v is not None}
 
 

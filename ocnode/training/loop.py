@@ -52,7 +52,7 @@ from ocnode.nn import ode_blocks
 from ocnode.optim import HorizonOptimizer
 from ocnode.training import records
 from ocnode.training.config import RESUMABLE_FIELDS, TrainConfig, default_threads
-from ocnode.training.optimizers import OPTIMIZERS, build_optimizer
+from ocnode.training.optimizers import OPTIMIZERS, build_optimizer, check_fits
 from ocnode.training.step import NFECounter, train_step
 from ocnode.training.tasks import Task, make_task
 from solvers import SolverError
@@ -124,6 +124,7 @@ class _Run:
                                subset=config.train_size)
         self.task = make_task(dataset, config.task_settings())
         entry = OPTIMIZERS[config.optimizer]
+        check_fits(config.optimizer, self.task.chain, self.task.model_name)
         self.model = self.task.build_model(config.adjoint and not entry.through_solver)
         self.model.to(self.device)
         self.optimizer = build_optimizer(

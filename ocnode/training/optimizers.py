@@ -12,6 +12,9 @@ kfac        K-FAC through the solver: the same class and EKFAC update,   backpro
             grows with the number of steps)
 newton-cg   :class:`ocnode.optim.NewtonCG`: exact Hessian-vector         backprop
             products through the solve (needs ``step(closure)``)
+ddpnopt     :class:`ocnode.optim.DDPNOpt`: layer-wise DDP feedback       none: plain
+            policies over a base (sgd, rmsprop, adam, ekfac); for        nn.Sequential
+            ``nn.Sequential`` chains only (models fcn, cnn)              chains
 =========== ============================================================ ===============
 
 "SNOpt with alpha 1" (plain K-FAC with eigenvalue damping on adjoint blocks) is
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ocnode.optim import NewtonCG, SNOpt
+from ocnode.optim import DDPNOpt, NewtonCG, SNOpt
 
 Builder = Callable[[nn.Module, list[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
 
@@ -50,12 +53,15 @@ class OptimizerEntry:
         through_solver: the model's ODE blocks backpropagate through the solver
             (``adjoint=False``) instead of using the adjoint.
         needs_closure: ``step`` must be called with a closure that recomputes the loss.
+        chains_only: the optimizer trains plain ``nn.Sequential`` chains of layers only (no
+            ODE blocks): the task models fcn and cnn.
     """
 
     build: Builder
     defaults: Mapping[str, Any]
     through_solver: bool = False
     needs_closure: bool = False
+    chains_only: bool = False
 
 
 _SNOPT_DEFAULTS: dict[str, Any] = {
@@ -66,6 +72,23 @@ _SNOPT_DEFAULTS: dict[str, Any] = {
 
 def _snopt(model: nn.Module, params: list[nn.Parameter], hp: dict[str, Any]) -> SNOpt:
     return SNOpt(model, params=params, **hp)
+
+
+_DDPNOPT_DEFAULTS: dict[str, Any] = {
+    "lr": None, "base": "sgd", "momentum": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
+    "eps": 1e-8, "alpha": None, "eps_ekfac": 0.05, "update_freq": 100, "eps_vxx": 0.0,
+    "vxx_correction": False, "feedback": True, "second_order": False,
+    "max_feedback_ratio": None}
+
+
+#: DDPNOpt's learning rate when none is given: its base optimizer's usual one.
+DDPNOPT_BASE_LR = {"sgd": 0.02, "rmsprop": 1e-3, "adam": 1e-3, "ekfac": 0.02}
+
+
+def _ddpnopt(model: nn.Module, params: list[nn.Parameter], hp: dict[str, Any]) -> DDPNOpt:
+    lr = hp.pop("lr")
+    return DDPNOpt(model, params=params, lr=DDPNOPT_BASE_LR.get(hp["base"], 0.02)
+                   if lr is None else lr, **hp)
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
@@ -79,7 +102,22 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
                                 {"lr": 1.0, "damping": 0.3, "cg_iters": 5,
                                  "cg_tol": 1e-4, "max_step_norm": None, "adapt_damping": False},
                                 through_solver=True, needs_closure=True),
+    "ddpnopt": OptimizerEntry(_ddpnopt, _DDPNOPT_DEFAULTS, chains_only=True),
 }
+
+
+def compatible(chain: bool) -> list[str]:
+    """The registered optimizers that can train a model: all of them for a plain chain of
+    layers (``chain=True``), all but the chains-only ones otherwise."""
+    return [n for n, e in OPTIMIZERS.items() if chain or not e.chains_only]
+
+
+def check_fits(name: str, chain: bool, model: str) -> None:
+    """Raise ValueError if optimizer ``name`` cannot train a ``model`` (``chain``: whether it
+    is a plain chain of layers)."""
+    if OPTIMIZERS[name].chains_only and not chain:
+        raise ValueError(f"{name} trains plain chains of layers (--model fcn, or cnn for "
+                         f"images), not the {model!r} model; or pick another optimizer")
 
 
 def check_name(name: str) -> OptimizerEntry:

@@ -11,7 +11,8 @@ otherwise:
 task           dataset kinds       models            metric       loss
 ============== =================== ================= ============ ============================
 classification classification      mlp (default),    test_acc     cross-entropy
-                                   conv (images)
+                                   conv (images),
+                                   fcn, cnn (images)
 series         series              odernn            test_acc     cross-entropy (ODE-RNN)
 trajectory     trajectories        ode (default),    test_mse     masked MSE (ode); Gaussian
                                    sde                            NLL of one path (sde)
@@ -104,6 +105,8 @@ class Task:
             defaults).
         plot: ``plot(models, path)`` draws the task's picture (None: no picture).
         logits: the model's output is cross-entropy logits (SNOpt's true Fisher needs it).
+        chain: the model is a plain ``nn.Sequential`` chain of layers without ODE blocks
+            (what DDPNOpt trains).
     """
 
     name: str
@@ -120,6 +123,7 @@ class Task:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     plot: Plot | None = None
     logits: bool = False
+    chain: bool = False
 
     def loader(self, generator: torch.Generator, drop_last: bool = False) -> DataLoader:
         """Shuffled training batches of one epoch, drawn with ``generator``."""
@@ -190,13 +194,38 @@ def _classification_metrics(model: nn.Module, test: tuple[Tensor, ...],
     return {"test_loss": loss_sum / len(test[1]), "test_acc": correct / len(test[1])}
 
 
+def _paper_fcn(d_in: int, n_classes: int, width: int) -> nn.Sequential:
+    """The DDPNOpt paper's FCN: 5 Linear layers with tanh, a plain chain (Liu, Chen,
+    Theodorou 2021, "Differential Dynamic Programming Neural Optimizer")."""
+    dims = [d_in] + [width] * 4
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, n_classes))
+
+
+def _paper_cnn(shape: tuple[int, ...], n_classes: int, channels: int) -> nn.Sequential:
+    """The DDPNOpt paper's CNN as a plain chain: 4 Conv2d 3x3 with ReLU (2x2 max-pooling
+    after the 2nd and 4th), then 2 Linear layers (hidden width 2 * channels)."""
+    layers: list[nn.Module] = [nn.Unflatten(1, shape)]
+    for i, c_in in enumerate([shape[0]] + [channels] * 3):
+        layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU()]
+        layers += [nn.MaxPool2d(2)] if i % 2 else []
+    features = channels * (shape[1] // 4) * (shape[2] // 4)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(features, 2 * channels), nn.ReLU(),
+                         nn.Linear(2 * channels, n_classes))
+
+
 def _classification(ds: Dataset, s: TaskSettings) -> Task:
-    model = _pick_model("classification", s, ("mlp", "conv"))
-    if model == "conv" and ds.image_shape is None:
-        raise ValueError(f"--model conv needs images; {ds.name} is a table: use --model mlp")
+    model = _pick_model("classification", s, ("mlp", "conv", "fcn", "cnn"))
+    if model in ("conv", "cnn") and ds.image_shape is None:
+        raise ValueError(f"--model {model} needs images; {ds.name} is a table: use --model mlp")
     width, solver = s.width or 64, _solver(s, SolverSpec())
 
     def build(adjoint: bool) -> nn.Module:
+        if model in ("fcn", "cnn"):  # no ODE blocks: DDPNOpt's chains
+            return (_paper_fcn(ds.input_dim, ds.n_classes, s.width or 32) if model == "fcn"
+                    else _paper_cnn(tuple(ds.image_shape or ()), ds.n_classes, s.width or 32))
         if model == "mlp":
             return MLPODEClassifier(ds.input_dim, ds.n_classes, hidden=width,
                                     solver=solver(adjoint), t1=s.t1,
@@ -212,7 +241,7 @@ def _classification(ds: Dataset, s: TaskSettings) -> Task:
         dataset=ds, metric="test_acc", higher_is_better=True, columns=("test_loss", "test_acc"),
         build_model=build, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
         evaluate=lambda m: _classification_metrics(m, test, s.eval_batch_size),
-        batch_size=s.batch_size or 64, logits=True,
+        batch_size=s.batch_size or 64, logits=True, chain=model in ("fcn", "cnn"),
         # the main job's tuned rate (digits MLP); the conv net keeps the authors' defaults
         hparams={"adam": {"lr": 1e-2}} if model == "mlp" else {})
 
@@ -411,7 +440,7 @@ TASKS: dict[str, tuple[TaskBuilder, tuple[str, ...]]] = {
 DEFAULT_TASK = {"classification": "classification", "series": "series",
                 "trajectories": "trajectory", "density": "density"}
 #: The models of each task (the first is the default).
-MODELS = {"classification": ("mlp", "conv"), "series": ("odernn",),
+MODELS = {"classification": ("mlp", "conv", "fcn", "cnn"), "series": ("odernn",),
           "trajectory": ("ode", "sde"), "density": ("cnf",)}
 
 

@@ -1,0 +1,799 @@
+"""DDPNOpt: layer-wise feedback policies from differential dynamic programming.
+
+Liu, Chen, Theodorou, "Differential Dynamic Programming Neural Optimizer", ICLR 2021
+(arXiv 2002.08809). A :class:`torch.optim.Optimizer` for nets that are chains of stages
+(an ``nn.Sequential`` in which each Linear/Conv2d starts a stage and the activation,
+pooling, flatten or dropout after it belong to it). Used in the ordinary loop
+(``zero_grad``, forward, ``backward``, ``step``): hooks record each stage's input x_t, the
+gradient at it and the gradient at the layer's output; ``step`` runs the update pass, one
+forward without graph that updates the stages in order,
+
+    u_t <- u_t + base_step(grad) - P_t E[Q_ux dx_t],    dx_t = x_hat_t - x_t,
+
+with P_t the base optimizer's map (SGD, RMSprop, Adam or EKFAC) and x_hat the states of the
+updated net. ``feedback=False`` is the base optimizer. The maths are the functions of
+:mod:`ocnode.optim.ddp_math`; the class keeps the records and the state. A dense "vanilla
+DDP" baseline for tiny nets is :func:`vanilla_ddp_step`. docs/ddpnopt.md explains the
+algorithm and the choices made here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.hooks import RemovableHandle
+
+from ocnode.curvature import CoveredLayer, FactorAccumulator, LayerStats, check_layer, is_covered
+from ocnode.curvature.layers import has_bias
+from ocnode.optim import ddp_math, kfac_math
+
+_GLOBAL = "ddpnopt"  # key of the optimizer-wide counters in self.state
+BASES = ("sgd", "rmsprop", "adam", "ekfac")
+#: The default moving-average rate of the squared gradients, per base.
+DEFAULT_ALPHA = {"rmsprop": 0.99, "ekfac": 0.75}
+_STOCHASTIC = (_DropoutNd, nn.RReLU)
+_NOT_A_CHAIN = ("DDPNOpt needs the model as a chain of stages: an nn.Sequential (nested "
+                "nn.Sequentials are flattened) whose entries with parameters are single "
+                "layers (Linear, Conv2d, ...). {what} Write the model out as such a flat "
+                "nn.Sequential; for skip connections (residual nets) use DGNOpt.")
+
+
+# ----------------------------------------------------------------------------- the chain
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage x_{t+1} = f_t(x_t, u_t) of a chain.
+
+    Attributes:
+        modules: the module with parameters first, then the modules that follow it.
+        name: the first module's name in the model.
+        layer: the layer that gets a feedback policy (a Linear/Conv2d whose weight the
+            optimizer trains), or None: the stage takes the base step only.
+        stochastic: the stage has dropout/RReLU (its random draws are replayed in the
+            update pass).
+    """
+
+    modules: tuple[nn.Module, ...]
+    name: str
+    layer: CoveredLayer | None
+    stochastic: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The layer's parameter names, in the order of its gradient matrix's columns."""
+        return ("weight", "bias") if self.layer is not None and self.layer.has_bias \
+            else ("weight",)
+
+
+class Chain(NamedTuple):
+    """A model split into stages (:func:`chain_stages`).
+
+    Attributes:
+        prefix: the modules before the first module with parameters (x_0 is their output).
+        stages: the stages, in order.
+        unsupported: "name (type)" of the trained modules that get no feedback policy.
+    """
+
+    prefix: tuple[nn.Module, ...]
+    stages: list[Stage]
+    unsupported: list[str]
+
+
+def _flatten(seq: nn.Sequential, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    # not named_children(): it hides a module's second use
+    for name, m in seq._modules.items():
+        if m is None:
+            continue
+        if type(m) is nn.Sequential:
+            yield from _flatten(m, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", m
+
+
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _check_entry(name: str, m: nn.Module, seen: set[int]) -> None:
+    """Raise for a module with parameters that is not one layer, or that is used twice."""
+    if any(_has_params(c) for c in m.children()):
+        raise ValueError(_NOT_A_CHAIN.format(
+            what=f"Entry {name} ({type(m).__name__}) holds parameters in submodules."))
+    if id(m) in seen:
+        raise ValueError(_NOT_A_CHAIN.format(
+            what=f"Entry {name} ({type(m).__name__}) is used twice (shared weights)."))
+    seen.add(id(m))
+
+
+def _feedback_layer(m: nn.Module, owned: set[int]) -> CoveredLayer | None:
+    """The layer's record when DDPNOpt can give it a feedback policy, else None."""
+    weight = getattr(m, "weight", None)
+    if not is_covered(m) or not isinstance(weight, Tensor) or id(weight) not in owned:
+        return None
+    try:
+        check_layer(m)
+    except ValueError:
+        return None
+    bias = getattr(m, "bias", None)
+    return CoveredLayer(m, weight, bias if bias is not None and id(bias) in owned else None,
+                        has_bias(m))
+
+
+def chain_stages(model: nn.Module, owned: set[int]) -> Chain:
+    """Split an ``nn.Sequential`` into stages: each module with parameters starts one.
+
+    Args:
+        model: the net. owned: ids of the parameters the optimizer trains.
+
+    Raises:
+        ValueError: the model is not such a chain (the message points to DGNOpt for skip
+            connections).
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        raise ValueError(_NOT_A_CHAIN.format(what=f"Got a {type(model).__name__}."))
+    prefix: list[nn.Module] = []
+    groups: list[tuple[str, list[nn.Module]]] = []
+    seen: set[int] = set()
+    for name, m in _flatten(model):
+        if not _has_params(m):
+            (groups[-1][1] if groups else prefix).append(m)
+            continue
+        _check_entry(name, m, seen)
+        groups.append((name, [m]))
+    stages, unsupported = [], []
+    for name, mods in groups:
+        layer = _feedback_layer(mods[0], owned)
+        trained = any(id(p) in owned and p.requires_grad for p in mods[0].parameters())
+        if layer is None and trained:
+            unsupported.append(f"{name} ({type(mods[0]).__name__})")
+        stages.append(Stage(tuple(mods), name, layer,
+                            any(isinstance(m, _STOCHASTIC) for m in mods)))
+    return Chain(tuple(prefix), stages, unsupported)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class _Record:
+    """What one stage's forward and backward left: its input, the gradients, the RNG."""
+
+    x: Tensor | None = None  # stage input x_t (= the layer's input), (B, ...)
+    gx: Tensor | None = None  # dL/dx_t
+    g: Tensor | None = None  # dL/dh at the layer's output
+    gy: Tensor | None = None  # dL/dx_T at the model's output (last stage, second order)
+    rng: tuple[Tensor, Tensor | None, torch.device] | None = None
+
+
+def _rng_state(x: Tensor) -> tuple[Tensor, Tensor | None, torch.device]:
+    cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+    return torch.get_rng_state(), cuda, x.device
+
+
+@contextlib.contextmanager
+def _replayed_rng(rng: tuple[Tensor, Tensor | None, torch.device] | None) -> Iterator[None]:
+    """Run with the random state a stage's forward had; restore the current one after."""
+    if rng is None:
+        yield
+        return
+    cpu, cuda, device = rng
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class _Recorder:
+    """DDPNOpt's forward/backward hooks: registered here at construction, removed by handle.
+
+    Each forward with grad through the first stage starts a new set of records (a
+    generation); gradient hooks of older forwards are ignored, and so are differentiable
+    backward passes (grad mode on).
+
+    Args:
+        model: the chain. stages: its stages. want_gx: indices of the stages whose input
+            gradient is needed. want_gy: record the gradient at the model's output.
+        active: whether the coming forward should be recorded.
+    """
+
+    def __init__(self, model: nn.Module, stages: Sequence[Stage], want_gx: set[int],
+                 want_gy: bool, active: Callable[[], bool]) -> None:
+        self.stages, self.want_gx, self._active = stages, want_gx, active
+        self.paused, self.forwards, self._gen = False, 0, 0
+        self.records: list[_Record] | None = None
+        self._handles: list[RemovableHandle] = []
+        for t, stage in enumerate(stages):
+            first = stage.modules[0]
+            self._handles.append(first.register_forward_pre_hook(self._pre_hook(t)))
+            if stage.layer is not None:
+                self._handles.append(first.register_forward_hook(self._out_hook(first, t, "g")))
+        if want_gy and stages:
+            self._handles.append(model.register_forward_hook(self._out_hook(model, -1, "gy")))
+
+    def _recording(self) -> bool:
+        return torch.is_grad_enabled() and not self.paused and self._active()
+
+    def _pre_hook(self, t: int) -> Callable[[nn.Module, tuple], None]:
+        owner = self.stages[t].modules[0]
+
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            # a deep copy of the model carries this hook along: it must not record
+            if module is not owner or not self._recording():
+                return
+            if t == 0:
+                self._gen, self.forwards = self._gen + 1, self.forwards + 1
+                self.records = [_Record() for _ in self.stages]
+            if self.records is None:
+                return
+            x, stage, rec = inputs[0], self.stages[t], self.records[t]
+            rec.x = x.detach()
+            if stage.stochastic and any(m.training for m in stage.modules):
+                rec.rng = _rng_state(x)
+            if t in self.want_gx and x.requires_grad:
+                x.register_hook(self._grad_hook(t, "gx"))
+        return hook
+
+    def _out_hook(self, owner: nn.Module, t: int,
+                  field: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if module is owner and self._recording() and isinstance(output, Tensor) \
+                    and output.requires_grad:
+                output.register_hook(self._grad_hook(t, field))
+        return hook
+
+    def _grad_hook(self, t: int, field: str) -> Callable[[Tensor], None]:
+        gen = self._gen
+
+        def hook(grad: Tensor) -> None:
+            if gen != self._gen or torch.is_grad_enabled() or self.records is None:
+                return
+            rec = self.records[t]
+            old = getattr(rec, field)
+            setattr(rec, field, grad.detach() if old is None else old + grad.detach())
+        return hook
+
+    def take(self) -> tuple[list[_Record] | None, int]:
+        """The records and the number of recorded forwards since the last take; resets."""
+        out = (self.records, self.forwards)
+        self.records, self.forwards = None, 0
+        return out
+
+    def remove(self) -> None:
+        """Remove every hook; tensor hooks of earlier forwards stop recording."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._gen, self.records = [], self._gen + 1, None
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+
+def _as_matrix(tensors: Sequence[Tensor]) -> Tensor:
+    """[weight(, bias)]-shaped tensors as one (d_out, d_in [+1]) matrix."""
+    return kfac_math.layer_gradient(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
+
+def _validate(base: str, lr: float, momentum: float, weight_decay: float,
+              betas: Sequence[float], eps: float, alpha: float | None, eps_ekfac: float,
+              update_freq: int, eps_vxx: float) -> None:
+    checks = [
+        (base in BASES, f"base must be one of {', '.join(BASES)}, got {base!r}"),
+        (lr > 0, f"lr must be > 0, got {lr}"),
+        (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
+        (base != "adam" or momentum == 0,
+         "momentum is not used with base='adam' (its first moment is betas[0]); leave it 0"),
+        (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
+        (len(betas) == 2 and all(0 <= b < 1 for b in betas),
+         f"betas must be two numbers in [0, 1), got {betas!r}"),
+        (eps > 0, f"eps must be > 0 (e.g. 1e-8), got {eps}"),
+        (alpha is None or 0 <= alpha <= 1,
+         f"alpha must be in [0, 1] (or None: the base's default), got {alpha}"),
+        (eps_ekfac > 0, f"eps_ekfac (EKFAC damping) must be > 0, got {eps_ekfac}; 0.03-0.1 "
+                        "are typical"),
+        (isinstance(update_freq, int) and update_freq >= 1,
+         f"update_freq must be a positive int, got {update_freq!r}"),
+        (eps_vxx >= 0, f"eps_vxx must be >= 0 (0: no Tikhonov on V_xx), got {eps_vxx}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+class DDPNOpt(torch.optim.Optimizer):
+    """Differential dynamic programming optimizer with layer-wise feedback policies.
+
+    Liu, Chen, Theodorou, ICLR 2021 (arXiv 2002.08809), in its practical form: rank-one
+    Gauss-Newton value Hessians per sample, the base optimizer's curvature for E[Q_uu]. The
+    loss must be a mean over the batch (dimension 0): per-sample quantities are B times the
+    recorded gradients. Call ``step()`` after exactly one forward and backward of the batch
+    (a step after more forwards takes the base step only, with a warning).
+
+    Args:
+        model: an ``nn.Sequential`` chain (see :func:`chain_stages`), not its parameters.
+        lr: learning rate.
+        base: 'sgd', 'rmsprop', 'adam' or 'ekfac' (K-FAC factors from the normal backward,
+            eigenbasis second moments, George et al. 2018; the update of SNOpt's EKFAC with
+            ``full=True``).
+        momentum: heavy-ball momentum of the base step (sgd, rmsprop, ekfac); the feedback
+            gets none.
+        weight_decay: L2 weight decay of the base step (added after preconditioning for
+            ekfac, as SNOpt does).
+        betas, eps: Adam's moment rates and denominator epsilon (eps also RMSprop's).
+        alpha: moving-average rate of the squared gradients: RMSprop's (default 0.99) and
+            EKFAC's second moments (default 0.75; 1 = K-FAC with eigenvalue damping).
+        eps_ekfac: EKFAC's damping. update_freq: EKFAC's refresh period (iterations).
+        eps_vxx: Tikhonov on V'_xx in the feedback gain, V'_xx + eps_vxx I.
+        vxx_correction: propagate V_xx = max(0, 1 - q_u^T P q_u) q_x q_x^T (off by default:
+            see docs/ddpnopt.md; it materialises per-sample gradients of the layers).
+        feedback: False: the base optimizer exactly (no records, no update pass).
+        second_order: "DDPNOpt2nd": add the dynamics' mixed second derivatives
+            V'_x . f_ux to Q_ux (one double backward per stage and step; small nets).
+        max_feedback_ratio: a trust region (ours, not the paper's): each layer's feedback
+            step is scaled down to at most this multiple of its base step's norm. None (the
+            default): the paper's update exactly; 1 keeps deep ReLU CNNs stable (see
+            docs/ddpnopt.md).
+        params: parameters or parameter groups (default ``model.parameters()``).
+
+    Attributes:
+        stages: the model's :class:`Stage` s.
+        state[p]: the base's entries (``momentum_buffer``; ``step``, ``square_avg``;
+            ``step``, ``exp_avg``, ``exp_avg_sq``; for EKFAC the layer weight's
+            :class:`~ocnode.optim.kfac_math.KroneckerBasis` fields).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a bad hyperparameter, or a model that is not a chain.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, base: str = "sgd", momentum: float = 0.0,
+                 weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8, alpha: float | None = None, eps_ekfac: float = 0.05,
+                 update_freq: int = 100, eps_vxx: float = 0.0, vxx_correction: bool = False,
+                 feedback: bool = True, second_order: bool = False,
+                 max_feedback_ratio: float | None = None,
+                 params: Iterable | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DDPNOpt takes the model (an nn.Module), got {type(model).__name__}"
+                            ": write DDPNOpt(model, lr=...), and pass params=... to choose the "
+                            "parameters or parameter groups")
+        _validate(base, lr, momentum, weight_decay, betas, eps, alpha, eps_ekfac, update_freq,
+                  eps_vxx)
+        if second_order and not feedback:
+            raise ValueError("second_order=True needs feedback=True (it changes the feedback)")
+        if max_feedback_ratio is not None and not max_feedback_ratio > 0:
+            raise ValueError(f"max_feedback_ratio must be > 0 or None (no bound), got "
+                             f"{max_feedback_ratio}; 1 is a safe choice")
+        alpha = DEFAULT_ALPHA.get(base, 0.0) if alpha is None else alpha
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        betas=tuple(betas), eps=eps, alpha=alpha, eps_ekfac=eps_ekfac)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.model, self.base, self.update_freq = model, base, update_freq
+        self.eps_vxx, self.vxx_correction = float(eps_vxx), bool(vxx_correction)
+        self.feedback, self.second_order = bool(feedback), bool(second_order)
+        self.max_feedback_ratio = max_feedback_ratio
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        chain = chain_stages(model, owned)
+        self.stages = chain.stages
+        if chain.unsupported:
+            warnings.warn("DDPNOpt: no feedback policy for " + ", ".join(chain.unsupported)
+                          + " (only Linear and Conv2d with groups=1 get one); they take the "
+                          f"base ({base}) step only", UserWarning, stacklevel=2)
+        want_gx = set(range(1, len(self.stages))) if self.feedback else set()
+        self._recorder = _Recorder(model, self.stages, want_gx, self.second_order,
+                                   self._recording_due)
+        self._warned: set[str] = set()
+        self.state[_GLOBAL] = {"step": 0, "batch": 1}  # type: ignore[index]
+
+    # ---- records -------------------------------------------------------------------------
+
+    def _recording_due(self) -> bool:
+        return self.feedback or (self.base == "ekfac" and self._refresh_due())
+
+    def _refresh_due(self) -> bool:
+        return self._counters["step"] % self.update_freq == 0
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"DDPNOpt: {msg} (warned once)", RuntimeWarning, stacklevel=4)
+
+    # ---- the step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """The base step for every parameter, plus the feedback of each stage (update pass).
+
+        A non-finite gradient skips the step with a warning and changes no state.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        records, forwards = self._recorder.take()
+        if not self._grads_finite():
+            warnings.warn("DDPNOpt: non-finite gradient, step skipped (state unchanged); "
+                          "lower the learning rate or clip gradients", RuntimeWarning,
+                          stacklevel=2)
+            return loss
+        if self.base == "ekfac" and self._refresh_due():
+            self._refresh(records)
+        new, scales = self._base_phase()
+        todo = self._feedback_stages(records, forwards, new) if self.feedback else []
+        deferred = {id(t) for i in todo for t in self._layer_params(self.stages[i])}
+        for p, value in new.items():
+            if id(p) not in deferred:
+                p.copy_(value)
+        if todo:
+            self._update_pass(cast(list[_Record], records), todo, new, scales)
+        self._counters["step"] += 1
+        return loss
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        # max |g| per tensor in one fused call: NaN and +-inf survive it, huge values do not
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+
+    @staticmethod
+    def _layer_params(stage: Stage) -> list[Tensor]:
+        layer = cast(CoveredLayer, stage.layer)
+        return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    # ---- the base step -------------------------------------------------------------------
+
+    def _base_phase(self) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor | float]]:
+        """Advance the base optimizer's state; the new values and map diagonals per parameter.
+
+        The parameters themselves are not changed here.
+        """
+        pre = self._ekfac_gradients() if self.base == "ekfac" else {}
+        new: dict[Tensor, Tensor] = {}
+        scales: dict[Tensor, Tensor | float] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                res = self._base_step(p, pre.get(p, p.grad), group)
+                self.state[p].update(res.state)
+                new[p], scales[p] = res.param, res.scale
+        return new, scales
+
+    def _base_step(self, p: Tensor, grad: Tensor, group: dict) -> ddp_math.BaseStep:
+        st, lr, wd = self.state[p], group["lr"], group["weight_decay"]
+        if self.base == "adam":
+            return ddp_math.adam_step(p, grad, st, lr, group["betas"], group["eps"], wd)
+        if self.base == "rmsprop":
+            return ddp_math.rmsprop_step(p, grad, st, lr, group["alpha"], group["eps"],
+                                         group["momentum"], wd)
+        return ddp_math.sgd_step(p, grad, st.get("momentum_buffer"), lr, group["momentum"], wd)
+
+    def _group_of(self, p: Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _layers(self) -> list[CoveredLayer]:
+        return [s.layer for s in self.stages if s.layer is not None]
+
+    def _bias_grad(self, layer: CoveredLayer) -> Tensor | None:
+        """The bias column of G: the bias's gradient, zeros where it has none or is not ours."""
+        if not layer.has_bias:
+            return None
+        if layer.bias is not None and layer.bias.grad is not None:
+            return layer.bias.grad
+        return cast(Tensor, layer.weight.grad).new_zeros(layer.weight.shape[0])
+
+    def _ekfac_gradients(self) -> dict[Tensor, Tensor]:
+        """EKFAC-preconditioned gradients of the layers with a basis (m2 advanced)."""
+        out: dict[Tensor, Tensor] = {}
+        for layer in self._layers():
+            st = self.state[layer.weight]
+            if "m2" not in st or layer.weight.grad is None:
+                continue
+            group = self._group_of(layer.weight)
+            g = kfac_math.layer_gradient(layer.weight.grad, self._bias_grad(layer))
+            g, st["m2"] = kfac_math.ekfac_precondition(
+                g, st["basis_a"], st["basis_b"], st["m2"], group["alpha"], group["eps_ekfac"],
+                self._counters["batch"])
+            w, b = kfac_math.split_gradient(g, layer.weight.shape, layer.has_bias)
+            out[layer.weight] = w
+            if layer.bias is not None and layer.bias.grad is not None and b is not None:
+                out[layer.bias] = b
+        return out
+
+    def _refresh(self, records: list[_Record] | None) -> None:
+        """EKFAC refresh: K-FAC factors of this iteration's batch, eigenbases, reset m2."""
+        acc = FactorAccumulator()
+        for stage, rec in zip(self.stages, records or []):
+            if stage.layer is not None and rec.x is not None and rec.g is not None:
+                acc.add(stage.layer.module, rec.x, rec.g, 1, None)
+        stats = acc.pop()
+        if not stats and self._layers():
+            warnings.warn("DDPNOpt: no curvature was recorded on this EKFAC refresh iteration "
+                          "(no forward/backward with grad before step?); keeping the old "
+                          "factors", RuntimeWarning, stacklevel=3)
+        by_module = {layer.module: layer for layer in self._layers()}
+        for module, st in stats.items():
+            self._refresh_layer(by_module[module], st)
+        if stats:
+            self._counters["batch"] = max(st.batch for st in stats.values())
+
+    def _refresh_layer(self, layer: CoveredLayer, st: LayerStats) -> None:
+        a_factor, b_factor = st.a_factor, st.b_factor
+        if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
+            warnings.warn(f"DDPNOpt: non-finite factor for {layer.module}; keeping the old "
+                          "basis", RuntimeWarning, stacklevel=4)
+            return
+        try:
+            basis = kfac_math.kronecker_basis(a_factor, b_factor, st.num_locations)
+        except torch.linalg.LinAlgError:
+            warnings.warn(f"DDPNOpt: eigh failed for {layer.module}; keeping the old basis",
+                          RuntimeWarning, stacklevel=4)
+            return
+        self.state[layer.weight].update(basis._asdict())
+
+    # ---- the update pass -----------------------------------------------------------------
+
+    def _feedback_stages(self, records: list[_Record] | None, forwards: int,
+                         new: dict[Tensor, Tensor]) -> list[int]:
+        """Indices of the stages that get feedback this step (their records are complete)."""
+        if records is None or forwards != 1 or records[0].x is None:
+            self._warn_once("records", "feedback needs exactly one forward (with grad) and "
+                            f"backward before each step, saw {forwards} forward(s); this step "
+                            "took the base step only")
+            return []
+        out = []
+        for t, (stage, rec) in enumerate(zip(self.stages, records)):
+            if t == 0 or stage.layer is None or stage.layer.weight not in new:
+                continue
+            gy = self._grad_at_output(records, t)
+            if rec.x is None or rec.gx is None or rec.g is None or (self.second_order
+                                                                    and gy is None):
+                continue
+            out.append(t)
+        return out
+
+    def _grad_at_output(self, records: list[_Record], t: int) -> Tensor | None:
+        """dL/dx_{t+1} at stage t's output (needed by the second-order term)."""
+        return records[t + 1].gx if t + 1 < len(records) else records[-1].gy
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """No recording, and the model's buffers (BatchNorm statistics) left as they were."""
+        buffers = [b for s in self.stages for m in s.modules for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        self._recorder.paused = True
+        try:
+            yield
+        finally:
+            self._recorder.paused = False
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+    def _update_pass(self, records: list[_Record], todo: list[int], new: dict[Tensor, Tensor],
+                     scales: dict[Tensor, Tensor | float]) -> None:
+        """x_hat_0 = x_0; per stage: apply base step and feedback, then x_hat_{t+1} = f_t."""
+        maps = {t: self._layer_map(cast(CoveredLayer, self.stages[t].layer), scales)
+                for t in todo}
+        r2 = self._value_scales(records, maps) if self.vxx_correction else {}
+        x_hat = cast(Tensor, records[0].x)
+        with self._quiet():
+            for t, stage in enumerate(self.stages[:todo[-1] + 1]):
+                rec = records[t]
+                if t in maps:
+                    dx = x_hat - cast(Tensor, rec.x)
+                    direction = self._direction(t, records, dx, r2.get(t))
+                    self._apply_feedback(cast(CoveredLayer, stage.layer), maps[t](direction),
+                                         new)
+                if t < todo[-1]:
+                    with _replayed_rng(rec.rng):
+                        for m in stage.modules:
+                            x_hat = m(x_hat)
+
+    def _direction(self, t: int, records: list[_Record], dx: Tensor,
+                   r2: Tensor | None) -> Tensor:
+        """E[Q_ux dx_t] of stage t as a (d_out, d_in [+1]) matrix."""
+        stage, rec = self.stages[t], records[t]
+        layer, x = cast(CoveredLayer, stage.layer), cast(Tensor, rec.x)
+        c = ddp_math.feedback_weights(cast(Tensor, rec.gx), dx)
+        if r2 is not None:
+            c = c * r2
+        out = ddp_math.feedback_direction(layer.module, x, cast(Tensor, rec.g), c)
+        if not (self.eps_vxx or self.second_order):
+            return out
+        fn = ddp_math.stage_function(stage.modules, stage.names)
+        params = [getattr(layer.module, n) for n in stage.names]
+        with _replayed_rng(rec.rng):
+            if self.eps_vxx:
+                extra = ddp_math.tikhonov_direction(fn, params, x, dx)
+                out = out + (self.eps_vxx / x.shape[0]) * _as_matrix(extra)
+            if self.second_order:
+                gy = cast(Tensor, self._grad_at_output(records, t))
+                out = out + _as_matrix(ddp_math.mixed_direction(fn, params, x, dx, gy))
+        return out
+
+    def _apply_feedback(self, layer: CoveredLayer, step: Tensor,
+                        new: dict[Tensor, Tensor]) -> None:
+        """p <- base value - P E[Q_ux dx] for the layer's weight and (trained) bias."""
+        if self.max_feedback_ratio is not None:
+            base = [new[layer.weight] - layer.weight]
+            if layer.has_bias:
+                bias = layer.bias
+                base.append(new[bias] - bias if bias is not None and bias in new
+                            else layer.weight.new_zeros(layer.weight.shape[0]))
+            step = ddp_math.clip_feedback(step, _as_matrix(base), self.max_feedback_ratio)
+        w, b = kfac_math.split_gradient(step, layer.weight.shape, layer.has_bias)
+        layer.weight.copy_(new[layer.weight]).sub_(w)
+        if layer.bias is not None and layer.bias in new and b is not None:
+            layer.bias.copy_(new[layer.bias]).sub_(b)
+
+    def _layer_map(self, layer: CoveredLayer, scales: dict[Tensor, Tensor | float]
+                   ) -> ddp_math.LayerMap:
+        """The base map P of one layer, from this step's state."""
+        w, bias = layer.weight, layer.bias
+        sw = torch.as_tensor(scales[w], dtype=w.dtype, device=w.device).expand_as(w)
+        sb = None
+        if layer.has_bias:
+            sb = (torch.as_tensor(scales[bias], dtype=w.dtype, device=w.device)
+                  .expand(w.shape[0]) if bias is not None and bias in scales
+                  else w.new_zeros(w.shape[0]))
+        scale = kfac_math.layer_gradient(sw, sb)
+        frozen = layer.has_bias and (bias is None or bias not in scales)
+        st = self.state[w]
+        if self.base == "ekfac" and "m2" in st:
+            kron = (st["basis_a"], st["basis_b"], st["m2"], self._group_of(w)["eps_ekfac"])
+            return ddp_math.LayerMap(scale, kron, frozen)
+        return ddp_math.LayerMap(scale, None, frozen)
+
+    def _value_scales(self, records: list[_Record],
+                      maps: dict[int, ddp_math.LayerMap]) -> dict[int, Tensor]:
+        """Per feedback stage t, the V_xx correction factor r2 of V'_xx = r2 q q^T at t+1."""
+        batch = cast(Tensor, records[0].x).shape[0]
+        r2 = cast(Tensor, records[0].x).new_ones(batch)
+        out: dict[int, Tensor] = {}
+        for t in reversed(range(1, len(self.stages))):
+            out[t] = r2
+            rec, layer = records[t], self.stages[t].layer
+            # stage 1's own factor would only matter to stage 0, which has no feedback
+            if t > 1 and t in maps and layer is not None and rec.x is not None \
+                    and rec.g is not None:
+                grads = ddp_math.per_sample_gradients(layer.module, rec.x, rec.g)
+                r2 = ddp_math.value_scale(r2, ddp_math.quadratic_forms(maps[t], grads))
+        return out
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove every hook from the model (to build another optimizer on it)."""
+        self._recorder.remove()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the base's state, EKFAC's factors and the counters.
+
+        Raises:
+            ValueError: a layer's saved EKFAC factors do not fit this model's layer.
+        """
+        self._check_layer_shapes(state_dict)
+        super().load_state_dict(state_dict)
+        saved = self.state.pop(_GLOBAL, {})  # type: ignore[call-overload]
+        self.state[_GLOBAL] = {"step": 0, "batch": 1, **saved}  # type: ignore[index]
+
+    def _check_layer_shapes(self, state_dict: dict[str, Any]) -> None:
+        saved = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(saved) != len(current):
+            return  # torch's load_state_dict says what differs
+        index = {id(p): i for i, p in zip(saved, current)}
+        for layer in self._layers():
+            st = state_dict["state"].get(index.get(id(layer.weight)), {})
+            for key, shape in kfac_math.basis_shapes(*layer.shape).items():
+                if key in st and tuple(st[key].shape) != shape:
+                    raise ValueError(
+                        f"DDPNOpt.load_state_dict: {key} of {layer.module} has shape "
+                        f"{tuple(st[key].shape)}, the model's layer needs {shape}; load a "
+                        "checkpoint of the same architecture (and the same params order)")
+
+    @property
+    def _counters(self) -> dict:
+        """Optimizer-wide counters: 'step' (iterations taken) and 'batch' (EKFAC's B)."""
+        return self.state[_GLOBAL]  # type: ignore[index]
+
+    @property
+    def iteration(self) -> int:
+        """Number of steps taken."""
+        return int(self._counters["step"])
+
+
+# ----------------------------------------------------------------------------- vanilla DDP
+
+
+def _flat_stages(chain: Chain, x0: Tensor) -> tuple[list[Callable], list[Tensor], list[Tensor]]:
+    """Per stage: the flat per-sample function, the flat control, the nominal inputs."""
+    fns, us, xs, x = [], [], [], x0
+    for stage in chain.stages:
+        layer = cast(CoveredLayer, stage.layer)
+        fn = ddp_math.per_sample_stage(ddp_math.stage_function(stage.modules, stage.names),
+                                       layer.weight.shape, layer.has_bias, x.shape[1:])
+        params = [getattr(layer.module, n) for n in stage.names]
+        fns.append(fn)
+        us.append(_as_matrix(params).reshape(-1).detach())
+        xs.append(x.flatten(1))
+        for m in stage.modules:
+            x = m(x)
+    return fns, us, xs
+
+
+def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor], damping: float = 1e-3,
+                     lr: float = 1.0) -> float:
+    """One iteration of vanilla DDP on the batch (a dense baseline for tiny FCNs).
+
+    The batch is one augmented state; per-sample Jacobians, the exact per-sample Hessians of
+    the loss at the output, and dense Q matrices (:func:`ddp_math.vanilla_ddp_gains`) give
+    k_t and K_t; the update pass applies u_t <- u_t + lr k_t + K_t dX_t. Memory grows as
+    (B n)^2 per stage: for nets of a few dozen units and small batches only.
+
+    Args:
+        model: an ``nn.Sequential`` chain whose stages all start with a Linear/Conv2d.
+        x: the batch (B, ...). target: the targets (B, ...).
+        loss_fn: ``loss_fn(outputs, targets)`` -> the per-sample losses (B,), e.g.
+            ``lambda o, y: F.cross_entropy(o, y, reduction="none")``.
+        damping: Tikhonov on Q_uu (> 0). lr: the step on the feedforward term k.
+
+    Returns:
+        The mean loss before the step.
+
+    Raises:
+        ValueError: a model that is not a chain of Linear/Conv2d stages, or damping <= 0.
+    """
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 (Q_uu is singular for small batches), got "
+                         f"{damping}")
+    chain = chain_stages(model, {id(p) for p in model.parameters()})
+    if chain.unsupported or any(s.layer is None for s in chain.stages):
+        raise ValueError("vanilla_ddp_step needs every stage to start with a Linear or Conv2d; "
+                         f"unsupported: {', '.join(chain.unsupported) or 'frozen layers'}")
+    with torch.no_grad():
+        x0 = x
+        for m in chain.prefix:
+            x0 = m(x0)
+        fns, us, xs = _flat_stages(chain, x0)
+        out = model(x)
+    v_x, v_xx = _loss_derivatives(loss_fn, out.flatten(1).detach(), target, out.shape[1:])
+    jacs = [ddp_math.dense_jacobians(fn, xt, u) for fn, xt, u in zip(fns, xs, us)]
+    ks, gains = ddp_math.vanilla_ddp_gains([j[0] for j in jacs], [j[1] for j in jacs], v_x,
+                                           v_xx, damping)
+    _write_controls(chain, ddp_math.dense_update_pass(fns, us, xs, [lr * k for k in ks], gains))
+    return float(loss_fn(out, target).mean())
+
+
+@torch.no_grad()
+def _write_controls(chain: Chain, controls: Sequence[Tensor]) -> None:
+    """Copy flat controls u_t = vec([W | b]) into the stages' layers."""
+    for stage, u in zip(chain.stages, controls):
+        layer = cast(CoveredLayer, stage.layer)
+        w, b = kfac_math.split_gradient(u.reshape(layer.shape), layer.weight.shape,
+                                        layer.has_bias)
+        layer.weight.copy_(w)
+        if b is not None:
+            cast(Tensor, layer.module.bias).copy_(b)
+
+
+def _loss_derivatives(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor,
+                      shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Per-sample gradient (B, n) and Hessian (B, n, n) of phi_i at the flat outputs."""
+    grads, hessians = [], []
+    for i in range(out.shape[0]):
+        def phi(o: Tensor, i: int = i) -> Tensor:
+            return loss_fn(o.reshape(1, *shape), target[i:i + 1])[0]
+        grads.append(torch.func.grad(phi)(out[i]))
+        hessians.append(torch.func.hessian(phi)(out[i]))
+    return torch.stack(grads), torch.stack(hessians)
