@@ -7,7 +7,9 @@
 from solvers.adjoint import odeint_adjoint
 from solvers.errors import (
     MaxStepsExceededError,
+    NonFiniteGradientError,
     NonFiniteStateError,
+    SlowSolveWarning,
     SolverError,
     SolverInputError,
     StepSizeUnderflowError,
@@ -22,5 +24,5 @@ __all__ = [
     "odeint", "odeint_adjoint", "solve", "SolverSpec", "State", "Observer", "sdeint",
     "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
-    "MaxStepsExceededError",
+    "MaxStepsExceededError", "NonFiniteGradientError", "SlowSolveWarning",
 ]

@@ -15,6 +15,11 @@ backward solve at the grid t_j = t_0 + j * observer_dt (j >= 1, within [t_0, t_N
 rectangle-rule weight w_j = observer_dt, through dense output, so the adaptive steps do not
 change and nothing is stored, then ``finish()`` at the end: this is where second-order
 statistics (SNOpt, Liu-Chen-Theodorou 2021) are collected.
+
+Errors of the backward solve are raised from ``loss.backward()``: they name the caller's time
+(not the backward solve's internal s = -t), say that it was the backward (adjoint) solve,
+carry the solve's ``label``, and blame a non-finite incoming gradient dL/dy, when there is one,
+with a :class:`~solvers.errors.NonFiniteGradientError`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from typing import Any
 
 import torch
 
-from solvers.errors import SolverInputError
+from solvers.errors import (
+    BACKWARD_SOLVE,
+    NonFiniteGradientError,
+    SolverError,
+    SolverInputError,
+    in_context,
+    join_context,
+)
 from solvers.flat import (
     CountingFunc,
     FlatState,
@@ -36,7 +48,7 @@ from solvers.flat import (
     make_rhs,
     solve_flat,
 )
-from solvers.integrate import Norm, segment_norm
+from solvers.integrate import Norm, Progress, segment_norm
 from solvers.spec import Observer, SolverSpec, State, call_spec, check_observer
 from solvers.stats import SolverStats
 
@@ -58,6 +70,13 @@ class _Config:
     stats: SolverStats
     adjoint_stats: SolverStats
     t_dtype: torch.dtype = torch.float32
+    label: str | None = None
+
+    @property
+    def backward_label(self) -> str:
+        """What the backward solve's messages start with, e.g. "ODE block 'enc', backward
+        (adjoint) solve"."""
+        return join_context(self.label, BACKWARD_SOLVE)
 
 
 def observer_spacing(times: Sequence[float], observer_dt: float | None) -> float:
@@ -118,7 +137,8 @@ class _AdjointFunction(torch.autograd.Function):
         outs: list[torch.Tensor] = []
         with torch.no_grad():
             solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
-                       lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats)
+                       lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats,
+                       progress=Progress(cfg.direction, cfg.label or ""))
             ys = torch.stack(outs)
         ctx.cfg = cfg
         ctx.save_for_backward(ys, t, *params)
@@ -128,7 +148,7 @@ class _AdjointFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple:
         cfg: _Config = ctx.cfg
         ys, t, *params = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), in_context(cfg.backward_label):
             a0, a_theta, grad_t = _backward_solve(cfg, ys, grad_ys, tuple(params),
                                                   need_t=ctx.needs_input_grad[2])
         grads_p = _split_params(a_theta, params)
@@ -157,11 +177,17 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     rhs = _aug_rhs(cfg, params, ys.device, direction)
     norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm)
     grid = observer_grid(times, cfg.observer_dt) if cfg.observer_dt is not None else []
+    progress = Progress(direction, cfg.backward_label)
     z = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(n_theta)])
     if len(times) == 1:
         z[n:2 * n] = 0.0
     for i in range(len(times) - 1, 0, -1):
-        z = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm, direction, n)
+        try:
+            z = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm, direction, n,
+                                progress)
+        except SolverError as err:
+            _blame_the_gradient(err, times, grad_ys, i)
+            raise
         z[:n] = ys[i - 1]  # restart x from the stored forward value (limits drift)
         if i > 1:
             z[n:2 * n] += grad_ys[i - 1]
@@ -169,6 +195,18 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
         cfg.observer.finish()  # after the last sample, also when there was none
     grad_t = _time_grads(cfg, ys, grad_ys, z[n:2 * n], ys.device) if need_t else None
     return z[n:2 * n] + grad_ys[0], z[2 * n:], grad_t
+
+
+def _blame_the_gradient(err: SolverError, times: Sequence[float], grad_ys: torch.Tensor,
+                        i: int) -> None:
+    """Raise a NonFiniteGradientError from ``err`` if a gradient dL/dy(t_k) that entered the
+    failed backward solve (k >= i) is not finite: the loss is at fault, not the field."""
+    if isinstance(err, SolverInputError):
+        return
+    bad = [k for k in range(len(times) - 1, i - 1, -1)
+           if not bool(torch.isfinite(grad_ys[k]).all())]
+    if bad:
+        raise NonFiniteGradientError(times[bad[0]]) from err
 
 
 def _interval_outputs(t_from: float, t_to: float, grid: list[float],
@@ -183,7 +221,8 @@ def _interval_outputs(t_from: float, t_to: float, grid: list[float],
 
 
 def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float, t_to: float,
-                    grid: list[float], norm: Norm, direction: float, n: int) -> torch.Tensor:
+                    grid: list[float], norm: Norm, direction: float, n: int,
+                    progress: Progress) -> torch.Tensor:
     """Backward solve over one output interval, streaming grid samples to the observer."""
     s_out, on_start = _interval_outputs(t_from, t_to, grid, direction)
     result: list[torch.Tensor] = []
@@ -194,7 +233,8 @@ def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float,
         elif j > 0 or on_start:
             _observe(cfg, direction * s, zj, n)
 
-    solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat, cfg.adjoint_stats, norm=norm)
+    solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat, cfg.adjoint_stats, norm=norm,
+               progress=progress)
     return result[0]
 
 
@@ -229,7 +269,7 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
                    adjoint_params: Sequence[torch.Tensor] | None = None,
                    observer: Observer | None = None, observer_dt: float | None = None,
                    stats: SolverStats | None = None, adjoint_stats: SolverStats | None = None,
-                   backend: str = "ocnode") -> State:
+                   backend: str = "ocnode", label: str | None = None) -> State:
     """:func:`solvers.odeint` whose gradients come from the adjoint ODE (O(1) memory).
 
     torchdiffeq's ``odeint_adjoint`` signature, plus an observer for the backward solve.
@@ -249,9 +289,16 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
             ``|t[-1] - t[0]|``.
         stats: filled by the forward solve; adjoint_stats: filled when backward runs.
         backend: 'ocnode' or 'torchdiffeq' (no observer there).
+        label: put in front of every error message and warning of the forward and the
+            backward solve, e.g. ``"ODE block 'enc'"`` (ocnode backend).
 
     Returns:
         y at each time, shape (T, ...), as :func:`solvers.odeint`.
+
+    Raises:
+        The errors of :func:`solvers.odeint`; from ``loss.backward()``, those of the backward
+        solve (their message starts "backward (adjoint) solve"), a
+        :class:`solvers.NonFiniteGradientError` when the incoming dL/dy is not finite.
     """
     method = method or "dopri5"
     stats = stats if stats is not None else SolverStats()
@@ -267,7 +314,7 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
                      adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                      adjoint_options=backward_options, seminorm=seminorm)
     return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
-                         adjoint_stats)
+                         adjoint_stats, label)
 
 
 def _split_seminorm(adjoint_options: Mapping[str, Any] | None) -> tuple[dict | None, bool]:
@@ -285,8 +332,20 @@ def _split_seminorm(adjoint_options: Mapping[str, Any] | None) -> tuple[dict | N
 def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
                   adjoint_params: Sequence[torch.Tensor] | None, observer: Observer | None,
                   observer_dt: float | None, stats: SolverStats,
-                  adjoint_stats: SolverStats) -> State:
-    """The solve of :func:`odeint_adjoint` with validated settings ``spec``."""
+                  adjoint_stats: SolverStats, label: str | None = None) -> State:
+    """The solve of :func:`odeint_adjoint` with validated settings ``spec``.
+
+    Errors get ``label`` in front of their message, those of the backward solve too.
+    """
+    with in_context(label):
+        return _solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
+                              adjoint_stats, label)
+
+
+def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
+                   adjoint_params: Sequence[torch.Tensor] | None, observer: Observer | None,
+                   observer_dt: float | None, stats: SolverStats, adjoint_stats: SolverStats,
+                   label: str | None) -> State:
     params = _adjoint_params(func, adjoint_params)
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
@@ -295,7 +354,8 @@ def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
         check_observer(observer)
         observer_dt = observer_spacing(times, observer_dt)
     cfg = _Config(func, flat, times, direction, spec, observer,
-                  observer_dt if observer is not None else None, stats, adjoint_stats, t.dtype)
+                  observer_dt if observer is not None else None, stats, adjoint_stats, t.dtype,
+                  label)
     ys = _AdjointFunction.apply(cfg, y0_flat, t, *params)
     return flat.unflatten(ys)
 

@@ -19,6 +19,7 @@ from solvers.errors import SolverInputError
 from solvers.integrate import (
     Emit,
     Norm,
+    Progress,
     Rhs,
     StepControl,
     integrate_adaptive,
@@ -31,6 +32,10 @@ from solvers.stats import SolverStats
 from solvers.tableau import get_tableau
 
 BACKENDS = ("ocnode", "torchdiffeq")
+
+#: The fewest bits of a floating state dtype the engine accepts: float16 and bfloat16 have
+#: too few for the step-size control (the error ratio and the step size underflow).
+MIN_STATE_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,23 @@ def flat_state(y0: State) -> FlatState:
         raise SolverInputError(
             "every tensor of a tuple state must share one dtype and device, got "
             f"{[(c.dtype, str(c.device)) for c in comps]}")
+    _check_precision(comps[0].dtype)
     return FlatState(tuple(c.shape for c in comps), isinstance(y0, tuple))
+
+
+def _check_precision(dtype: torch.dtype) -> None:
+    """Reject float16/bfloat16 (and other floats narrower than 32 bits) states."""
+    if _low_precision(dtype):
+        name = str(dtype).removeprefix("torch.")
+        raise SolverInputError(
+            f"{name} is not supported by the solver: integrate in float32 (e.g. autocast off "
+            "inside the vector field, and y0.float()); its step-size control needs at least "
+            "32-bit floats")
+
+
+def _low_precision(dtype: object) -> bool:
+    return (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+            and torch.finfo(dtype).bits < MIN_STATE_BITS)
 
 
 def check_times(t: torch.Tensor, y_ref: torch.Tensor) -> tuple[list[float], float]:
@@ -136,9 +157,10 @@ def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
             f"got {list(shapes)}")
     bad = [c.dtype for c in comps if c.dtype != y.dtype]
     if bad:
+        amp = " (autocast? turn it off inside func)" if _low_precision(bad[0]) else ""
         raise SolverInputError(
-            f"func(t, y) returned dtype {bad[0]} for a {y.dtype} state: cast inside func or "
-            "create the model in the state's dtype")
+            f"func(t, y) returned dtype {bad[0]} for a {y.dtype} state{amp}: cast inside func "
+            "or create the model in the state's dtype")
 
 
 def step_control(spec: SolverSpec, flat: FlatState) -> tuple[StepControl, Norm]:
@@ -161,19 +183,21 @@ def _user_norm(user_norm: Callable, flat: FlatState) -> Norm:
 
 def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                spec: SolverSpec, flat: FlatState, stats: SolverStats,
-               norm: Norm | None = None) -> None:
+               norm: Norm | None = None, progress: Progress | None = None) -> None:
     """Run the engine on a flat state at increasing internal times s_out.
 
     Uses ``spec``'s method, tolerances and options (those of the forward solve: pass
-    ``spec.backward()`` for the adjoint's); ``norm`` replaces the default error norm.
+    ``spec.backward()`` for the adjoint's); ``norm`` replaces the default error norm;
+    ``progress`` maps s_out's time to the caller's in errors and warnings (None: the same).
     """
     tab = get_tableau(spec.method)
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)
-        integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats)
+        integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
+                           progress)
     else:
         step_size = spec.solve_options().get("step_size")
-        integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats)
+        integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress)
 
 
 def check_backend(backend: str) -> None:

@@ -9,11 +9,18 @@ The loop streams outputs: at each requested time it calls ``emit(index, t, y)`` 
 that is only valid during the call, instead of stacking a trajectory. Adaptive methods step
 freely and produce outputs by dense interpolation, so requesting more output times never
 changes the steps taken (Hairer-Norsett-Wanner I, II.4 and II.6).
+
+A :class:`Progress` maps the internal time to the caller's (errors and warnings report the
+caller's time) and warns once, with a :class:`~solvers.errors.SlowSolveWarning`, when an
+adaptive solve passes :data:`SLOW_SOLVE_STEPS` step attempts or :data:`SLOW_SOLVE_SECONDS`
+seconds.
 """
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +31,7 @@ import torch
 from solvers.errors import (
     MaxStepsExceededError,
     NonFiniteStateError,
+    SlowSolveWarning,
     SolverInputError,
     StepSizeUnderflowError,
 )
@@ -33,6 +41,48 @@ from solvers.tableau import ButcherTableau
 Rhs = Callable[[float, torch.Tensor], torch.Tensor]
 Emit = Callable[[int, float, torch.Tensor], None]
 Norm = Callable[[torch.Tensor], float]
+
+#: Step attempts (accepted and rejected) after which an adaptive solve warns that it is slow.
+#: Well above a non-stiff solve's count: adaptive_heun (order 2) needs over 10,000 steps for
+#: a few time units at odeint's default tolerances, dopri5 a few hundred.
+SLOW_SOLVE_STEPS = 100_000
+#: Seconds after which an adaptive solve warns that it is slow (a large CNF's solve can
+#: legitimately take tens of seconds).
+SLOW_SOLVE_SECONDS = 60.0
+
+
+class Progress:
+    """One solve as its caller sees it: the caller's time, its name, the slow-solve warning.
+
+    The engine integrates forward on internal time s; the caller's time is
+    ``t = direction * s``, which every error and warning reports. One Progress can span
+    several engine calls (the adjoint's backward solve makes one per output interval): it
+    warns at most once for all of them.
+
+    Args:
+        direction: +1.0, or -1.0 when the caller's time runs backward (t = -s).
+        name: put in front of the warning, e.g. "backward (adjoint) solve".
+    """
+
+    def __init__(self, direction: float = 1.0, name: str = "") -> None:
+        self.direction, self.name = direction, name
+        self.steps, self.warned = 0, False
+        self.start = time.monotonic()
+
+    def time(self, s: float) -> float:
+        """The caller's time at internal time s."""
+        return self.direction * s + 0.0  # + 0.0: report t=0, not t=-0
+
+    def step(self, s: float, dt: float) -> None:
+        """Count one step attempt of size dt at internal time s; warn once if it is slow."""
+        self.steps += 1
+        if self.warned:
+            return
+        seconds = time.monotonic() - self.start
+        if self.steps >= SLOW_SOLVE_STEPS or seconds >= SLOW_SOLVE_SECONDS:
+            self.warned = True
+            warnings.warn(SlowSolveWarning(self.time(s), dt, self.steps, seconds, self.name),
+                          stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -146,30 +196,61 @@ def next_step(dt: float, ratio: float, prev_ratio: float, order: int, ctl: StepC
         return dt * ctl.ifactor
     if math.isnan(ratio):
         return dt * ctl.dfactor
-    factor = ctl.safety * ratio ** (-ctl.icoeff / order)
-    if ctl.pcoeff:
-        factor *= prev_ratio ** (ctl.pcoeff / order)
+    try:
+        factor = ctl.safety * ratio ** (-ctl.icoeff / order)
+        if ctl.pcoeff:
+            factor *= prev_ratio ** (ctl.pcoeff / order)
+    except OverflowError:  # a tiny ratio with a large icoeff: grow as much as allowed
+        factor = math.inf
     low = ctl.dfactor if ratio > 1.0 else 1.0
     return dt * min(ctl.ifactor, max(low, factor))
 
 
 def initial_step(rhs: Rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, order: int,
-                 ctl: StepControl, norm: Norm) -> float:
-    """Hairer's starting step (Hairer-Norsett-Wanner I, II.4): one extra evaluation."""
+                 ctl: StepControl, norm: Norm, progress: Progress | None = None) -> float:
+    """Hairer's starting step (Hairer-Norsett-Wanner I, II.4): one extra evaluation.
+
+    Raises:
+        NonFiniteStateError: the derivative divided by the error scale overflows the state's
+            dtype (a diverging model), so that no step size is small enough; with
+            ``min_step > 0`` the caller gets 0.0 instead and steps with ``min_step``.
+    """
+    progress = progress or Progress()
     with torch.no_grad():
         scale = y0.abs() * ctl.rtol + ctl.atol
         d0, d1 = norm(y0 / scale), norm(f0 / scale)
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        if h0 == 0.0:  # d1 is inf: f0 / scale overflowed
+            raise _scale_overflow(progress.time(t0), ctl, f0)
         f1 = rhs(t0 + h0, y0 + h0 * f0)
         d2 = norm((f1 - f0) / scale) / h0
     big = max(d1, d2)
     h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** (1.0 / order)
-    return min(100.0 * h0, h1)
+    h = min(100.0 * h0, h1)
+    if h == 0.0 and not ctl.min_step > 0:  # big is inf
+        raise _scale_overflow(progress.time(t0), ctl, f0, f1)
+    return h
 
 
-def _check_finite(y: torch.Tensor, t: float, what: str) -> None:
+def _scale_overflow(t: float, ctl: StepControl, *derivatives: torch.Tensor) -> NonFiniteStateError:
+    """The error of a derivative too large to divide by the error scale."""
+    largest = max(float(f.detach().abs().max()) for f in derivatives)
+    return NonFiniteStateError(
+        t, "scaled derivative",
+        f"|dy/dt| reaches {largest:.3g}, which overflows {derivatives[0].dtype} when divided "
+        f"by the error scale atol + rtol*|y| (atol={ctl.atol:g}, rtol={ctl.rtol:g}): the "
+        "model is diverging. Lower the learning rate, clip gradients or add weight decay, "
+        "normalise the inputs; or loosen atol/rtol, or integrate in float64.")
+
+
+_INITIAL_CAUSE = ("the initial state contains NaN or inf. Check the inputs (the data, or the "
+                  "layers before the solve) for NaN or inf.")
+
+
+def _check_finite(y: torch.Tensor, t: float, what: str, cause: str | None = None) -> None:
+    """Raise a NonFiniteStateError naming the caller's time t unless y is finite."""
     if not bool(torch.isfinite(y).all()):
-        raise NonFiniteStateError(t, what)
+        raise NonFiniteStateError(t, what, cause)
 
 
 def _hermite(y0: torch.Tensor, y1: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor,
@@ -203,7 +284,8 @@ class _Outputs:
 
 def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                        tab: ButcherTableau, ctl: StepControl, norm: Norm = rms_norm,
-                       stats: SolverStats | None = None) -> None:
+                       stats: SolverStats | None = None,
+                       progress: Progress | None = None) -> None:
     """Integrate with an embedded pair and PI/I step control, emitting at each of t_out.
 
     Args:
@@ -215,27 +297,28 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         ctl: tolerances and controller options.
         norm: error norm of the scaled error vector.
         stats: optional counters to increment.
+        progress: the caller's time and the slow-solve warning (None: t_out's own time).
+
+    Raises:
+        NonFiniteStateError, StepSizeUnderflowError, MaxStepsExceededError: naming the
+            caller's time; a :class:`~solvers.errors.SlowSolveWarning` is given once when the
+            solve is slow.
     """
     stats = stats if stats is not None else SolverStats()
+    progress = progress or Progress()
     coeffs = _coefficients(tab, y0.dtype, y0.device)
     graph = torch.is_grad_enabled()
     stages = _Stages(tab.stages, y0, graph)
     out = _Outputs(t_out, emit)
     t, y = t_out[0], y0
-    f0 = rhs(t, y)
-    _check_finite(f0, t, "derivative")
-    dt = ctl.first_step or initial_step(rhs, t, y, f0, tab.err_order, ctl, norm)
+    f0 = _first_derivative(rhs, t, y, progress)
+    dt = ctl.first_step or initial_step(rhs, t, y, f0, tab.err_order, ctl, norm, progress)
     emit(0, t, y)
     prev_ratio, ratio, steps = 1.0, 0.0, 0
     while not out.done:
         dt = min(ctl.max_step, max(ctl.min_step, dt))
-        if dt < 1e-12 * max(1.0, abs(t)):
-            if math.isnan(ratio):
-                raise NonFiniteStateError(t, "state (NaN or inf at every step size tried)")
-            raise StepSizeUnderflowError(t, dt)
         steps += 1
-        if steps > ctl.max_num_steps:
-            raise MaxStepsExceededError(t, dt, ctl.max_num_steps)
+        _check_step(t, dt, ratio, steps, ctl, progress)
         stages.set(0, f0)
         y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages)
         err = stages.combine(None, coeffs[2], dt).detach()
@@ -251,8 +334,30 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         else:
             stats.n_rejected += 1
             if dt <= ctl.min_step:
-                raise StepSizeUnderflowError(t, dt, f"rejected at min_step={ctl.min_step:g}")
+                raise StepSizeUnderflowError(progress.time(t), dt,
+                                             f"rejected at min_step={ctl.min_step:g}")
         dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
+
+
+def _first_derivative(rhs: Rhs, s: float, y0: torch.Tensor, progress: Progress) -> torch.Tensor:
+    """f(s, y0), after checking that y0 and then f(s, y0) are finite."""
+    _check_finite(y0, progress.time(s), "initial state", _INITIAL_CAUSE)
+    f0 = rhs(s, y0)
+    _check_finite(f0, progress.time(s), "derivative")
+    return f0
+
+
+def _check_step(s: float, dt: float, ratio: float, steps: int, ctl: StepControl,
+                progress: Progress) -> None:
+    """Raise unless attempt number ``steps``, of size dt at s, can be taken; count it."""
+    if dt < 1e-12 * max(1.0, abs(s)):
+        if math.isnan(ratio):
+            raise NonFiniteStateError(progress.time(s),
+                                      "state (NaN or inf at every step size tried)")
+        raise StepSizeUnderflowError(progress.time(s), dt)
+    if steps > ctl.max_num_steps:
+        raise MaxStepsExceededError(progress.time(s), dt, ctl.max_num_steps)
+    progress.step(s, dt)
 
 
 def _dense(tab: ButcherTableau, stages: _Stages, y: torch.Tensor,
@@ -277,21 +382,24 @@ def fixed_grid(t_out: Sequence[float], step_size: float | None) -> list[float]:
 
 def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                     tab: ButcherTableau, step_size: float | None = None,
-                    stats: SolverStats | None = None) -> None:
+                    stats: SolverStats | None = None, progress: Progress | None = None) -> None:
     """Integrate on a fixed grid, emitting at t_out (cubic Hermite between grid points).
 
     Args: as :func:`integrate_adaptive`, plus ``step_size`` (None: one step per output
-    interval, as torchdiffeq's fixed-grid solvers).
+    interval, as torchdiffeq's fixed-grid solvers). A fixed-step solve knows its number of
+    steps in advance and does not warn that it is slow.
     """
     stats = stats if stats is not None else SolverStats()
+    progress = progress or Progress()
     coeffs = _coefficients(tab, y0.dtype, y0.device)
     stages = _Stages(tab.stages, y0, torch.is_grad_enabled())
     out = _Outputs(t_out, emit)
     grid = fixed_grid(t_out, step_size)
+    _check_finite(y0, progress.time(grid[0]), "initial state", _INITIAL_CAUSE)
     y, f0 = y0, rhs(grid[0], y0)
     emit(0, grid[0], y)
     for k, (t, t1) in enumerate(zip(grid[:-1], grid[1:])):
-        _check_finite(f0, t, "derivative")
+        _check_finite(f0, progress.time(t), "derivative")
         stages.set(0, f0)
         y1 = rk_step(rhs, tab, coeffs, t, y, t1 - t, stages)
         stats.n_accepted += 1
@@ -299,7 +407,7 @@ def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
         f1 = None if last and not _needs_interior(out, t1) else rhs(t1, y1)
         out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t))
         y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
-    _check_finite(y, grid[-1], "state")
+    _check_finite(y, progress.time(grid[-1]), "state")
 
 
 def _needs_interior(out: _Outputs, t1: float) -> bool:

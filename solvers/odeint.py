@@ -1,8 +1,9 @@
 """``odeint``: torchdiffeq's call signature on our Runge-Kutta engine; ``solve``: one spec.
 
 Precision contract: time is float64 inside the solver (Python floats); the state, the
-stages and the outputs keep ``y0``'s dtype; ``func`` receives ``t`` as a 0-dim tensor of the
-dtype of the ``t`` argument, on ``y0``'s device.
+stages and the outputs keep ``y0``'s dtype (float32 or wider: float16 and bfloat16 states are
+refused); ``func`` receives ``t`` as a 0-dim tensor of the dtype of the ``t`` argument, on
+``y0``'s device.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from solvers.adjoint import solve_adjoint
-from solvers.errors import SolverInputError
+from solvers.errors import SolverInputError, in_context
 from solvers.flat import CountingFunc, check_backend, check_times, flat_state, make_rhs, solve_flat
+from solvers.integrate import Progress
 from solvers.spec import Observer, SolverSpec, State, call_spec
 from solvers.stats import SolverStats
 
@@ -21,7 +23,7 @@ from solvers.stats import SolverStats
 def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
            atol: float = 1e-9, method: str | None = None, options: dict | None = None,
            event_fn: Callable | None = None, stats: SolverStats | None = None,
-           backend: str = "ocnode") -> State:
+           backend: str = "ocnode", label: str | None = None) -> State:
     """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in t.
 
     A drop-in for ``torchdiffeq.odeint``: same arguments and semantics. Differentiable by
@@ -39,12 +41,17 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
         event_fn: not supported by our engine (use backend='torchdiffeq').
         stats: a SolverStats to fill with NFE and accepted/rejected steps.
         backend: 'ocnode' (our engine) or 'torchdiffeq'.
+        label: put in front of every error message and warning of the solve, e.g.
+            ``"ODE block 'enc'"`` (ocnode backend).
 
     Returns:
         y at each time, shape (T, ...) (a tuple of such tensors for a tuple state).
 
     Raises:
-        SolverInputError, StepSizeUnderflowError, NonFiniteStateError, MaxStepsExceededError.
+        SolverInputError, StepSizeUnderflowError, NonFiniteStateError, MaxStepsExceededError:
+            naming the time ``t`` where it happened. An adaptive solve past
+            ``solvers.integrate.SLOW_SOLVE_STEPS`` steps or ``SLOW_SOLVE_SECONDS`` seconds
+            warns once with a :class:`solvers.SlowSolveWarning`.
     """
     method = method or "dopri5"
     stats = stats if stats is not None else SolverStats()
@@ -53,13 +60,13 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
                                    stats, backend)
     check_backend(backend)
     spec = call_spec(method, rtol, atol, options, adjoint=False)
-    return solve_direct(func, y0, t, spec, stats)
+    return solve_direct(func, y0, t, spec, stats, label)
 
 
 def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
           adjoint_params: Sequence[torch.Tensor] | None = None, observer: Observer | None = None,
           observer_dt: float | None = None, stats: SolverStats | None = None,
-          adjoint_stats: SolverStats | None = None) -> State:
+          adjoint_stats: SolverStats | None = None, label: str | None = None) -> State:
     """Solve dy/dt = func(t, y) with the settings of one :class:`SolverSpec`.
 
     With ``spec.adjoint`` this is :func:`solvers.odeint_adjoint`, otherwise
@@ -76,13 +83,16 @@ def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
         observer, observer_dt: an :class:`Observer` of the adjoint's backward solve and its
             grid spacing (None: 0.01 of the span), as :func:`solvers.odeint_adjoint`.
         stats: filled by the forward solve; adjoint_stats: by the backward solve.
+        label: put in front of every error message and warning of the solve, the adjoint's
+            backward solve included (raised from ``loss.backward()``), e.g.
+            ``"ODE block 'enc'"``.
 
     Returns:
         y at each time, shape (T, ...) (a tuple of such tensors for a tuple state).
 
     Raises:
         SolverInputError: ``spec`` is not a SolverSpec, an observer without the adjoint, or
-            bad ``y0``/``t``; the solver errors of a failed solve.
+            bad ``y0``/``t``; the solver errors of a failed solve, forward or backward.
     """
     if not isinstance(spec, SolverSpec):
         raise SolverInputError(f"spec must be a solvers.SolverSpec, e.g. SolverSpec("
@@ -92,15 +102,24 @@ def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
         if observer is not None:
             raise SolverInputError("observers run in the adjoint's backward solve; use a spec "
                                    "with adjoint=True")
-        return solve_direct(func, y0, t, spec, stats)
+        return solve_direct(func, y0, t, spec, stats, label)
     adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
     return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
-                         adjoint_stats)
+                         adjoint_stats, label)
 
 
 def solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
-                 stats: SolverStats) -> State:
-    """The solve of :func:`odeint`, differentiable by backpropagation (``t`` included)."""
+                 stats: SolverStats, label: str | None = None) -> State:
+    """The solve of :func:`odeint`, differentiable by backpropagation (``t`` included).
+
+    Errors get ``label`` in front of their message.
+    """
+    with in_context(label):
+        return _solve_direct(func, y0, t, spec, stats, label or "")
+
+
+def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
+                  stats: SolverStats, label: str) -> State:
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
     times, direction = check_times(t, y0_flat)
@@ -111,7 +130,8 @@ def solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
         y0_flat = y0_flat - (t[0] - t[0].detach()) * f0
     outs: list[torch.Tensor] = []
     solve_flat(rhs, y0_flat, [direction * v for v in times],
-               lambda j, s, y: outs.append(y), spec, flat, stats)
+               lambda j, s, y: outs.append(y), spec, flat, stats,
+               progress=Progress(direction, label))
     outs[0] = flat.flatten(y0)
     if time_grad:
         outs[1:] = [y + (t[j] - t[j].detach()) * direction * rhs(direction * times[j], y).detach()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import SolverInputError, SolverStats, odeint, odeint_adjoint
+from solvers import (
+    NonFiniteGradientError,
+    NonFiniteStateError,
+    SolverInputError,
+    SolverStats,
+    odeint,
+    odeint_adjoint,
+)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -199,3 +206,45 @@ def test_observer_needs_a_positive_spacing(problem):
     with pytest.raises(SolverInputError, match="observer_dt"):
         odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), observer=Recorder(),
                        observer_dt=0)
+
+
+class ArmedNaN(torch.nn.Module):
+    """-y, NaN where t > 0.5 once ``armed`` (set between the forward and the backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.armed = False
+
+    def forward(self, t, y):
+        out = -self.w * y
+        return out * float("nan") if self.armed and float(t) > 0.5 else out
+
+
+def test_backward_errors_of_a_decreasing_time_solve_name_the_callers_time():
+    field = ArmedNaN()
+    ys = odeint_adjoint(field, torch.ones(2, dtype=torch.float64),
+                        torch.tensor([1.0, 0.0], dtype=torch.float64))
+    field.armed = True
+    with pytest.raises(NonFiniteStateError, match=r"^backward \(adjoint\) solve: ") as info:
+        ys[-1].sum().backward()
+    assert 0.5 - 1e-9 <= info.value.t <= 1.0 and not isinstance(info.value, NonFiniteGradientError)
+
+
+def test_a_non_finite_gradient_of_one_tuple_component_is_blamed():
+    field = ArmedNaN()
+    y0 = (torch.ones(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    y, q = odeint_adjoint(lambda t, s: (field(t, s[0]), torch.ones_like(s[1])), y0,
+                          torch.tensor([0.0, 2.0], dtype=torch.float64),
+                          adjoint_params=tuple(field.parameters()))
+    with pytest.raises(NonFiniteGradientError, match=r"dL/dy at t=2: the gradient arriving"):
+        (y[-1].sum() + q[-1].log().sum() * torch.tensor(-float("inf"))).backward()
+
+
+def test_a_label_leaves_the_gradients_unchanged(problem):
+    f, y0, w = problem
+    t = torch.tensor([0.0, 0.4, 1.1], dtype=torch.float64)
+    plain = torch.autograd.grad(_loss(odeint_adjoint(f, y0, t), w), [y0, *f.parameters()])
+    named = torch.autograd.grad(_loss(odeint_adjoint(f, y0, t, label="enc"), w),
+                                [y0, *f.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(plain, named))

@@ -125,3 +125,21 @@ def test_solve_checks_its_spec_and_observer() -> None:
         solve(f, y0, t, {"method": "rk4"})  # type: ignore[arg-type]
     with pytest.raises(SolverInputError, match="adjoint=True"):
         solve(f, y0, t, SolverSpec(adjoint=False), observer=print)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_solve_rejects_a_half_precision_state(dtype: torch.dtype, adjoint: bool) -> None:
+    f = Field().to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(SolverInputError, match=f"^{name} is not supported by the solver: "
+                                               "integrate in float32"):
+        solve(f, torch.ones(2, dtype=dtype), torch.tensor([0.0, 1.0]),
+              SolverSpec(adjoint=adjoint))
+
+
+def test_solve_puts_its_label_in_front_of_errors() -> None:
+    spec = SolverSpec(method="rk4", options={"step_size": 0.5}, adjoint=False)
+    with pytest.raises(SolverInputError, match=r"^ODE block 'x': y0 must have a floating"):
+        solve(Field(), torch.ones(2, dtype=torch.int64), torch.tensor([0.0, 1.0]), spec,
+              label="ODE block 'x'")

@@ -26,7 +26,9 @@ class ODEBlock(nn.Module):
             adjoint solve's settings); None: ``SolverSpec()``, dopri5 at rtol = atol = 1e-3
             with the adjoint.
         trainable_t1: store ``t1`` as an ``nn.Parameter`` so that it receives dL/dt1.
-        name: the block's name, put in front of every solver error it raises.
+        name: the block's name, put in front of every solver error and warning of its
+            solves, forward and (from ``loss.backward()``) backward: ``"ODE block 'enc': ..."``,
+            ``"ODE block 'enc', backward (adjoint) solve: ..."``.
 
     Attributes:
         solver: the :class:`solvers.SolverSpec` (assign a new one to change the settings,
@@ -185,18 +187,15 @@ class ODEBlock(nn.Module):
 
     def _solve(self, x: State, t: Tensor) -> State:
         self.stats, self.adjoint_stats = solvers.SolverStats(), solvers.SolverStats()
-        try:
-            return self._call_solver(x, t)
-        except solvers.SolverError as err:
-            message = err.args[0] if err.args else "solve failed"
-            err.args = (f"ODE block {self.name!r}: {message}", *err.args[1:])
-            raise
+        return self._call_solver(x, t)
 
     def _call_solver(self, x: State, t: Tensor) -> State:
+        # the label names the block in every solver error and warning, also in those of the
+        # adjoint's backward solve, which loss.backward() raises outside this call
         return solvers.solve(
             self.func, x, t, self._solver, adjoint_params=tuple(self.func.parameters()),
             observer=self.observer, observer_dt=self.observer_dt, stats=self.stats,
-            adjoint_stats=self.adjoint_stats)
+            adjoint_stats=self.adjoint_stats, label=f"ODE block {self.name!r}")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, t0={self.t0:g}, t1={self.t1:g}, solver={self._solver!r}"
