@@ -42,3 +42,27 @@ def test_every_ocnode_command_in_the_readme_parses() -> None:
         if argv[0] == "solvers" or "--help" in argv:  # the study parses its own flags
             continue
         parser.parse_args(argv)
+
+
+def test_docs_and_code_never_cite_the_team_documents() -> None:
+    root = Path(__file__).resolve().parents[1]
+    files = [p for d in ("ocnode", "solvers", "experiments", "docs", "tests")
+             for p in (root / d).rglob("*") if p.suffix in (".py", ".md")]
+    files += [root / "README.md", root / "BENCHMARKS.md"]
+    team = ("ALGORITHM" + ".md", "DESIGN" + ".md", "DATASETS" + ".md", "shared" + "/")
+    cited = [str(p.relative_to(root)) for p in files if "results" not in p.parts
+             and any(name in p.read_text() for name in team)]
+    assert cited == []
+
+
+def test_help_shows_the_defaults_a_user_needs(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--epochs EPOCHS", "15"), ("--seed SEED", "0"),
+                          ("--log-every LOG_EVERY", "10"), ("--test-size TEST_SIZE", "2000"),
+                          ("--lr-decay LR_DECAY", "0.8"), ("--threads THREADS", "half the")):
+        after = text.rsplit(flag, 1)[1][:220]  # the help line, not the usage line
+        assert f"default: {default}" in after, (flag, after)
+    for flag in ("--lr LR", "--batch-size BATCH_SIZE", "--rtol RTOL"):
+        assert "default" in text.rsplit(flag, 1)[1][:120], flag  # "the task's ... default"
