@@ -13,9 +13,10 @@ from ocnode.nn import (
     NeuralSDE,
     ODEBlock,
     ODERNNClassifier,
+    Residual,
     TrajectoryODE,
 )
-from ocnode.optim import SNOpt
+from ocnode.optim import DDPNOpt, DGNOpt, SNOpt
 from ocnode.training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -27,11 +28,14 @@ __all__ = [
     "ConcatSquashLinear",
     "ConvODEClassifier",
     "ConvODEFunc",
+    "DDPNOpt",
+    "DGNOpt",
     "MLPODEClassifier",
     "MLPODEFunc",
     "NeuralSDE",
     "ODEBlock",
     "ODERNNClassifier",
+    "Residual",
     "SNOpt",
     "TrainConfig",
     "TrajectoryODE",

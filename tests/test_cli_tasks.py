@@ -74,7 +74,8 @@ def test_a_task_that_does_not_fit_the_dataset_is_a_usage_error(
         capsys.readouterr().err.replace("\n", " "))
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "y"), "--dataset", "digits", "--model", "sde"])
-    assert "trains the models mlp, conv, fcn, cnn, not 'sde'" in capsys.readouterr().err
+    assert "trains the models mlp, conv, fcn, cnn, resmlp, resnet, not 'sde'" in (
+        capsys.readouterr().err.replace("\n", " "))
 
 
 def test_the_comparison_harness_runs_from_the_command_line(tmp_path: Path) -> None:

@@ -119,7 +119,12 @@ def test_the_default_optimizers_are_those_that_can_train_the_tasks_model() -> No
     ode = compare._settings(_args(), _task())["optimizers"]
     assert ode == ["adam", "sgd", "snopt", "kfac", "newton-cg"]  # not the chains-only DDPNOpt
     chain = make_task(_DIGITS, TaskSettings(model="fcn", width=8))
-    assert "ddpnopt" in compare._settings(_args(), chain)["optimizers"]
+    assert {"ddpnopt", "dgnopt"} <= set(compare._settings(_args(), chain)["optimizers"])
+    residual = make_task(_DIGITS, TaskSettings(model="resmlp", width=8))
+    names = compare._settings(_args(), residual)["optimizers"]
+    assert "dgnopt" in names and "ddpnopt" not in names  # DDPNOpt refuses skips
+    with pytest.raises(SystemExit, match="skip connections.*use dgnopt"):
+        compare._settings(_args("--optimizers", "ddpnopt"), residual)
 
 
 def test_bad_optimizer_names_are_rejected() -> None:

@@ -238,8 +238,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of .*digits"),
     ({"optimizer": "lbfgs"},
-     "unknown optimizer 'lbfgs'; choose one of adam, ddpnopt, kfac, newton-cg, sgd, snopt"),
-    ({"model": "resnet"}, "unknown model 'resnet'"),
+     "unknown optimizer 'lbfgs'; choose one of adam, ddpnopt, dgnopt, kfac, newton-cg, sgd, "
+     "snopt"),
+    ({"model": "transformer"}, "unknown model 'transformer'"),
     ({"lr": 0.0}, "lr must be > 0"),
     ({"epochs": 0}, "epochs must be an int >= 1"),
     ({"batch_size": 0}, "batch_size must be an int >= 1"),

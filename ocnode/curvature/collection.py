@@ -22,6 +22,12 @@ the grid and the gradient needs the real one, two different solutions of the adj
 refresh iteration runs each adjoint block's backward solve twice (twice the backward NFE, e.g.
 14 -> 28 for a dopri5 MLP block; docs/algorithms.md, "SNOpt: second-order training of Neural
 ODEs"). Iterations without a refresh are unaffected.
+
+Data-parallel runs: the collector itself never communicates (adaptive solvers take a different
+number of steps on each process, so a collective inside a solve or a hook could wait
+forever). The optimizer that pops the factors hands them, inside its ``step``, to a
+:class:`FactorSync` (``ocnode.training.distributed`` provides one), which averages them over
+the processes before the eigendecomposition.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -65,6 +71,25 @@ class CoveredLayer:
         """(d_out, d_in [+1]): the shape of the layer's gradient matrix G."""
         d_out = self.weight.shape[0]
         return d_out, self.weight.numel() // d_out + int(self.has_bias)
+
+
+class FactorSync(Protocol):
+    """What an optimizer calls, inside ``step``, to keep curvature equal across the processes
+    of a data-parallel run. Every process must make the same calls in the same order."""
+
+    def reduce(self, layers: Sequence[CoveredLayer],
+               stats: dict[nn.Module, LayerStats]) -> dict[nn.Module, LayerStats]:
+        """The statistics of the global batch from each process's local ``stats`` of
+        ``layers`` (a layer missing from ``stats`` counts as unseen on this process)."""
+        ...
+
+    def agree(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Make ``tensors`` (None: absent here) equal on every process, in place."""
+        ...
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over the processes."""
+        ...
 
 
 def sampled_logit_gradient(logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Optimizers: SNOpt, the horizon (T) optimizer, and the exact Newton-CG baseline.
+"""Optimizers: SNOpt, the horizon (T) optimizer, the exact Newton-CG baseline, DDPNOpt (chains)
+and DGNOpt (residual nets).
 
 The classes keep the records; the maths are the functions of
 :mod:`ocnode.optim.kfac_math` (K-FAC/EKFAC) and :mod:`ocnode.optim.cg` (conjugate gradients,
@@ -6,8 +7,9 @@ Hessian-vector products); the curvature they use is collected by :mod:`ocnode.cu
 """
 
 from ocnode.optim.ddpnopt import DDPNOpt, vanilla_ddp_step
+from ocnode.optim.dgnopt import DGNOpt
 from ocnode.optim.horizon import HorizonOptimizer
 from ocnode.optim.newton_cg import NewtonCG
 from ocnode.optim.snopt import SNOpt
 
-__all__ = ["SNOpt", "HorizonOptimizer", "NewtonCG", "DDPNOpt", "vanilla_ddp_step"]
+__all__ = ["SNOpt", "HorizonOptimizer", "NewtonCG", "DDPNOpt", "DGNOpt", "vanilla_ddp_step"]

@@ -20,6 +20,8 @@ algorithm and the choices made here.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,10 +33,11 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.hooks import RemovableHandle
 
 from ocnode.curvature import CoveredLayer, FactorAccumulator, LayerStats, check_layer, is_covered
+from ocnode.curvature.collection import FactorSync
 from ocnode.curvature.layers import has_bias
+from ocnode.nn.residual import Residual
 from ocnode.optim import ddp_math, kfac_math
 
-_GLOBAL = "ddpnopt"  # key of the optimizer-wide counters in self.state
 BASES = ("sgd", "rmsprop", "adam", "ekfac")
 #: The default moving-average rate of the squared gradients, per base.
 DEFAULT_ALPHA = {"rmsprop": 0.99, "ekfac": 0.75}
@@ -87,13 +90,18 @@ class Chain(NamedTuple):
     unsupported: list[str]
 
 
-def _flatten(seq: nn.Sequential, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def flatten_chain(seq: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of an ``nn.Sequential`` with nested Sequentials flattened, in run order;
+    any other module is one entry (named ``prefix`` without its trailing dot)."""
+    if not isinstance(seq, nn.Sequential):
+        yield prefix.rstrip("."), seq
+        return
     # not named_children(): it hides a module's second use
     for name, m in seq._modules.items():
         if m is None:
             continue
         if type(m) is nn.Sequential:
-            yield from _flatten(m, f"{prefix}{name}.")
+            yield from flatten_chain(m, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", m
 
@@ -102,13 +110,15 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
-def _check_entry(name: str, m: nn.Module, seen: set[int]) -> None:
+def _check_entry(name: str, m: nn.Module, seen: set[int], message: str) -> None:
     """Raise for a module with parameters that is not one layer, or that is used twice."""
+    if isinstance(m, Residual):
+        raise ValueError(message.format(what=f"Entry {name} is a Residual block."))
     if any(_has_params(c) for c in m.children()):
-        raise ValueError(_NOT_A_CHAIN.format(
+        raise ValueError(message.format(
             what=f"Entry {name} ({type(m).__name__}) holds parameters in submodules."))
     if id(m) in seen:
-        raise ValueError(_NOT_A_CHAIN.format(
+        raise ValueError(message.format(
             what=f"Entry {name} ({type(m).__name__}) is used twice (shared weights)."))
     seen.add(id(m))
 
@@ -139,14 +149,31 @@ def chain_stages(model: nn.Module, owned: set[int]) -> Chain:
     """
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         raise ValueError(_NOT_A_CHAIN.format(what=f"Got a {type(model).__name__}."))
+    return group_stages(flatten_chain(model), owned)
+
+
+def group_stages(entries: Iterable[tuple[str, nn.Module]], owned: set[int],
+                 seen: set[int] | None = None, message: str = _NOT_A_CHAIN) -> Chain:
+    """Group a chain's modules into stages: each module with parameters starts one.
+
+    Args:
+        entries: (name, module) in the order the chain runs them (:func:`flatten_chain`).
+        owned: ids of the parameters the optimizer trains.
+        seen: ids of the modules grouped so far (shared weights across calls raise).
+        message: the error template, with a ``{what}`` field.
+
+    Raises:
+        ValueError: an entry with parameters that is not one layer (a Residual block, a
+            module with parameters in submodules), or one used twice.
+    """
+    seen = set() if seen is None else seen
     prefix: list[nn.Module] = []
     groups: list[tuple[str, list[nn.Module]]] = []
-    seen: set[int] = set()
-    for name, m in _flatten(model):
-        if not _has_params(m):
+    for name, m in entries:
+        if not _has_params(m) and not isinstance(m, Residual):
             (groups[-1][1] if groups else prefix).append(m)
             continue
-        _check_entry(name, m, seen)
+        _check_entry(name, m, seen, message)
         groups.append((name, [m]))
     stages, unsupported = [], []
     for name, mods in groups:
@@ -192,47 +219,71 @@ def _replayed_rng(rng: tuple[Tensor, Tensor | None, torch.device] | None) -> Ite
         yield
 
 
+class Probe(NamedTuple):
+    """A tensor the recorder keeps beside the stages' records: a module's input or output.
+
+    Attributes:
+        module: the module. where: ``"input"``: the input's value and the gradient of this
+            module's path alone (the module gets an alias of its input, so a tensor that
+            also feeds other modules is split by path); ``"output"``: the output's value and
+            gradient.
+    """
+
+    module: nn.Module
+    where: str
+
+
 class _Recorder:
     """DDPNOpt's forward/backward hooks: registered here at construction, removed by handle.
 
-    Each forward with grad through the first stage starts a new set of records (a
-    generation); gradient hooks of older forwards are ignored, and so are differentiable
-    backward passes (grad mode on).
+    Each forward of the model with grad starts a new set of records (a generation): one
+    per stage, then one per probe (``x`` its value, ``gx`` its gradient). Gradient hooks of
+    older forwards are ignored, and so are differentiable backward passes (grad mode on).
 
     Args:
-        model: the chain. stages: its stages. want_gx: indices of the stages whose input
-            gradient is needed. want_gy: record the gradient at the model's output.
-        active: whether the coming forward should be recorded.
+        model: the net. stages: its stages. want_gx: indices of the stages whose input
+            gradient is needed. want_gy: record the gradient at the model's output (in the
+            last stage's record). active: whether the coming forward should be recorded.
+        probes: the extra tensors to record.
     """
 
     def __init__(self, model: nn.Module, stages: Sequence[Stage], want_gx: set[int],
-                 want_gy: bool, active: Callable[[], bool]) -> None:
+                 want_gy: bool, active: Callable[[], bool],
+                 probes: Sequence[Probe] = ()) -> None:
         self.stages, self.want_gx, self._active = stages, want_gx, active
+        self._size = len(stages) + len(probes)
         self.paused, self.forwards, self._gen = False, 0, 0
         self.records: list[_Record] | None = None
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._start_hook(model))]
+        # probes first: a stage starting with a probed module must see the alias
+        for k, probe in enumerate(probes):
+            self._handles.append(self._probe_hook(probe, len(stages) + k))
         for t, stage in enumerate(stages):
             first = stage.modules[0]
             self._handles.append(first.register_forward_pre_hook(self._pre_hook(t)))
             if stage.layer is not None:
                 self._handles.append(first.register_forward_hook(self._out_hook(first, t, "g")))
         if want_gy and stages:
-            self._handles.append(model.register_forward_hook(self._out_hook(model, -1, "gy")))
+            self._handles.append(model.register_forward_hook(
+                self._out_hook(model, len(stages) - 1, "gy")))
 
     def _recording(self) -> bool:
         return torch.is_grad_enabled() and not self.paused and self._active()
+
+    def _start_hook(self, owner: nn.Module) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            # a deep copy of the model carries this hook along: it must not record
+            if module is owner and self._recording():
+                self._gen, self.forwards = self._gen + 1, self.forwards + 1
+                self.records = [_Record() for _ in range(self._size)]
+        return hook
 
     def _pre_hook(self, t: int) -> Callable[[nn.Module, tuple], None]:
         owner = self.stages[t].modules[0]
 
         def hook(module: nn.Module, inputs: tuple) -> None:
-            # a deep copy of the model carries this hook along: it must not record
-            if module is not owner or not self._recording():
-                return
-            if t == 0:
-                self._gen, self.forwards = self._gen + 1, self.forwards + 1
-                self.records = [_Record() for _ in self.stages]
-            if self.records is None:
+            if module is not owner or not self._recording() or self.records is None:
                 return
             x, stage, rec = inputs[0], self.stages[t], self.records[t]
             rec.x = x.detach()
@@ -241,6 +292,31 @@ class _Recorder:
             if t in self.want_gx and x.requires_grad:
                 x.register_hook(self._grad_hook(t, "gx"))
         return hook
+
+    def _probe_hook(self, probe: Probe, i: int) -> RemovableHandle:
+        owner = probe.module
+
+        def on_input(module: nn.Module, inputs: tuple) -> tuple | None:
+            if module is not owner or not self._recording() or self.records is None:
+                return None
+            x = inputs[0]
+            self.records[i].x = x.detach()
+            if not x.requires_grad:
+                return None
+            alias = x.view_as(x)
+            alias.register_hook(self._grad_hook(i, "gx"))
+            return (alias, *inputs[1:])
+
+        def on_output(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if module is owner and self._recording() and self.records is not None \
+                    and isinstance(output, Tensor):
+                self.records[i].x = output.detach()
+                if output.requires_grad:
+                    output.register_hook(self._grad_hook(i, "gx"))
+
+        if probe.where == "input":
+            return owner.register_forward_pre_hook(on_input)
+        return owner.register_forward_hook(on_output)
 
     def _out_hook(self, owner: nn.Module, t: int,
                   field: str) -> Callable[[nn.Module, tuple, Any], None]:
@@ -354,6 +430,9 @@ class DDPNOpt(torch.optim.Optimizer):
         ValueError: a bad hyperparameter, or a model that is not a chain.
     """
 
+    _KEY = "ddpnopt"  # key of the optimizer-wide counters in self.state
+    _INIT_DEPTH = 0  # subclass __init__ frames above this one (for warnings' stacklevel)
+
     def __init__(self, model: nn.Module, lr: float, base: str = "sgd", momentum: float = 0.0,
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, alpha: float | None = None, eps_ekfac: float = 0.05,
@@ -361,9 +440,10 @@ class DDPNOpt(torch.optim.Optimizer):
                  feedback: bool = True, second_order: bool = False,
                  max_feedback_ratio: float | None = None,
                  params: Iterable | None = None) -> None:
+        name = type(self).__name__
         if not isinstance(model, nn.Module):
-            raise TypeError(f"DDPNOpt takes the model (an nn.Module), got {type(model).__name__}"
-                            ": write DDPNOpt(model, lr=...), and pass params=... to choose the "
+            raise TypeError(f"{name} takes the model (an nn.Module), got {type(model).__name__}"
+                            f": write {name}(model, lr=...), and pass params=... to choose the "
                             "parameters or parameter groups")
         _validate(base, lr, momentum, weight_decay, betas, eps, alpha, eps_ekfac, update_freq,
                   eps_vxx)
@@ -381,17 +461,37 @@ class DDPNOpt(torch.optim.Optimizer):
         self.feedback, self.second_order = bool(feedback), bool(second_order)
         self.max_feedback_ratio = max_feedback_ratio
         owned = {id(p) for g in self.param_groups for p in g["params"]}
-        chain = chain_stages(model, owned)
-        self.stages = chain.stages
-        if chain.unsupported:
-            warnings.warn("DDPNOpt: no feedback policy for " + ", ".join(chain.unsupported)
+        self.stages, unsupported = self._structure(model, owned)
+        if unsupported:
+            warnings.warn(f"{name}: no feedback policy for " + ", ".join(unsupported)
                           + " (only Linear and Conv2d with groups=1 get one); they take the "
-                          f"base ({base}) step only", UserWarning, stacklevel=2)
-        want_gx = set(range(1, len(self.stages))) if self.feedback else set()
+                          f"base ({base}) step only", UserWarning,
+                          stacklevel=2 + self._INIT_DEPTH)
+        want_gx = self._wanted_gx() if self.feedback else set()
         self._recorder = _Recorder(model, self.stages, want_gx, self.second_order,
-                                   self._recording_due)
+                                   self._recording_due, self._probes())
         self._warned: set[str] = set()
-        self.state[_GLOBAL] = {"step": 0, "batch": 1}  # type: ignore[index]
+        self.sync: FactorSync | None = None  # set by data-parallel runs
+        self.state[self._KEY] = {"step": 0, "batch": 1}  # type: ignore[index]
+
+    # ---- the net's structure (what DGNOpt extends) ---------------------------------------
+
+    def _structure(self, model: nn.Module, owned: set[int]) -> tuple[list[Stage], list[str]]:
+        """The stages, and "name (type)" of the trained modules without a feedback policy."""
+        chain = chain_stages(model, owned)
+        return chain.stages, chain.unsupported
+
+    def _wanted_gx(self) -> set[int]:
+        """The stages whose input gradient the feedback needs (stage 0's dx is 0)."""
+        return set(range(1, len(self.stages)))
+
+    def _probes(self) -> list[Probe]:
+        """Tensors recorded beside the stages (none for a chain)."""
+        return []
+
+    def _players(self) -> list[tuple[int, ...]]:
+        """The stages of each player of the game, in order: one stage each in a chain."""
+        return [(t,) for t in range(len(self.stages))]
 
     # ---- records -------------------------------------------------------------------------
 
@@ -404,7 +504,8 @@ class DDPNOpt(torch.optim.Optimizer):
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"DDPNOpt: {msg} (warned once)", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"{type(self).__name__}: {msg} (warned once)", RuntimeWarning,
+                          stacklevel=5)
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -420,15 +521,15 @@ class DDPNOpt(torch.optim.Optimizer):
                 loss = closure()
         records, forwards = self._recorder.take()
         if not self._grads_finite():
-            warnings.warn("DDPNOpt: non-finite gradient, step skipped (state unchanged); "
-                          "lower the learning rate or clip gradients", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped (state "
+                          "unchanged); lower the learning rate or clip gradients",
+                          RuntimeWarning, stacklevel=2)
             return loss
         if self.base == "ekfac" and self._refresh_due():
             self._refresh(records)
         new, scales = self._base_phase()
         todo = self._feedback_stages(records, forwards, new) if self.feedback else []
-        deferred = {id(t) for i in todo for t in self._layer_params(self.stages[i])}
+        deferred = self._deferred(todo)
         for p, value in new.items():
             if id(p) not in deferred:
                 p.copy_(value)
@@ -448,6 +549,10 @@ class DDPNOpt(torch.optim.Optimizer):
     def _layer_params(stage: Stage) -> list[Tensor]:
         layer = cast(CoveredLayer, stage.layer)
         return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    def _deferred(self, todo: list[int]) -> set[int]:
+        """Ids of the parameters the update pass writes (the others take the base step first)."""
+        return {id(p) for t in todo for p in self._layer_params(self.stages[t])}
 
     # ---- the base step -------------------------------------------------------------------
 
@@ -515,60 +620,90 @@ class DDPNOpt(torch.optim.Optimizer):
         for stage, rec in zip(self.stages, records or []):
             if stage.layer is not None and rec.x is not None and rec.g is not None:
                 acc.add(stage.layer.module, rec.x, rec.g, 1, None)
-        stats = acc.pop()
+        stats = self._global_stats(acc.pop())
         if not stats and self._layers():
-            warnings.warn("DDPNOpt: no curvature was recorded on this EKFAC refresh iteration "
-                          "(no forward/backward with grad before step?); keeping the old "
-                          "factors", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: no curvature was recorded on this EKFAC "
+                          "refresh iteration (no forward/backward with grad before step?); "
+                          "keeping the old factors", RuntimeWarning, stacklevel=3)
         by_module = {layer.module: layer for layer in self._layers()}
         for module, st in stats.items():
             self._refresh_layer(by_module[module], st)
         if stats:
             self._counters["batch"] = max(st.batch for st in stats.values())
+        self._agree_bases()
 
     def _refresh_layer(self, layer: CoveredLayer, st: LayerStats) -> None:
         a_factor, b_factor = st.a_factor, st.b_factor
         if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
-            warnings.warn(f"DDPNOpt: non-finite factor for {layer.module}; keeping the old "
-                          "basis", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"{type(self).__name__}: non-finite factor for {layer.module}; "
+                          "keeping the old basis", RuntimeWarning, stacklevel=4)
             return
         try:
             basis = kfac_math.kronecker_basis(a_factor, b_factor, st.num_locations)
         except torch.linalg.LinAlgError:
-            warnings.warn(f"DDPNOpt: eigh failed for {layer.module}; keeping the old basis",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(f"{type(self).__name__}: eigh failed for {layer.module}; keeping "
+                          "the old basis", RuntimeWarning, stacklevel=4)
             return
         self.state[layer.weight].update(basis._asdict())
+
+    # ---- data parallelism ----------------------------------------------------------------
+    # With ``sync`` (set by ocnode.training.distributed), every process applies the update of
+    # the global batch: EKFAC's factors are averaged once per refresh, and each stage's
+    # feedback direction E[Q_ux dx] (a mean over the local rows, on the per-sample scale of
+    # the local batch) is averaged over the processes before it is applied, so the next
+    # stage's x_hat is the same everywhere: one all-reduce per stage and step, of the size of
+    # the layer's gradient.
+
+    def _global_stats(self, stats: dict[nn.Module, LayerStats]) -> dict[nn.Module, LayerStats]:
+        return stats if self.sync is None else self.sync.reduce(self._layers(), stats)
+
+    def _agree_bases(self) -> None:
+        if self.sync is not None:
+            keys = ("a_factor", "b_factor", "basis_a", "basis_b", "lam_a", "lam_b", "m2")
+            self.sync.agree([self.state.get(c.weight, {}).get(k) for c in self._layers()
+                             for k in keys])
+
+    def _global_direction(self, direction: Tensor) -> Tensor:
+        return direction if self.sync is None else self.sync.mean(direction)
 
     # ---- the update pass -----------------------------------------------------------------
 
     def _feedback_stages(self, records: list[_Record] | None, forwards: int,
                          new: dict[Tensor, Tensor]) -> list[int]:
         """Indices of the stages that get feedback this step (their records are complete)."""
+        if not self._records_usable(records, forwards):
+            return []
+        records = cast(list[_Record], records)
+        return [t for t in range(1, len(self.stages)) if self._complete(t, records, new)
+                and records[t].gx is not None]
+
+    def _records_usable(self, records: list[_Record] | None, forwards: int) -> bool:
+        """Whether one forward and backward were recorded (else warn once)."""
         if records is None or forwards != 1 or records[0].x is None:
             self._warn_once("records", "feedback needs exactly one forward (with grad) and "
                             f"backward before each step, saw {forwards} forward(s); this step "
                             "took the base step only")
-            return []
-        out = []
-        for t, (stage, rec) in enumerate(zip(self.stages, records)):
-            if t == 0 or stage.layer is None or stage.layer.weight not in new:
-                continue
-            gy = self._grad_at_output(records, t)
-            if rec.x is None or rec.gx is None or rec.g is None or (self.second_order
-                                                                    and gy is None):
-                continue
-            out.append(t)
-        return out
+            return False
+        return True
+
+    def _complete(self, t: int, records: list[_Record], new: dict[Tensor, Tensor]) -> bool:
+        """Stage t has a policy, a base step, its layer's records (and the output gradient
+        that the second-order term needs)."""
+        stage, rec = self.stages[t], records[t]
+        if stage.layer is None or stage.layer.weight not in new or rec.x is None \
+                or rec.g is None:
+            return False
+        return not self.second_order or self._grad_at_output(records, t) is not None
 
     def _grad_at_output(self, records: list[_Record], t: int) -> Tensor | None:
         """dL/dx_{t+1} at stage t's output (needed by the second-order term)."""
-        return records[t + 1].gx if t + 1 < len(records) else records[-1].gy
+        n = len(self.stages)
+        return records[t + 1].gx if t + 1 < n else records[n - 1].gy
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
         """No recording, and the model's buffers (BatchNorm statistics) left as they were."""
-        buffers = [b for s in self.stages for m in s.modules for b in m.buffers()]
+        buffers = list(self.model.buffers())
         saved = [b.clone() for b in buffers]
         self._recorder.paused = True
         try:
@@ -578,34 +713,71 @@ class DDPNOpt(torch.optim.Optimizer):
             for b, v in zip(buffers, saved):
                 b.copy_(v)
 
+    def _pass_maps(self, records: list[_Record], todo: list[int],
+                   scales: dict[Tensor, Tensor | float]
+                   ) -> tuple[dict[int, ddp_math.LayerMap], dict[int, Tensor]]:
+        """The base map P of each feedback stage, and its V_xx correction factor (if on)."""
+        maps = {t: self._layer_map(cast(CoveredLayer, self.stages[t].layer), scales)
+                for t in todo}
+        return maps, self._value_scales(records, maps) if self.vxx_correction else {}
+
     def _update_pass(self, records: list[_Record], todo: list[int], new: dict[Tensor, Tensor],
                      scales: dict[Tensor, Tensor | float]) -> None:
         """x_hat_0 = x_0; per stage: apply base step and feedback, then x_hat_{t+1} = f_t."""
-        maps = {t: self._layer_map(cast(CoveredLayer, self.stages[t].layer), scales)
-                for t in todo}
-        r2 = self._value_scales(records, maps) if self.vxx_correction else {}
+        maps, r2 = self._pass_maps(records, todo, scales)
         x_hat = cast(Tensor, records[0].x)
         with self._quiet():
-            for t, stage in enumerate(self.stages[:todo[-1] + 1]):
-                rec = records[t]
-                if t in maps:
-                    dx = x_hat - cast(Tensor, rec.x)
-                    direction = self._direction(t, records, dx, r2.get(t))
-                    self._apply_feedback(cast(CoveredLayer, stage.layer), maps[t](direction),
-                                         new)
-                if t < todo[-1]:
-                    with _replayed_rng(rec.rng):
-                        for m in stage.modules:
-                            x_hat = m(x_hat)
+            for t in range(todo[-1] + 1):
+                x_hat = self._stage_update(t, records, x_hat, (maps, r2, new),
+                                           run=t < todo[-1])
 
-    def _direction(self, t: int, records: list[_Record], dx: Tensor,
-                   r2: Tensor | None) -> Tensor:
-        """E[Q_ux dx_t] of stage t as a (d_out, d_in [+1]) matrix."""
-        stage, rec = self.stages[t], records[t]
-        layer, x = cast(CoveredLayer, stage.layer), cast(Tensor, rec.x)
-        c = ddp_math.feedback_weights(cast(Tensor, rec.gx), dx)
+    def _stage_update(self, t: int, records: list[_Record], x_hat: Tensor,
+                      ctx: tuple[dict[int, ddp_math.LayerMap], dict[int, Tensor],
+                                 dict[Tensor, Tensor]],
+                      extra: Tensor | None = None, run: bool = True) -> Tensor:
+        """Stage t of the update pass: its feedback (if it has a map), then x_hat_{t+1}.
+
+        Args:
+            x_hat: the stage's input in the updated net. ctx: (maps, V_xx factors, the base
+                steps' new values). extra: (B,) a term added to the feedback weights c_i
+                (DGNOpt's skip terms). run: also run the stage on x_hat.
+        """
+        maps, r2, new = ctx
+        if t in maps:
+            dx = x_hat - cast(Tensor, records[t].x)
+            direction = self._global_direction(self._direction(t, records, dx, r2.get(t),
+                                                               extra))
+            self._apply_feedback(cast(CoveredLayer, self.stages[t].layer), maps[t](direction),
+                                 new)
+        return self._run_stage(t, records, x_hat) if run else x_hat
+
+    def _run_stage(self, t: int, records: list[_Record], x: Tensor) -> Tensor:
+        """f_t(x) with the current parameters and the forward's random draws."""
+        with _replayed_rng(records[t].rng):
+            for m in self.stages[t].modules:
+                x = m(x)
+        return x
+
+    def _direction(self, t: int, records: list[_Record], dx: Tensor, r2: Tensor | None,
+                   extra: Tensor | None = None) -> Tensor:
+        """E[Q_ux dx_t] of stage t as a (d_out, d_in [+1]) matrix.
+
+        c_i = <q_x^(i), dx^(i)> (+ ``extra``), times the V_xx factor r2.
+        """
+        gx = records[t].gx
+        c = ddp_math.feedback_weights(gx, dx) if gx is not None else None
+        if extra is not None:
+            c = extra if c is None else c + extra
+        c = cast(Tensor, c)
         if r2 is not None:
             c = c * r2
+        return self._stage_direction(t, records, c, dx)
+
+    def _stage_direction(self, t: int, records: list[_Record], c: Tensor,
+                         dx: Tensor) -> Tensor:
+        """(1/B) sum_i c_i q_u^(i), plus the eps_vxx and second-order terms along dx."""
+        stage, rec = self.stages[t], records[t]
+        layer, x = cast(CoveredLayer, stage.layer), cast(Tensor, rec.x)
         out = ddp_math.feedback_direction(layer.module, x, cast(Tensor, rec.g), c)
         if not (self.eps_vxx or self.second_order):
             return out
@@ -655,19 +827,32 @@ class DDPNOpt(torch.optim.Optimizer):
 
     def _value_scales(self, records: list[_Record],
                       maps: dict[int, ddp_math.LayerMap]) -> dict[int, Tensor]:
-        """Per feedback stage t, the V_xx correction factor r2 of V'_xx = r2 q q^T at t+1."""
+        """Per feedback stage t, the V_xx correction factor r2 of V'_xx = r2 q q^T after its
+        player (the players of :meth:`_players`, last to first)."""
         batch = cast(Tensor, records[0].x).shape[0]
         r2 = cast(Tensor, records[0].x).new_ones(batch)
+        players = self._players()
+        # a player's own factor matters only to earlier players with feedback
+        first = next((i for i, p in enumerate(players) if any(t in maps for t in p)),
+                     len(players))
         out: dict[int, Tensor] = {}
-        for t in reversed(range(1, len(self.stages))):
-            out[t] = r2
-            rec, layer = records[t], self.stages[t].layer
-            # stage 1's own factor would only matter to stage 0, which has no feedback
-            if t > 1 and t in maps and layer is not None and rec.x is not None \
-                    and rec.g is not None:
-                grads = ddp_math.per_sample_gradients(layer.module, rec.x, rec.g)
-                r2 = ddp_math.value_scale(r2, ddp_math.quadratic_forms(maps[t], grads))
+        for i in reversed(range(len(players))):
+            out.update({t: r2 for t in players[i]})
+            quads = [self._quadratic_form(t, records, maps) for t in players[i]
+                     if i > first and t in maps]
+            live = [q for q in quads if q is not None]
+            if live:
+                r2 = ddp_math.value_scale(r2, functools.reduce(operator.add, live))
         return out
+
+    def _quadratic_form(self, t: int, records: list[_Record],
+                        maps: dict[int, ddp_math.LayerMap]) -> Tensor | None:
+        """q_u^(i)T P q_u^(i) of stage t, (B,); None without its records."""
+        rec, layer = records[t], self.stages[t].layer
+        if layer is None or rec.x is None or rec.g is None:
+            return None
+        grads = ddp_math.per_sample_gradients(layer.module, rec.x, rec.g)
+        return ddp_math.quadratic_forms(maps[t], grads)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -683,8 +868,8 @@ class DDPNOpt(torch.optim.Optimizer):
         """
         self._check_layer_shapes(state_dict)
         super().load_state_dict(state_dict)
-        saved = self.state.pop(_GLOBAL, {})  # type: ignore[call-overload]
-        self.state[_GLOBAL] = {"step": 0, "batch": 1, **saved}  # type: ignore[index]
+        saved = self.state.pop(self._KEY, {})  # type: ignore[call-overload]
+        self.state[self._KEY] = {"step": 0, "batch": 1, **saved}  # type: ignore[index]
 
     def _check_layer_shapes(self, state_dict: dict[str, Any]) -> None:
         saved = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
@@ -697,14 +882,15 @@ class DDPNOpt(torch.optim.Optimizer):
             for key, shape in kfac_math.basis_shapes(*layer.shape).items():
                 if key in st and tuple(st[key].shape) != shape:
                     raise ValueError(
-                        f"DDPNOpt.load_state_dict: {key} of {layer.module} has shape "
-                        f"{tuple(st[key].shape)}, the model's layer needs {shape}; load a "
-                        "checkpoint of the same architecture (and the same params order)")
+                        f"{type(self).__name__}.load_state_dict: {key} of {layer.module} "
+                        f"has shape {tuple(st[key].shape)}, the model's layer needs {shape}; "
+                        "load a checkpoint of the same architecture (and the same params "
+                        "order)")
 
     @property
     def _counters(self) -> dict:
         """Optimizer-wide counters: 'step' (iterations taken) and 'batch' (EKFAC's B)."""
-        return self.state[_GLOBAL]  # type: ignore[index]
+        return self.state[self._KEY]  # type: ignore[index]
 
     @property
     def iteration(self) -> int:

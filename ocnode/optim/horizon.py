@@ -22,6 +22,11 @@ Use with any parameter optimizer::
     horizon.observe()   # reads dL/dT and grad_theta, clears t1's grad
     opt.step()
     horizon.step()      # updates T (every update_freq iterations)
+
+Data-parallel runs: s must be dL/dT of the global batch's loss. ``DistributedDataParallel``
+averages t1's gradient with the parameters' (the training core wraps the whole model, t1
+included), so s, Q_T, Q_TT, grad_theta L and d theta are the same on every process, and so is
+every T update: no collective of its own.
 """
 
 from __future__ import annotations

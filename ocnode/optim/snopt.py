@@ -13,6 +13,13 @@ through their solver (``adjoint=False``) get ordinary K-FAC hooks on every solve
 
 The optimizer keeps the records (state, refresh schedule); the collection is
 :mod:`ocnode.curvature`, the maths are the functions of :mod:`ocnode.optim.kfac_math`.
+
+Data-parallel runs set :attr:`SNOpt.sync` (``ocnode.training.distributed`` does): each
+process gathers its factors locally, and at a refresh ``step`` averages them over the
+processes before the eigendecomposition, then checks that every process holds the same
+eigenbases. The per-sample scale of B is the local batch (each process's loss is the mean
+over its own rows), and the ``batch`` of EKFAC's m2 update is the global one (the gradient is
+the global mean), so N processes of batch b give the curvature of one process of batch N * b.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import torch
 from torch import nn
 
 from ocnode.curvature import CoveredLayer, CurvatureCollector, LayerStats
+from ocnode.curvature.collection import FactorSync
 from ocnode.optim import kfac_math
 
 _GLOBAL = "snopt"  # key of the optimizer-wide counters in self.state
 DAMPING_MODES = ("ekfac", "tikhonov")
+#: The tensors of a layer's refreshed state that must be equal on every process.
+_BASIS_KEYS = ("a_factor", "b_factor", "basis_a", "basis_b", "lam_a", "lam_b", "m2")
 
 
 def _validate(lr: float, momentum: float, weight_decay: float, eps: float, alpha: float,
@@ -80,6 +90,8 @@ class SNOpt(torch.optim.Optimizer):
 
     Attributes:
         collector: the :class:`~ocnode.curvature.CurvatureCollector` on ``model``.
+        sync: None (one process), or the data-parallel run's
+            :class:`~ocnode.curvature.collection.FactorSync`, called at each refresh.
         state[p] for a preconditioned layer's weight p: ``a_factor``, ``b_factor``,
             ``basis_a``, ``basis_b``, ``lam_a``, ``lam_b``, ``num_locations``, ``m2`` (see
             :class:`ocnode.optim.kfac_math.KroneckerBasis`) after its first refresh.
@@ -107,6 +119,7 @@ class SNOpt(torch.optim.Optimizer):
         self.model, self.update_freq, self.damping_mode = model, update_freq, damping_mode
         self.full, self.fisher, self.observer_dt = full, fisher, observer_dt
         self.stats_batch = stats_batch
+        self.sync: FactorSync | None = None
         owned = [p for g in self.param_groups for p in g["params"]]
         self.collector = CurvatureCollector(model, owned, full=full, fisher=fisher,
                                             observer_dt=observer_dt, stats_batch=stats_batch,
@@ -154,7 +167,8 @@ class SNOpt(torch.optim.Optimizer):
                           "the learning rate or clip gradients", RuntimeWarning, stacklevel=2)
             return loss
         if self._refresh_due():
-            self._refresh(self.collector.pop())
+            self._refresh(self._global_stats(self.collector.pop()))
+            self._agree_bases()
         self._precondition()
         self._sgd()
         self._counters["step"] += 1
@@ -167,6 +181,19 @@ class SNOpt(torch.optim.Optimizer):
             return True
         # max |g| per tensor in one fused call: NaN and +-inf survive it, huge values do not
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+
+    def _global_stats(self, stats: dict[nn.Module, LayerStats]) -> dict[nn.Module, LayerStats]:
+        """This process's factors, or (with :attr:`sync`) those of the global batch."""
+        if self.sync is None:
+            return stats
+        return self.sync.reduce(list(self.collector.layers.values()), stats)
+
+    def _agree_bases(self) -> None:
+        """With :attr:`sync`: the refreshed state, equal on every process."""
+        if self.sync is not None:
+            layers = self.collector.layers.values()
+            self.sync.agree([self.state.get(c.weight, {}).get(k) for c in layers
+                             for k in _BASIS_KEYS])
 
     def _refresh(self, stats: dict[nn.Module, LayerStats]) -> None:
         """Eigendecompose each layer's mean factors and reset its second moments."""

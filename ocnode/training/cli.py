@@ -14,17 +14,29 @@ Examples::
     ocnode train --out runs/spirals --dataset spirals --model sde    # a Neural SDE
     ocnode compare --dataset mnist5k --model conv --width 16 --optimizers adam,snopt
     ocnode solvers --quick
+    torchrun --standalone --nproc_per_node 2 -m ocnode train --out runs/ddp   # 2 processes
+
+Under torchrun, ``train`` trains data-parallel (:mod:`ocnode.training.distributed`): the flags
+mean the same (``--batch-size`` is the global batch), rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from ocnode.data import DATASETS, DatasetError
-from ocnode.training import compare
-from ocnode.training.config import ADAPTIVE_T1, DAMPING_MODES, DDP_BASES, FISHERS, TrainConfig
+from ocnode.training import compare, distributed
+from ocnode.training.config import (
+    ADAPTIVE_T1,
+    DAMPING_MODES,
+    DDP_BASES,
+    DGN_MODES,
+    FISHERS,
+    TrainConfig,
+)
 from ocnode.training.loop import train
 from ocnode.training.optimizers import OPTIMIZERS
 from ocnode.training.tasks import MODELS, TASKS, TaskSettings, make_task
@@ -119,8 +131,12 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats-batch", type=int, default=d.stats_batch,
                    help="samples of each batch used for the ODE-block curvature")
     g.add_argument("--ddp-base", default=d.ddp_base, choices=DDP_BASES,
-                   help="DDPNOpt's base optimizer (default: sgd); DDPNOpt trains the plain "
-                        "chains --model fcn and cnn")
+                   help="DDPNOpt's and DGNOpt's base optimizer (default: sgd); DDPNOpt trains "
+                        "the plain chains --model fcn and cnn")
+    g.add_argument("--dgn-mode", default=d.dgn_mode, choices=DGN_MODES,
+                   help="DGNOpt's game: fne (every layer a player) or gr (a residual block's "
+                        "layers cooperate) (default: fne); DGNOpt also trains --model resmlp "
+                        "and resnet")
 
 
 def _add_horizon_flags(p: argparse.ArgumentParser) -> None:
@@ -161,8 +177,21 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    default=argparse.SUPPRESS, help="hide the progress bar")
     g.add_argument("--threads", type=int, default=d.threads,
-                   help="torch threads (default: half the cores, 1 to 4)")
+                   help="torch threads per process (default: half the cores, 1 to 4, shared "
+                        "among a run's processes on the machine)")
+    _add_process_flags(p)
     _add_debug_flag(p)
+
+
+def _add_process_flags(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    g = p.add_argument_group("multiple processes (torchrun --nproc_per_node N -m ocnode train; "
+                             "--batch-size is then the global batch)")
+    g.add_argument("--dist-backend", default=d.dist_backend, choices=distributed.BACKENDS,
+                   help="process group backend (default: auto, NCCL on CUDA, gloo on CPU)")
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="seconds a process waits for the others before the run fails "
+                        f"(default: {distributed.DEFAULT_TIMEOUT:g})")
 
 
 def _add_debug_flag(p: argparse.ArgumentParser) -> None:
@@ -215,6 +244,8 @@ def _train(args: dict[str, Any], argv: list[str]) -> int:
     else:
         config = TrainConfig(**args)
     metrics = train(config)
+    if not distributed.is_main():
+        return 0
     metric = next(k for k in ("test_acc", "test_nll", "test_mse") if k in metrics)
     print(f"done: epoch {metrics['epoch']:g}, step {int(metrics['step'])}, "
           f"{metric} {metrics[metric]:.4f}, train_loss {metrics['train_loss']:.4f}, "
@@ -225,6 +256,9 @@ def _train(args: dict[str, Any], argv: list[str]) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from ocnode.data import load_dataset
 
+    if distributed.launched():
+        raise ValueError("ocnode compare runs in one process; start it without torchrun "
+                         "(only ocnode train trains on several processes)")
     config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, task=args.task,
                          model=args.model, width=args.width, batch_size=args.batch_size,
                          method=args.method, rtol=args.rtol, atol=args.atol,
@@ -239,6 +273,14 @@ def _compare(args: argparse.Namespace) -> int:
                      settings)
     compare.run(task, args)
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """End the process at once: after a failed collective, tearing down the broken process
+    group (or its threads at interpreter exit) can abort the process instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ocnode {command}: error: {err} (--debug shows the traceback)", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # another process died or timed out
+        if debug or not (distributed.launched() and distributed.is_collective_failure(err)):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"ocnode {command}: error: rank {distributed.rank()}: a collective operation "
+              f"failed ({first}): another process of the run died, stalled past --dist-timeout "
+              "or could not be reached; the last checkpoint is intact: continue with the same "
+              "command and --resume (--debug shows the traceback)", file=sys.stderr)
+        _exit_now(1)
     except (ValueError, DatasetError) as err:  # bad settings, data or run folder
         if debug:
             raise

@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
 
 def _settings(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()] \
-        if args.optimizers is not None else compatible(task.chain)
+        if args.optimizers is not None else compatible(task.chain, task.residual)
     unknown = sorted(set(names) - set(OPTIMIZER_NAMES))
     if unknown or not names:
         raise SystemExit(f"unknown optimizer(s) {unknown or names}; choose from "
@@ -107,7 +107,7 @@ def _settings(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         raise SystemExit("--budget must be > 0 and --eval-every >= 1")
     for name in names:
         try:
-            check_fits(name, task.chain, task.model_name)
+            check_fits(name, task.chain, task.model_name, task.residual)
         except ValueError as err:
             raise SystemExit(str(err)) from None
     if not isinstance(args.hparams, dict) or set(args.hparams) - set(OPTIMIZER_NAMES):

@@ -3,6 +3,9 @@
 Fields left at None take the default of the task (model, width, batch size, solver) or of
 the optimizer (its hyperparameters, :mod:`ocnode.training.optimizers`), so one command line
 trains any dataset sensibly; a set field always wins.
+
+Under torchrun (:mod:`ocnode.training.distributed`) ``batch_size`` is the global batch, which
+the processes share equally; ``dist_backend`` and ``dist_timeout`` apply there only.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ocnode.data import DATASETS
+from ocnode.training.distributed import (
+    BACKENDS,
+    ONE_PROCESS_ONLY,
+    active,
+    launched,
+    process_device,
+)
 from ocnode.training.optimizers import OPTIMIZERS
 from ocnode.training.records import load_checkpoint, resolve_device
 from ocnode.training.tasks import MODELS, TASKS, TaskSettings
@@ -24,14 +34,18 @@ DAMPING_MODES = ("ekfac", "tikhonov")
 FISHERS = ("empirical", "true")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
 DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
+DGN_MODES = ("fne", "gr")
 #: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
 #: Fields that may change when a run is resumed; any other change would break bit-identity.
 RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", "progress",
-                              "log_every", "eval_batch_size", "threads"})
+                              "log_every", "eval_batch_size", "threads", "dist_backend",
+                              "dist_timeout"})
+#: Fields that only a multi-process run (torchrun) takes.
+DIST_FIELDS = ("dist_backend", "dist_timeout")
 HPARAM_FIELDS = ("lr", "momentum", "weight_decay", "eps", "alpha", "update_freq", "full",
-                 "damping_mode", "observer_dt", "fisher", "stats_batch", "ddp_base")
+                 "damping_mode", "observer_dt", "fisher", "stats_batch", "ddp_base", "dgn_mode")
 #: Config fields whose optimizer keyword has another name.
-HPARAM_NAMES = {"ddp_base": "base"}
+HPARAM_NAMES = {"ddp_base": "base", "dgn_mode": "mode"}
 
 
 @dataclasses.dataclass
@@ -52,11 +66,14 @@ class TrainConfig:
         lr, momentum, weight_decay, eps, alpha, update_freq, full, damping_mode, observer_dt,
             fisher, stats_batch: optimizer hyperparameters; None takes the task's tuned value
             or the optimizer's default; an optimizer ignores the ones it does not take.
-        ddp_base: DDPNOpt's base optimizer (``"sgd"``, ``"rmsprop"``, ``"adam"``,
-            ``"ekfac"``); None: sgd.
+        ddp_base: DDPNOpt's and DGNOpt's base optimizer (``"sgd"``, ``"rmsprop"``,
+            ``"adam"``, ``"ekfac"``); None: sgd.
+        dgn_mode: DGNOpt's game (``"fne"``: every layer a player; ``"gr"``: a residual
+            block's layers cooperate); None: fne.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``.
         epochs: total epochs of the run (a resumed run continues up to this number).
-        batch_size: training batch size; None: the task's default.
+        batch_size: training batch size; None: the task's default. Under torchrun the global
+            batch: each of N processes takes batch_size / N rows of it.
         seed: seeds torch, numpy, python and the data split and shuffling.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         out: output folder; resume: continue the run saved there; overwrite: start over.
@@ -72,7 +89,12 @@ class TrainConfig:
         log_every: a metrics row (with an evaluation) every this many steps and per epoch.
         eval_batch_size: batch size of the evaluation.
         progress: show a progress bar.
-        threads: torch's intra-op threads during the run; None: :func:`default_threads`.
+        threads: torch's intra-op threads during the run (per process); None:
+            :func:`default_threads`.
+        dist_backend: torchrun only: the process group's backend, ``"auto"`` (NCCL on CUDA,
+            gloo on the CPU), ``"gloo"`` or ``"nccl"``; None: auto.
+        dist_timeout: torchrun only: seconds a collective waits for the other processes
+            before the run fails; None: 1800.
     """
 
     dataset: str = "digits"
@@ -95,6 +117,7 @@ class TrainConfig:
     fisher: str | None = None
     stats_batch: int | None = None
     ddp_base: str | None = None
+    dgn_mode: str | None = None
     lr_decay: float = 0.8
     epochs: int = 15
     batch_size: int | None = None
@@ -118,6 +141,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     progress: bool = True
     threads: int | None = None
+    dist_backend: str | None = None
+    dist_timeout: float | None = None
 
     @classmethod
     def from_run(cls, out: str | Path, **changes: Any) -> TrainConfig:
@@ -126,7 +151,8 @@ class TrainConfig:
         Args:
             out: the run's folder.
             **changes: fields to change; only :data:`RESUMABLE_FIELDS` may differ from the
-                saved values (e.g. ``epochs`` to train longer).
+                saved values (e.g. ``epochs`` to train longer). Outside torchrun the saved
+                :data:`DIST_FIELDS` are dropped (a multi-process run resumes in one process).
 
         Raises:
             ValueError: no saved run in ``out``, or a change that would alter the run.
@@ -141,6 +167,8 @@ class TrainConfig:
                              f"{', '.join(sorted(RESUMABLE_FIELDS))} may change. Start a new "
                              "run in another out folder to change them")
         values = {**{k: v for k, v in saved.items() if k in known}, **changes}
+        if not (launched() or active()):  # a multi-process run resumed in one process
+            values.update({k: None for k in DIST_FIELDS if k not in changes})
         return cls(**{**values, "out": str(out), "resume": True, "overwrite": False})
 
     def validate(self) -> None:
@@ -149,7 +177,8 @@ class TrainConfig:
             _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         for name, registry in (("task", TASKS), ("damping_mode", DAMPING_MODES),
-                               ("fisher", FISHERS), ("ddp_base", DDP_BASES)):
+                               ("fisher", FISHERS), ("ddp_base", DDP_BASES),
+                               ("dgn_mode", DGN_MODES)):
             if getattr(self, name) is not None:
                 _check_choice(name, getattr(self, name), registry)
         _check_choice("adaptive_t1", self.adaptive_t1, ADAPTIVE_T1)
@@ -157,7 +186,29 @@ class TrainConfig:
             _check_choice("model", self.model, {m for ms in MODELS.values() for m in ms})
         self._validate_numbers()
         self._validate_rates()
-        resolve_device(self.device)
+        if self._validate_processes():
+            process_device(self.device)
+        else:
+            resolve_device(self.device)
+
+    def _validate_processes(self) -> bool:
+        """Settings that only torchrun runs take, and what such runs cannot do; returns
+        whether this is such a run."""
+        if not (launched() or active()):
+            given = [f"--{f.replace('_', '-')}" for f in DIST_FIELDS
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to multi-process runs; launch "
+                                 "with torchrun --nproc_per_node N -m ocnode train ..., or "
+                                 "drop them")
+            return False
+        if self.dist_backend is not None:
+            _check_choice("dist_backend", self.dist_backend, BACKENDS)
+        if self.dist_timeout is not None and not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.optimizer == "newton-cg":
+            raise ValueError(ONE_PROCESS_ONLY)
+        return True
 
     def _validate_numbers(self) -> None:
         positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1,
@@ -229,11 +280,12 @@ def _saved_settings(out: Path) -> dict[str, Any]:
     return dict(load_checkpoint(out / "checkpoint.pt")["config"])
 
 
-def default_threads() -> int:
+def default_threads(processes: int = 1) -> int:
     """Half the machine's cores, at least 1 and at most 4: small Neural ODEs gain little from
     more threads, and a shared machine is not oversubscribed (on a 2-core machine shared with
-    another job, the default digits run took 84-122 s with 2 threads and 8 s with 1)."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    another job, the default digits run took 84-122 s with 2 threads and 8 s with 1). With
+    ``processes`` processes of a run on the machine, half the cores are shared among them."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2 // processes))
 
 
 def _check_choice(field: str, value: str, registry: Collection[str]) -> None:

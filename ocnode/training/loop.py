@@ -30,6 +30,13 @@ only once the new run has written its first checkpoint; ``resume`` rewrites
 With ``adaptive_t1`` other than ``"off"``, the ODE blocks get a trainable horizon ``t1``,
 which the parameter optimizer leaves out and a :class:`ocnode.optim.HorizonOptimizer` per
 block updates (docs/algorithms.md, "The horizon policy").
+
+Under torchrun (:mod:`ocnode.training.distributed`) every process builds the same run; each
+trains on its slice of every global batch, with the gradients averaged by DDP. Rank 0 alone
+touches ``out``: it prepares the folder, reads the checkpoint (sent to the others), writes
+checkpoints (with every rank's RNG states), metrics and plots, evaluates on the whole test
+subset and shows the progress bar; ``train_loss`` and the NFE columns are means over the
+ranks. An error of rank 0 in these steps is raised on every rank.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +58,7 @@ from tqdm.auto import tqdm
 from ocnode.data import load_dataset
 from ocnode.nn import ode_blocks
 from ocnode.optim import HorizonOptimizer
-from ocnode.training import records
+from ocnode.training import distributed, records
 from ocnode.training.config import RESUMABLE_FIELDS, TrainConfig, default_threads
 from ocnode.training.optimizers import OPTIMIZERS, build_optimizer, check_fits
 from ocnode.training.step import NFECounter, train_step
@@ -118,7 +126,9 @@ class _Run:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config, self.out = config, Path(config.out)
-        self.device = records.resolve_device(config.device)
+        self.parallel, self.main = distributed.active(), distributed.is_main()
+        self.device = (distributed.process_device(config.device) if self.parallel
+                       else records.resolve_device(config.device))
         records.seed_everything(config.seed)
         dataset = load_dataset(config.dataset, config.data_dir, config.seed,
                                subset=config.train_size)
@@ -127,13 +137,19 @@ class _Run:
         check_fits(config.optimizer, self.task.chain, self.task.model_name)
         self.model = self.task.build_model(config.adjoint and not entry.through_solver)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(
-            config.optimizer, self.model,
-            {**self.task.hparams.get(config.optimizer, {}), **config.hparams(entry.defaults)},
-            params=optimizer_parameters(self.model, config))
+        hparams = {**self.task.hparams.get(config.optimizer, {}),
+                   **config.hparams(entry.defaults)}
+        if self.parallel:
+            hparams = distributed.per_process_hparams(hparams, distributed.world_size())
+        self.optimizer = build_optimizer(config.optimizer, self.model, hparams,
+                                         params=optimizer_parameters(self.model, config))
         self.horizons = build_horizons(self.model, config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.train_loader = self.task.loader(self.generator)
+        self.loss = self.task.loss
+        if self.parallel:
+            self._go_parallel()
+        else:
+            self.train_loader = self.task.loader(self.generator)
         self.blocks = ode_blocks(self.model)
         self.counter = NFECounter(self.model)
         self.log = records.MetricsLog(self.out / METRICS, metric_columns(self.task))
@@ -142,8 +158,26 @@ class _Run:
         self.saved_wall_time = 0.0  # training time of the epochs done before resuming
         self.clock = records.Stopwatch()
         self.window = _Window()
+        self.replaced: list[Path] | None = None  # an earlier run's folders, rank 0
+
+    def _go_parallel(self) -> None:
+        """Each rank's slice of the global batches, DDP's averaged loss, synced curvature."""
+        self.train_loader = distributed.rank_loader(self.task.dataset.train,
+                                                    self.task.batch_size, self.generator)
+        distributed.attach(self.optimizer)
+        self.loss = distributed.parallel_loss(self.model, self.task.loss, self.device)
+        distributed.seed_process(self.config.seed)
 
     def save_checkpoint(self) -> None:
+        rng = records.rng_states(self.generator)
+        if not self.parallel:
+            self._write_checkpoint(rng)
+            return
+        every_rng = distributed.gather_objects(rng)
+        distributed.on_main(lambda: self._write_checkpoint(
+            rng, world_size=distributed.world_size(), rng_ranks=every_rng))
+
+    def _write_checkpoint(self, rng: dict[str, Any], **extra: Any) -> None:
         records.save_checkpoint({
             "config": dataclasses.asdict(self.config),
             "model": self.model.state_dict(),
@@ -153,11 +187,13 @@ class _Run:
             "step": self.step,
             "metrics_rows": self.rows,
             "wall_time": self.clock.elapsed(),
-            "rng": records.rng_states(self.generator),
+            "rng": rng,
+            **extra,
         }, self.out / CHECKPOINT)
 
-    def load_checkpoint(self) -> None:
-        ckpt = records.load_checkpoint(self.out / CHECKPOINT)
+    def load_checkpoint(self, ckpt: dict[str, Any] | None = None) -> None:
+        """Continue from ``ckpt`` (default: read ``out``'s checkpoint)."""
+        ckpt = records.load_checkpoint(self.out / CHECKPOINT) if ckpt is None else ckpt
         _check_resumable(ckpt["config"], self.config)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -171,13 +207,24 @@ class _Run:
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.saved_rows = ckpt.get("metrics_rows")
         self.saved_wall_time = ckpt["wall_time"]
+        self._restore_rng(ckpt)
+
+    def _restore_rng(self, ckpt: dict[str, Any]) -> None:
+        """This rank's saved generators; a rank the saved run did not have takes fresh ones
+        (the loader's, equal on every rank, comes from rank 0)."""
+        saved = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        r = distributed.rank()
+        if r < len(saved):
+            records.set_rng_states(saved[r], self.generator)
+            return
         records.set_rng_states(ckpt["rng"], self.generator)
+        distributed.seed_process(self.config.seed, self.epoch)
 
     def train_step(self, batch: Any) -> None:
         batch = tuple(t.to(self.device) for t in batch)
         try:
-            value = train_step(self.model, self.optimizer, self.task.loss, batch,
-                               self.horizons, self.counter)
+            value = train_step(self.model, self.optimizer, self.loss, batch,
+                               self.horizons, self.counter, parallel=self.parallel)
         except FloatingPointError as err:
             raise FloatingPointError(self._diverged_message(err)) from None
         except SolverError as err:  # the run stops; say where and what is left of it
@@ -189,11 +236,18 @@ class _Run:
         self.step += 1
 
     def log_metrics(self) -> dict[str, float]:
+        """Append a metrics row (rank 0; the others return {})."""
         wall_time = self.clock.elapsed()
         with self.clock.paused():
-            metrics = self._evaluate()
-            train_loss, nfe_forward, nfe_backward = self.window.means()
+            means: Sequence[float] = self.window.means()
             self.window = _Window()
+            if self.parallel:
+                means = distributed.mean_of(means)
+            if not self.main:
+                self.rows += 1
+                return {}
+            metrics = self._evaluate()
+            train_loss, nfe_forward, nfe_backward = means
             row = {"step": self.step, "epoch": self.step / len(self.train_loader),
                    "wall_time": wall_time, "train_loss": train_loss, **metrics,
                    "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
@@ -223,7 +277,8 @@ class _Run:
         self.clock = records.Stopwatch(self.saved_wall_time)
         metric = self.task.metric
         with tqdm(total=config.epochs * n_batches, initial=self.step, unit="step",
-                  desc="train", disable=not config.progress, dynamic_ncols=True) as bar:
+                  desc="train", disable=not (config.progress and self.main),
+                  dynamic_ncols=True) as bar:
             for epoch in range(self.epoch, config.epochs):
                 _set_epoch_lr(self.optimizer, config.lr_decay**epoch)
                 for i, batch in enumerate(self.train_loader):
@@ -231,8 +286,9 @@ class _Run:
                     bar.update(1)
                     if self.step % config.log_every == 0 or i == n_batches - 1:
                         row = self.log_metrics()
-                        bar.set_postfix(loss=f"{row['train_loss']:.4f}",
-                                        **{metric: f"{row[metric]:.4f}"})
+                        if row:
+                            bar.set_postfix(loss=f"{row['train_loss']:.4f}",
+                                            **{metric: f"{row[metric]:.4f}"})
                 self.epoch = epoch + 1
                 with self.clock.paused():
                     self.save_checkpoint()
@@ -240,7 +296,7 @@ class _Run:
                         shutil.rmtree(folder, ignore_errors=True)
                     replaced = None
         self.counter.remove()
-        return self._finish()
+        return distributed.on_main(self._finish) if self.parallel else self._finish()
 
     def _finish(self) -> dict[str, float]:
         rows = self.log.read()
@@ -330,25 +386,60 @@ def train(config: TrainConfig) -> dict[str, float]:
         FloatingPointError: the training loss became NaN or infinite.
     """
     config.validate()
-    _check_out(config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or default_threads())
-    try:
-        return _train(config)
-    finally:
-        torch.set_num_threads(threads)
+    with distributed.process_group(config.device, config.dist_backend,
+                                   config.dist_timeout) as parallel:
+        if parallel:
+            distributed.on_main(lambda: _check_out(config))
+        else:
+            _check_out(config)
+        threads = torch.get_num_threads()
+        local = distributed.local_world_size() if parallel else 1
+        torch.set_num_threads(config.threads or default_threads(local))
+        try:
+            return _train_parallel(config) if parallel else _train(config)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(config: TrainConfig) -> dict[str, float]:
     run = _Run(config)  # data and model first: a failure here leaves the folder untouched
+    replaced = _prepare_out(config)
+    if config.resume:
+        run.load_checkpoint()
+    _start_log(run, config)
+    return run.run(replaced)
+
+
+def _train_parallel(config: TrainConfig) -> dict[str, float]:
+    """:func:`_train` on every rank, with ``out`` touched by rank 0 alone."""
+    run = _Run(config)
+
+    def prepare() -> dict[str, Any] | None:
+        run.replaced = _prepare_out(config)
+        return records.load_checkpoint(run.out / CHECKPOINT) if config.resume else None
+
+    ckpt = distributed.on_main(prepare)
+    if ckpt is not None:
+        run.load_checkpoint(ckpt)
+    run.rows = distributed.on_main(lambda: _start_log(run, config))
+    return run.run(run.replaced if run.main else None)
+
+
+def _prepare_out(config: TrainConfig) -> list[Path] | None:
+    """Move an earlier run aside (overwrite), create the folder, drop stale temporaries;
+    returns the folders to delete once the first checkpoint is written."""
     out = Path(config.out)
     replaced = _move_aside(out) if config.overwrite and not config.resume and _holds_run(out) \
         else None
     out.mkdir(parents=True, exist_ok=True)
     records.remove_stale_temporaries(out, CHECKPOINT)
-    if config.resume:
-        run.load_checkpoint()
+    return replaced
+
+
+def _start_log(run: _Run, config: TrainConfig) -> int:
+    """Start (or, resuming, trim) ``metrics.csv`` and write ``config.json``; returns the rows
+    kept."""
     run.rows = run.log.start(keep_until_step=run.step if config.resume else None,
                              expected_rows=run.saved_rows)
     _write_config(config)
-    return run.run(replaced)
+    return run.rows

@@ -15,6 +15,10 @@ newton-cg   :class:`ocnode.optim.NewtonCG`: exact Hessian-vector         backpro
 ddpnopt     :class:`ocnode.optim.DDPNOpt`: layer-wise DDP feedback       none: plain
             policies over a base (sgd, rmsprop, adam, ekfac); for        nn.Sequential
             ``nn.Sequential`` chains only (models fcn, cnn)              chains
+dgnopt      :class:`ocnode.optim.DGNOpt`: DDPNOpt's policies extended    none: chains
+            over skip states, layers as players of a game (mode fne or   and Residual
+            gr); chains with ``ocnode.Residual`` blocks (models resmlp,  blocks
+            resnet; also fcn, cnn)
 =========== ============================================================ ===============
 
 "SNOpt with alpha 1" (plain K-FAC with eigenvalue damping on adjoint blocks) is
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ocnode.optim import DDPNOpt, NewtonCG, SNOpt
+from ocnode.optim import DDPNOpt, DGNOpt, NewtonCG, SNOpt
 
 Builder = Callable[[nn.Module, list[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
 
@@ -53,8 +57,10 @@ class OptimizerEntry:
         through_solver: the model's ODE blocks backpropagate through the solver
             (``adjoint=False``) instead of using the adjoint.
         needs_closure: ``step`` must be called with a closure that recomputes the loss.
-        chains_only: the optimizer trains plain ``nn.Sequential`` chains of layers only (no
-            ODE blocks): the task models fcn and cnn.
+        chains_only: the optimizer trains ``nn.Sequential`` chains of layers only (no ODE
+            blocks): the task models fcn and cnn (and resmlp, resnet: chains with Residual
+            blocks, which DDPNOpt refuses and DGNOpt trains).
+        residual: the optimizer can train nets with ``ocnode.Residual`` blocks.
     """
 
     build: Builder
@@ -62,6 +68,7 @@ class OptimizerEntry:
     through_solver: bool = False
     needs_closure: bool = False
     chains_only: bool = False
+    residual: bool = True
 
 
 _SNOPT_DEFAULTS: dict[str, Any] = {
@@ -91,6 +98,15 @@ def _ddpnopt(model: nn.Module, params: list[nn.Parameter], hp: dict[str, Any]) -
                    if lr is None else lr, **hp)
 
 
+_DGNOPT_DEFAULTS: dict[str, Any] = {**_DDPNOPT_DEFAULTS, "mode": "fne"}
+
+
+def _dgnopt(model: nn.Module, params: list[nn.Parameter], hp: dict[str, Any]) -> DGNOpt:
+    lr = hp.pop("lr")
+    return DGNOpt(model, params=params, lr=DDPNOPT_BASE_LR.get(hp["base"], 0.02)
+                  if lr is None else lr, **hp)
+
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adam": OptimizerEntry(lambda m, p, hp: torch.optim.Adam(p, **hp),
                            {"lr": 1e-3, "weight_decay": 0.0}),
@@ -102,22 +118,29 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
                                 {"lr": 1.0, "damping": 0.3, "cg_iters": 5,
                                  "cg_tol": 1e-4, "max_step_norm": None, "adapt_damping": False},
                                 through_solver=True, needs_closure=True),
-    "ddpnopt": OptimizerEntry(_ddpnopt, _DDPNOPT_DEFAULTS, chains_only=True),
+    "ddpnopt": OptimizerEntry(_ddpnopt, _DDPNOPT_DEFAULTS, chains_only=True, residual=False),
+    "dgnopt": OptimizerEntry(_dgnopt, _DGNOPT_DEFAULTS, chains_only=True),
 }
 
 
-def compatible(chain: bool) -> list[str]:
-    """The registered optimizers that can train a model: all of them for a plain chain of
-    layers (``chain=True``), all but the chains-only ones otherwise."""
-    return [n for n, e in OPTIMIZERS.items() if chain or not e.chains_only]
+def compatible(chain: bool, residual: bool = False) -> list[str]:
+    """The registered optimizers that can train a model: for a chain of layers without ODE
+    blocks (``chain``) all of them, else all but the chains-only ones; and for a net with
+    Residual blocks (``residual``) only those that handle skips."""
+    return [n for n, e in OPTIMIZERS.items()
+            if (chain or not e.chains_only) and (e.residual or not residual)]
 
 
-def check_fits(name: str, chain: bool, model: str) -> None:
-    """Raise ValueError if optimizer ``name`` cannot train a ``model`` (``chain``: whether it
-    is a plain chain of layers)."""
+def check_fits(name: str, chain: bool, model: str, residual: bool = False) -> None:
+    """Raise ValueError if optimizer ``name`` cannot train a ``model`` (``chain``: a chain of
+    layers without ODE blocks; ``residual``: with Residual blocks)."""
+    if residual and not OPTIMIZERS[name].residual:
+        raise ValueError(f"{name} trains plain chains; the {model!r} model has skip "
+                         "connections (Residual blocks): use dgnopt")
     if OPTIMIZERS[name].chains_only and not chain:
-        raise ValueError(f"{name} trains plain chains of layers (--model fcn, or cnn for "
-                         f"images), not the {model!r} model; or pick another optimizer")
+        raise ValueError(f"{name} trains chains of layers without ODE blocks (--model fcn, or "
+                         "cnn for images; dgnopt also resmlp and resnet), not the "
+                         f"{model!r} model; or pick another optimizer")
 
 
 def check_name(name: str) -> OptimizerEntry:

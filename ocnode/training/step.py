@@ -11,6 +11,11 @@ and ``nfe_backward`` the calls after it (the adjoint's backward solve, and on SN
 iterations its curvature evaluations: one call per batched chunk of grid samples). Blocks
 that backpropagate through the solver make no calls in the backward. For a Neural SDE they
 count the drift's evaluations.
+
+Data-parallel runs (``parallel=True``, :mod:`ocnode.training.distributed`): ``loss_fn`` is the
+DDP-wrapped loss, whose backward averages the gradients over the processes before the
+horizons read dL/dT and before the optimizer's step; every trainable parameter must then get a
+gradient, else the step raises on every process before any state changes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 from ocnode.nn import NeuralSDE, ode_blocks
 from ocnode.optim import HorizonOptimizer, NewtonCG
+from ocnode.training import distributed
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -60,7 +66,7 @@ class NFECounter:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any,
                horizons: Sequence[HorizonOptimizer] = (),
-               counter: NFECounter | None = None) -> float:
+               counter: NFECounter | None = None, *, parallel: bool = False) -> float:
     """One iteration of any registered optimizer on one batch; returns the training loss.
 
     Args:
@@ -71,10 +77,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
         horizons: horizon optimizers of the model's trainable ``t1`` (observed after the
             backward, stepped after the parameter step).
         counter: counts NFE by phase, if given.
+        parallel: a data-parallel step (``loss_fn`` averages the gradients over processes).
 
     Raises:
         FloatingPointError: the loss is NaN or infinite; raised before any backward or step,
             so the model and the optimizer are untouched.
+        ValueError: ``parallel`` and a trainable parameter got no gradient (before the step).
     """
     def closure() -> Tensor:
         _set_phase(counter, "forward")
@@ -90,6 +98,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
         loss = closure()
         value = _checked(loss.item())
         loss.backward()
+        if parallel:
+            distributed.check_used(model)
         for horizon in horizons:
             horizon.observe()  # reads dL/dT and clears t1's gradient
         optimizer.step()

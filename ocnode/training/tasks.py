@@ -12,7 +12,9 @@ task           dataset kinds       models            metric       loss
 ============== =================== ================= ============ ============================
 classification classification      mlp (default),    test_acc     cross-entropy
                                    conv (images),
-                                   fcn, cnn (images)
+                                   fcn, cnn (images),
+                                   resmlp, resnet
+                                   (images)
 series         series              odernn            test_acc     cross-entropy (ODE-RNN)
 trajectory     trajectories        ode (default),    test_mse     masked MSE (ode); Gaussian
                                    sde                            NLL of one path (sde)
@@ -39,7 +41,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ocnode.data import Dataset
-from ocnode.nn import CNF, ConvODEClassifier, MLPODEClassifier, ODERNNClassifier, TrajectoryODE
+from ocnode.nn import (
+    CNF,
+    ConvODEClassifier,
+    MLPODEClassifier,
+    ODERNNClassifier,
+    Residual,
+    TrajectoryODE,
+)
 from ocnode.nn.sde import NeuralSDE, sde_mse
 from ocnode.nn.trajectory import trajectory_mse
 from ocnode.training import plots
@@ -105,8 +114,9 @@ class Task:
             defaults).
         plot: ``plot(models, path)`` draws the task's picture (None: no picture).
         logits: the model's output is cross-entropy logits (SNOpt's true Fisher needs it).
-        chain: the model is a plain ``nn.Sequential`` chain of layers without ODE blocks
-            (what DDPNOpt trains).
+        chain: the model is an ``nn.Sequential`` chain of layers (and Residual blocks)
+            without ODE blocks: what DDPNOpt (plain chains only) and DGNOpt train.
+        residual: the model has ``ocnode.Residual`` blocks (skip connections).
     """
 
     name: str
@@ -124,6 +134,7 @@ class Task:
     plot: Plot | None = None
     logits: bool = False
     chain: bool = False
+    residual: bool = False
 
     def loader(self, generator: torch.Generator, drop_last: bool = False) -> DataLoader:
         """Shuffled training batches of one epoch, drawn with ``generator``."""
@@ -216,16 +227,65 @@ def _paper_cnn(shape: tuple[int, ...], n_classes: int, channels: int) -> nn.Sequ
                          nn.Linear(2 * channels, n_classes))
 
 
+def _resmlp(d_in: int, n_classes: int, width: int, blocks: int = 2) -> nn.Sequential:
+    """A residual MLP for DGNOpt: Linear + tanh, ``blocks`` identity blocks
+    y = tanh(x + W2 tanh(W1 x)), a Linear head."""
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.Tanh()]
+    for _ in range(blocks):
+        body = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+        layers += [Residual(body), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, n_classes))
+
+
+def _basic_block(c_in: int, c_out: int, stride: int) -> Residual:
+    """He et al. 2016's basic block: two 3x3 convs with BatchNorm, a 1x1 conv + BatchNorm
+    projection where the shape changes."""
+    body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(c_out))
+    shortcut = None if stride == 1 and c_in == c_out else nn.Sequential(
+        nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return Residual(body, shortcut)
+
+
+def _resnet(shape: tuple[int, ...], n_classes: int, width: int) -> nn.Sequential:
+    """A small ResNet for DGNOpt: a 3x3 stem conv, three stages of one basic block with
+    width, 2 width, 4 width channels (16-32-64 by default; strides 1, 2, 2), global average
+    pooling and a Linear head."""
+    chans = (width, 2 * width, 4 * width)
+    layers: list[nn.Module] = [nn.Unflatten(1, shape), nn.Conv2d(shape[0], width, 3, 1, 1),
+                               nn.ReLU()]
+    for c_in, c_out, stride in zip((width, *chans[:-1]), chans, (1, 2, 2)):
+        layers += [_basic_block(c_in, c_out, stride), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(chans[-1], n_classes))
+
+
+def _chain_model(model: str, ds: Dataset, width: int | None) -> nn.Sequential:
+    """The classification models without ODE blocks (DDPNOpt's and DGNOpt's)."""
+    shape = tuple(ds.image_shape or ())
+    if model == "fcn":
+        return _paper_fcn(ds.input_dim, ds.n_classes, width or 32)
+    if model == "cnn":
+        return _paper_cnn(shape, ds.n_classes, width or 32)
+    if model == "resmlp":
+        return _resmlp(ds.input_dim, ds.n_classes, width or 32)
+    return _resnet(shape, ds.n_classes, width or 16)
+
+
+#: The classification models that are chains (no ODE block).
+CHAIN_MODELS = ("fcn", "cnn", "resmlp", "resnet")
+
+
 def _classification(ds: Dataset, s: TaskSettings) -> Task:
-    model = _pick_model("classification", s, ("mlp", "conv", "fcn", "cnn"))
-    if model in ("conv", "cnn") and ds.image_shape is None:
+    model = _pick_model("classification", s, MODELS["classification"])
+    if model in ("conv", "cnn", "resnet") and ds.image_shape is None:
         raise ValueError(f"--model {model} needs images; {ds.name} is a table: use --model mlp")
     width, solver = s.width or 64, _solver(s, SolverSpec())
 
     def build(adjoint: bool) -> nn.Module:
-        if model in ("fcn", "cnn"):  # no ODE blocks: DDPNOpt's chains
-            return (_paper_fcn(ds.input_dim, ds.n_classes, s.width or 32) if model == "fcn"
-                    else _paper_cnn(tuple(ds.image_shape or ()), ds.n_classes, s.width or 32))
+        if model in CHAIN_MODELS:  # no ODE blocks: DDPNOpt's and DGNOpt's chains
+            return _chain_model(model, ds, s.width)
         if model == "mlp":
             return MLPODEClassifier(ds.input_dim, ds.n_classes, hidden=width,
                                     solver=solver(adjoint), t1=s.t1,
@@ -241,7 +301,8 @@ def _classification(ds: Dataset, s: TaskSettings) -> Task:
         dataset=ds, metric="test_acc", higher_is_better=True, columns=("test_loss", "test_acc"),
         build_model=build, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
         evaluate=lambda m: _classification_metrics(m, test, s.eval_batch_size),
-        batch_size=s.batch_size or 64, logits=True, chain=model in ("fcn", "cnn"),
+        batch_size=s.batch_size or 64, logits=True, chain=model in CHAIN_MODELS,
+        residual=model in ("resmlp", "resnet"),
         # the main job's tuned rate (digits MLP); the conv net keeps the authors' defaults
         hparams={"adam": {"lr": 1e-2}} if model == "mlp" else {})
 
@@ -440,7 +501,8 @@ TASKS: dict[str, tuple[TaskBuilder, tuple[str, ...]]] = {
 DEFAULT_TASK = {"classification": "classification", "series": "series",
                 "trajectories": "trajectory", "density": "density"}
 #: The models of each task (the first is the default).
-MODELS = {"classification": ("mlp", "conv", "fcn", "cnn"), "series": ("odernn",),
+MODELS = {"classification": ("mlp", "conv", "fcn", "cnn", "resmlp", "resnet"),
+          "series": ("odernn",),
           "trajectory": ("ode", "sde"), "density": ("cnf",)}
 
 
