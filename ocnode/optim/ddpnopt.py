@@ -539,11 +539,8 @@ class DDPNOpt(torch.optim.Optimizer):
         return loss
 
     def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        # max |g| per tensor in one fused call: NaN and +-inf survive it, huge values do not
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+        return kfac_math.all_finite([p.grad for g in self.param_groups for p in g["params"]
+                                     if p.grad is not None])
 
     @staticmethod
     def _layer_params(stage: Stage) -> list[Tensor]:
@@ -633,16 +630,10 @@ class DDPNOpt(torch.optim.Optimizer):
         self._agree_bases()
 
     def _refresh_layer(self, layer: CoveredLayer, st: LayerStats) -> None:
-        a_factor, b_factor = st.a_factor, st.b_factor
-        if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
-            warnings.warn(f"{type(self).__name__}: non-finite factor for {layer.module}; "
-                          "keeping the old basis", RuntimeWarning, stacklevel=4)
-            return
-        try:
-            basis = kfac_math.kronecker_basis(a_factor, b_factor, st.num_locations)
-        except torch.linalg.LinAlgError:
-            warnings.warn(f"{type(self).__name__}: eigh failed for {layer.module}; keeping "
-                          "the old basis", RuntimeWarning, stacklevel=4)
+        basis = kfac_math.refreshed_basis(st.a_factor, st.b_factor, st.num_locations)
+        if isinstance(basis, str):
+            warnings.warn(f"{type(self).__name__}: {basis} for {layer.module}; keeping the old "
+                          "basis", RuntimeWarning, stacklevel=4)
             return
         self.state[layer.weight].update(basis._asdict())
 

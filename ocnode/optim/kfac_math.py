@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -109,6 +110,27 @@ def kronecker_basis(a_factor: torch.Tensor, b_factor: torch.Tensor,
     lam_b, basis_b = eigenbasis(b_factor)
     return KroneckerBasis(a_factor, b_factor, basis_a, basis_b, lam_a, lam_b, num_locations,
                           reset_second_moment(lam_a, lam_b, num_locations))
+
+
+def refreshed_basis(a_factor: torch.Tensor, b_factor: torch.Tensor,
+                    num_locations: float) -> KroneckerBasis | str:
+    """:func:`kronecker_basis`, or why a layer must keep its old basis (non-finite factors,
+    a failed eigendecomposition) as a short reason for the caller's warning."""
+    if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
+        return "non-finite factor"
+    try:
+        return kronecker_basis(a_factor, b_factor, num_locations)
+    except torch.linalg.LinAlgError:
+        return "eigh failed"
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one fused max-norm per tensor: NaN and
+    +-inf survive it, huge finite values do not)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), float("inf"))))
+                .all())
 
 
 def basis_shapes(d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
