@@ -1,0 +1,318 @@
+"""The first rows of Table 3 of the DDPNOpt paper (Liu, Chen, Theodorou, "Differential Dynamic
+Programming Neural Optimizer", ICLR 2021) that run offline: the paper's FCN (model ``fcn``:
+5 Linear layers with tanh) on WINE, DIGITS and MNIST-5k (the paper's MNIST row is full
+MNIST; ours is the 5000-digit subset), trained by SGD-m, RMSprop, Adam, EKFAC and DDPNOpt.
+
+Every optimizer goes through the training core (:func:`ocnode.training.build_optimizer`):
+
+=========== =========================================================================
+column      registry name and hyperparameters
+=========== =========================================================================
+SGD-m       ``sgd`` (momentum 0.9)
+RMSprop     ``ddpnopt`` with ``base="rmsprop", feedback=False`` (torch's RMSprop)
+Adam        ``adam``
+EKFAC       ``ddpnopt`` with ``base="ekfac", feedback=False``
+DDPNOpt     ``ddpnopt`` with ``base="rmsprop"`` (feedback on): the adaptive-diagonal
+            base the paper uses for FCNs, paired with the RMSprop column
+=========== =========================================================================
+
+Two columns not in the paper's table: ``DDPNOpt-Adam`` (``base="adam"``) and
+``DDPNOpt-bounded`` (``base="rmsprop", max_feedback_ratio=1``: each layer's feedback term
+capped at the norm of its base step).
+
+Protocol: per dataset, a learning-rate grid on a tuning seed (``TUNE_SEED``, not one of the
+reported seeds), each rate scored by the mean training loss over the last fifth of the run
+(the test split is not looked at); then every seed with the chosen rates. Within a seed all
+five optimizers start from the same initial weights and see the same batches, and advance
+interleaved (one iteration each in turn, the order rotating), each timed on its own clock.
+Runs last a fixed number of iterations; the test accuracy after the last one is the cell.
+
+WINE is not in :func:`ocnode.load_dataset`; :func:`load_wine` builds it here from sklearn
+(seeded stratified 80/20 split, standardised with the training statistics).
+
+Outputs under ``--out`` (default ``experiments/results/ddpnopt-table``): ``summary.json``,
+``results.md``, ``curves.png`` (mean test accuracy against iteration per dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ocnode.data import load_dataset
+from ocnode.data.types import Dataset
+from ocnode.training import TaskSettings, build_optimizer, make_task, train_step
+from ocnode.training.compare import build_model
+from ocnode.training.records import command_line, machine_info
+from ocnode.training.tasks import Task
+
+#: column -> (registry name, fixed hyperparameters); the learning rate comes from the grid.
+COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SGD-m": ("sgd", {"momentum": 0.9}),
+    "RMSprop": ("ddpnopt", {"base": "rmsprop", "feedback": False}),
+    "Adam": ("adam", {}),
+    "EKFAC": ("ddpnopt", {"base": "ekfac", "feedback": False}),
+    "DDPNOpt": ("ddpnopt", {"base": "rmsprop"}),
+    # not in the paper's table: the other adaptive-diagonal base, and the feedback bounded
+    "DDPNOpt-Adam": ("ddpnopt", {"base": "adam"}),
+    "DDPNOpt-bounded": ("ddpnopt", {"base": "rmsprop", "max_feedback_ratio": 1.0}),
+}
+#: learning-rate grid per column (DDPNOpt: its base's grid).
+LR_GRID: dict[str, list[float]] = {
+    "SGD-m": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "RMSprop": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "EKFAC": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "DDPNOpt": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "DDPNOpt-Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "DDPNOpt-bounded": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+}
+#: the paper's Table 3 (mean of 10 seeds; its MNIST row is full MNIST).
+PAPER = {
+    "wine": {"SGD-m": 94.35, "RMSprop": 98.10, "Adam": 98.13, "EKFAC": 94.60, "DDPNOpt": 98.18},
+    "digits": {"SGD-m": 95.36, "RMSprop": 94.33, "Adam": 94.98, "EKFAC": 95.24,
+               "DDPNOpt": 95.13},
+    "mnist5k": {"SGD-m": 92.65, "RMSprop": 91.89, "Adam": 92.54, "EKFAC": 92.73,
+                "DDPNOpt": 93.30},
+}
+#: per dataset: iterations per run, batch size, evaluation interval, seeds.
+DATASETS: dict[str, dict[str, Any]] = {
+    "wine": {"iterations": 800, "batch": 32, "eval_every": 20, "seeds": list(range(10))},
+    "digits": {"iterations": 1500, "batch": 32, "eval_every": 50, "seeds": list(range(10))},
+    "mnist5k": {"iterations": 2000, "batch": 64, "eval_every": 50, "seeds": list(range(10))},
+}
+WIDTH = 32
+TUNE_SEED = 100
+QUICK = {"iterations": 12, "eval_every": 4, "seeds": [0]}
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_wine(seed: int = 0) -> Dataset:
+    """sklearn's WINE (178 x 13, 3 classes): stratified 80/20 split seeded by ``seed``,
+    both splits standardised with the training mean and std."""
+    from sklearn.datasets import load_wine as sk_wine
+    from sklearn.model_selection import train_test_split
+
+    x, y = sk_wine(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y,
+                                              random_state=seed)
+    mean, std = x_tr.mean(0), x_tr.std(0)
+    std = np.where(std > 0, std, 1.0)
+
+    def tensors(a: np.ndarray, b: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(((a - mean) / std).astype(np.float32)),
+                             torch.from_numpy(b.astype(np.int64)))
+
+    return Dataset(kind="classification", n_classes=3, name="wine", train=tensors(x_tr, y_tr),
+                   test=tensors(x_te, y_te), input_dim=x.shape[1], n_train=len(y_tr),
+                   n_train_available=len(y_tr), n_test=len(y_te), mean=mean, std=std,
+                   source="sklearn.datasets.load_wine",
+                   split=f"stratified 80/20 split, seed {seed}")
+
+
+def make(name: str, batch: int) -> Task:
+    ds = load_wine(0) if name == "wine" else load_dataset(name, seed=0)
+    return make_task(ds, TaskSettings(model="fcn", width=WIDTH, batch_size=batch,
+                                      label=f"fcn-{name}"))
+
+
+# ----------------------------------------------------------------------------- training
+
+def _evaluate(task: Task, model: torch.nn.Module) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = float(task.evaluate(model)["test_acc"])
+    model.train()
+    return acc
+
+
+def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
+               eval_every: int, columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Every column on one seed: the same initial weights and batches, interleaved."""
+    runs = {}
+    for col in columns:
+        name, hp = COLUMNS[col]
+        model = build_model(task, name, seed)  # torch.manual_seed(seed), then the model
+        opt = build_optimizer(name, model, {**hp, "lr": lrs[col]})
+        runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
+                     "loss": [], "curve": [(0, _evaluate(task, model))]}
+    for it in range(iterations):
+        k = it % len(columns)
+        for col in columns[k:] + columns[:k]:
+            r = runs[col]
+            batch = next(r["batches"])
+            start = time.perf_counter()
+            loss = train_step(r["model"], r["opt"], task.loss, batch)
+            r["ms"].append((time.perf_counter() - start) * 1e3)
+            r["loss"].append(loss if math.isfinite(loss) else math.inf)
+            if (it + 1) % eval_every == 0 or it + 1 == iterations:
+                r["curve"].append((it + 1, _evaluate(task, r["model"])))
+    out = {}
+    for col, r in runs.items():
+        if hasattr(r["opt"], "close"):
+            r["opt"].close()
+        tail = r["loss"][-max(1, iterations // 5):]
+        out[col] = {"test_acc": r["curve"][-1][1], "curve": r["curve"],
+                    "tail_loss": statistics.fmean(tail), "step_ms_median":
+                    statistics.median(r["ms"])}
+    return out
+
+
+def tune(task: Task, cfg: dict[str, Any], columns: list[str],
+         grid: dict[str, list[float]]) -> dict[str, Any]:
+    """Each grid rate on ``TUNE_SEED`` (all columns interleaved per rate index); the rate
+    with the lowest tail training loss per column."""
+    scores: dict[str, dict[float, float]] = {c: {} for c in columns}
+    for i in range(max(len(grid[c]) for c in columns)):
+        lrs = {c: grid[c][min(i, len(grid[c]) - 1)] for c in columns}
+        res = train_seed(task, TUNE_SEED, lrs, cfg["iterations"], cfg["iterations"], columns)
+        for c in columns:
+            scores[c][lrs[c]] = res[c]["tail_loss"]
+    chosen = {c: min(scores[c], key=lambda lr: scores[c][lr]) for c in columns}
+    return {"chosen": chosen, "tail_loss": {c: {str(k): v for k, v in s.items()}
+                                            for c, s in scores.items()}}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _cell(values: list[float]) -> str:
+    m = 100 * statistics.fmean(values)
+    sd = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    cols = summary["columns"]
+    lines = ["# DDPNOpt paper, Table 3 (FCN rows): our runs beside the paper's", "",
+             f"Command: `{summary['command']}`  ",
+             f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_count']} cores, "
+             f"torch {summary['machine']['torch']}, {summary['threads']} thread(s); "
+             f"wall time {summary['wall_s']:.0f} s.", "",
+             "Test accuracy (%) after a fixed number of iterations, mean ± sd over seeds; "
+             "paper: mean of 10 seeds (its MNIST is full MNIST, ours the 5k subset).", "",
+             "| dataset | seeds | iterations | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for name, d in summary["datasets"].items():
+        lines.append(f"| {name} (ours) | {len(d['seeds'])} | {d['iterations']} | "
+                     + " | ".join(_cell(d["results"][c]["test_acc"]) for c in cols) + " |")
+        lines.append(f"| {name} (paper) | 10 | – | "
+                     + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name] else "–"
+                                  for c in cols) + " |")
+    lines += ["", "Chosen learning rates (grid on seed "
+              f"{TUNE_SEED}, lowest mean training loss over the last fifth of the run):", "",
+              "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, d in summary["datasets"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{d['lr'][c]:g}" for c in cols) + " |")
+    lines += ["", "Median ms per iteration (all seeds), and over the RMSprop column:", "",
+              "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, d in summary["datasets"].items():
+        base = d["results"]["RMSprop"]["step_ms_median"] if "RMSprop" in cols else None
+        lines.append(f"| {name} | " + " | ".join(
+            f"{d['results'][c]['step_ms_median']:.2f}"
+            + (f" ({d['results'][c]['step_ms_median'] / base:.1f}x)" if base else "")
+            for c in cols) + " |")
+    lines += ["", "Grid: " + "; ".join(f"{c} {summary['grid'][c]}" for c in cols) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        d = summary["datasets"][name]
+        for c in summary["columns"]:
+            curves = d["results"][c]["curves"]
+            steps = [s for s, _ in curves[0]]
+            mean = [100 * statistics.fmean(cv[i][1] for cv in curves) for i in range(len(steps))]
+            ax.plot(steps, mean, label=c, lw=1.4)
+        ax.set(title=f"FCN on {name} ({len(d['seeds'])} seeds, mean)", xlabel="iteration",
+               ylabel="test accuracy (%)")
+        lo = min(100 * statistics.fmean(cv[-1][1] for cv in d["results"][c]["curves"])
+                 for c in summary["columns"])
+        ax.set_ylim(max(0.0, lo - 15), 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (all datasets)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per run")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip the grid; use the third rate of each grid")
+    p.add_argument("--out", default="experiments/results/ddpnopt-table")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    columns = list(COLUMNS)
+    grid = {c: LR_GRID[c][2:3] for c in columns} if args.quick else LR_GRID
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"columns": columns, "grid": grid, "datasets": {},
+                               "width": WIDTH, "tune_seed": TUNE_SEED,
+                               "threads": args.threads, "quick": args.quick}
+    for name in args.datasets.split(","):
+        cfg = dict(DATASETS[name])
+        if args.quick:
+            cfg.update(QUICK)
+        if args.seeds:
+            cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
+        if args.iterations:
+            cfg["iterations"] = args.iterations
+        task = make(name, cfg["batch"])
+        t0 = time.perf_counter()
+        if args.no_tune or args.quick:
+            tuning = {"chosen": {c: grid[c][len(grid[c]) // 2] for c in columns}}
+        else:
+            tuning = tune(task, cfg, columns, grid)
+        print(f"[{name}] lrs {tuning['chosen']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        per_seed = []
+        for seed in cfg["seeds"]:
+            per_seed.append(train_seed(task, seed, tuning["chosen"], cfg["iterations"],
+                                       cfg["eval_every"], columns))
+            print(f"[{name}] seed {seed}: " + ", ".join(
+                f"{c} {100 * per_seed[-1][c]['test_acc']:.1f}" for c in columns), flush=True)
+        summary["datasets"][name] = {
+            **{k: cfg[k] for k in ("iterations", "batch", "eval_every", "seeds")},
+            "n_train": task.dataset.n_train, "n_test": task.dataset.n_test,
+            "lr": tuning["chosen"], "tuning": tuning, "wall_s": time.perf_counter() - t0,
+            "results": {c: {"test_acc": [r[c]["test_acc"] for r in per_seed],
+                            "mean": statistics.fmean(r[c]["test_acc"] for r in per_seed),
+                            "sd": statistics.stdev([r[c]["test_acc"] for r in per_seed])
+                            if len(per_seed) > 1 else 0.0,
+                            "step_ms_median": statistics.median(
+                                r[c]["step_ms_median"] for r in per_seed),
+                            "curves": [r[c]["curve"] for r in per_seed]}
+                        for c in columns}}
+    summary.update(wall_s=time.perf_counter() - start, command=command_line(),
+                   machine=machine_info())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "results.md").write_text(markdown(summary))
+    plot(summary, out / "curves.png")
+    print(markdown(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,36 @@
+"""Smoke test of experiments/ddpnopt_table.py: the quick run writes a complete, finite table.
+
+Not a timed test and not the paper's numbers: one seed, a dozen iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from conftest import run_experiment
+
+COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt", "DDPNOpt-Adam", "DDPNOpt-bounded"]
+
+
+def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> None:
+    run_experiment("ddpnopt_table.py", "--quick", "--out", str(tmp_path), timeout=60)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    md = (tmp_path / "results.md").read_text()
+    assert summary["columns"] == COLUMNS
+    assert sorted(summary["datasets"]) == ["digits", "mnist5k", "wine"]
+    for name, d in summary["datasets"].items():
+        assert f"| {name} (ours) |" in md and f"| {name} (paper) |" in md
+        for col in COLUMNS:
+            r = d["results"][col]
+            assert len(r["test_acc"]) == len(d["seeds"]) == 1
+            assert all(0.0 <= a <= 1.0 for a in r["test_acc"])
+            assert math.isfinite(r["mean"]) and math.isfinite(r["sd"])
+            assert math.isfinite(r["step_ms_median"]) and r["step_ms_median"] > 0
+            assert d["lr"][col] > 0
+            [curve] = r["curves"]
+            assert curve[0][0] == 0 and curve[-1][0] == d["iterations"]
+            assert all(math.isfinite(acc) for _, acc in curve)
