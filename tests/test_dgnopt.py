@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_helpers import _batch, _reference, _step, _toy, _train
 from torch import nn
 
 from ocnode import DDPNOpt, DGNOpt, Residual, SNOpt
@@ -66,20 +67,6 @@ def _bn_net(seed=0):
                  shortcut=nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False),
                                         nn.BatchNorm2d(6))), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
-
-
-def _batch(seed, n=4, d=4, classes=3, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, classes, (n,),
-                                                                      generator=g)
-
-
-def _step(model, opt, x, y):
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -211,19 +198,6 @@ def _transitions(model, x, mode):
 def _control(layers):
     parts = [layer_gradient(m.weight, m.bias).reshape(-1) for m in layers]
     return torch.cat(parts).detach() if parts else torch.zeros(0, dtype=F64)
-
-
-def _reference(base, model, hp):
-    """The base optimizer as torch (or SNOpt, for EKFAC) implements it."""
-    params = model.parameters()
-    if base == "sgd":
-        return torch.optim.SGD(params, **hp)
-    if base == "rmsprop":
-        return torch.optim.RMSprop(params, **hp)
-    if base == "adam":
-        return torch.optim.Adam(params, **hp)
-    return SNOpt(model, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
-                 eps=hp["eps_ekfac"], alpha=hp["alpha"], update_freq=100, full=True)
 
 
 def _reference_step(base, hp, opt, nominal, x, y):
@@ -369,18 +343,6 @@ def _chains():
     cnn = nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.Conv2d(2, 3, 2, padding=1), nn.ReLU(),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 4))
     return {"fcn": fcn, "bn": bn, "cnn": cnn}
-
-
-def _toy(seed=0, n=64, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g, dtype=dtype)
-    return x, (x[:, 0] + x[:, 1] > 0).long() + 2 * (x[:, 2] > 0).long()
-
-
-def _train(model, opt, steps, seed=0, batch=16):
-    x, y = _toy(seed, dtype=next(model.parameters()).dtype)
-    return [_step(model, opt, x[i:i + batch], y[i:i + batch])
-            for i in ((k * batch) % len(x) for k in range(steps))]
 
 
 CHAIN_CASES = [("fcn", "sgd", {"momentum": 0.9}), ("fcn", "adam", {"eps_vxx": 0.1}),
