@@ -16,13 +16,13 @@ from solvers.errors import (
 )
 from solvers.odeint import odeint, solve
 from solvers.sde import sdeint, sdeint_adjoint
-from solvers.spec import Observer, SolverSpec, State
+from solvers.spec import Observer, SolverSpec, StageObserver, State
 from solvers.stats import SolverStats
 from solvers.tableau import METHODS, ButcherTableau, get_tableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "solve", "SolverSpec", "State", "Observer", "sdeint",
-    "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
+    "odeint", "odeint_adjoint", "solve", "SolverSpec", "State", "Observer", "StageObserver",
+    "sdeint", "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
     "MaxStepsExceededError", "NonFiniteGradientError", "SlowSolveWarning",
 ]

@@ -10,11 +10,14 @@ a jump a += dL/dy(t_i) at every output time. The result is a(t_0) = dL/dy0 and
 a_theta(t_0) = dL/dtheta; time gradients are dL/dt_i = <dL/dy(t_i), F(t_i, y_i)> for i >= 1
 and dL/dt_0 = -<a(t_0), F(t_0, y_0)> (a(t_0) without the direct dL/dy(t_0) term).
 
-An optional :class:`~solvers.spec.Observer` receives (t_j, x(t_j), a(t_j), w_j) during the
-backward solve at the grid t_j = t_0 + j * observer_dt (j >= 1, within [t_0, t_N]) with the
-rectangle-rule weight w_j = observer_dt, through dense output, so the adaptive steps do not
-change and nothing is stored, then ``finish()`` at the end: this is where second-order
-statistics (SNOpt, Liu-Chen-Theodorou 2021) are collected.
+An optional observer watches the backward solve: this is where second-order statistics
+(SNOpt, Liu-Chen-Theodorou 2021) are collected. A grid :class:`~solvers.spec.Observer`
+receives (t_j, x(t_j), a(t_j), w_j) at the grid t_j = t_0 + j * observer_dt within
+[t_0, t_N] (and t_N itself), with trapezoid-rule weights w_j, through dense output, so the
+adaptive steps do not change and nothing is stored. A :class:`~solvers.spec.StageObserver`
+instead sees the solve's own evaluations of the field and its vector-Jacobian product, with
+quadrature weights from the accepted steps (see :func:`stage_weights`): no extra evaluation.
+Both get ``finish()`` at the end.
 
 Errors of the backward solve are raised from ``loss.backward()``: they name the caller's time
 (not the backward solve's internal s = -t), say that it was the backward (adjoint) solve,
@@ -24,10 +27,11 @@ with a :class:`~solvers.errors.NonFiniteGradientError`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -48,8 +52,16 @@ from solvers.flat import (
     make_rhs,
     solve_flat,
 )
-from solvers.integrate import Norm, Progress, segment_norm
-from solvers.spec import Observer, SolverSpec, State, call_spec, check_observer
+from solvers.integrate import Norm, Progress, StepCallbacks, segment_norm
+from solvers.spec import (
+    Observer,
+    SolverSpec,
+    StageObserver,
+    State,
+    call_spec,
+    check_observer,
+    is_stage_observer,
+)
 from solvers.stats import SolverStats
 
 #: The default observer grid spacing, as a fraction of the solve's span |t_N - t_0|.
@@ -65,7 +77,7 @@ class _Config:
     times: list[float]
     direction: float
     spec: SolverSpec
-    observer: Observer | None
+    observer: Observer | StageObserver | None
     observer_dt: float | None
     stats: SolverStats
     adjoint_stats: SolverStats
@@ -94,26 +106,97 @@ def observer_spacing(times: Sequence[float], observer_dt: float | None) -> float
     return float(observer_dt)
 
 
-def observer_grid(times: Sequence[float], dt: float) -> list[float]:
-    """Sampling times t_0 + j*dt, j = 1..N, that lie within [t_0, t_N] (either direction)."""
+def observer_grid(times: Sequence[float], dt: float) -> list[tuple[float, float]]:
+    """The grid samples (t_j, w_j) of the trapezoid rule on [t_0, t_N] (either direction).
+
+    Nodes t_0 + j*dt within the span, and t_N when the span is not a multiple of dt; the
+    weights w_j = (u_{j+1} - u_{j-1}) / 2 over the nodes u (half cells at the ends) sum to
+    the span. A zero (or negligible) span has no samples.
+    """
     span = abs(times[-1] - times[0])
     if span == 0:
         return []
     n = math.floor(span / dt + 1e-9)
+    offsets = [j * dt for j in range(n + 1)]
+    if span - offsets[-1] > 1e-9 * max(1.0, span):
+        offsets.append(span)
+    if len(offsets) == 1:
+        return []  # a span below the time resolution: nothing to weigh
+    weights = [((offsets[min(j + 1, len(offsets) - 1)] - offsets[max(j - 1, 0)]) / 2)
+               for j in range(len(offsets))]
     sign = 1.0 if times[-1] >= times[0] else -1.0
-    return [times[0] + sign * j * dt for j in range(1, n + 1)]
+    return [(times[0] + sign * u, w) for u, w in zip(offsets, weights)]
+
+
+def stage_weights(times: Sequence[float], s0: float, s1: float,
+                  end: float = math.inf) -> list[float]:
+    """Quadrature weights of an accepted step [s0, s1] over the evaluations made in it.
+
+    Every evaluation inside the step owns the part of the step nearer to its time than to
+    the neighbouring evaluations' (ties share it equally), so the weights are positive and
+    sum to s1 - s0 (the solver's own b_i can be negative, dopri5's are); an evaluation
+    outside [s0, s1] gets 0. A step that overshoots the end of the integration (the solver
+    interpolates there) counts only up to ``end``: each cell is cut at ``end``. This is a
+    Riemann sum of the integrand on the stage nodes, consistent as the steps shrink.
+
+    Args:
+        times: the internal times of the evaluations, in the order made.
+        s0, s1: the step's start and end, s0 < s1.
+        end: where the integral stops (>= s0).
+
+    Returns:
+        One weight per entry of ``times``; they sum to min(s1, end) - s0 (0 with no
+        evaluation inside the step).
+    """
+    tol = 1e-12 * max(1.0, abs(s0), abs(s1))
+    nodes = sorted({t for t in times if s0 - tol <= t <= s1 + tol})
+    if not nodes:
+        return [0.0] * len(times)
+    stop = min(s1, end)
+    edges = [s0, *((a + b) / 2 for a, b in zip(nodes[:-1], nodes[1:])), s1]
+    cell = {u: max(0.0, min(edges[k + 1], stop) - edges[k]) for k, u in enumerate(nodes)}
+    ties = {u: sum(1 for t in times if t == u) for u in nodes}
+    return [cell[t] / ties[t] if t in cell else 0.0 for t in times]
+
+
+class _StageSteps(StepCallbacks):
+    """Relays the backward solve's step outcomes to a stage observer, with weights."""
+
+    def __init__(self, observer: StageObserver) -> None:
+        self.observer = observer
+        self.times: list[float] = []  # internal times of the evaluations not yet assigned
+        self.end = math.inf  # the current interval's end: a last step's overshoot weighs 0
+
+    def evaluated(self, s: float) -> None:
+        self.times.append(s)
+
+    def accept(self, s: float, y: torch.Tensor, dt: float) -> None:
+        self.observer.accept_step(stage_weights(self.times, s, s + dt, self.end))
+        self.times = []
+
+    def reject(self, s: float, y: torch.Tensor, dt: float) -> None:
+        self.observer.reject_step()
+        self.times = []
 
 
 def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.device,
-             direction: float) -> Callable[[float, torch.Tensor], torch.Tensor]:
-    """Right-hand side of the augmented backward system on internal time s = direction * t."""
+             direction: float,
+             steps: _StageSteps | None) -> Callable[[float, torch.Tensor], torch.Tensor]:
+    """Right-hand side of the augmented backward system on internal time s = direction * t.
+
+    With ``steps``, every evaluation runs inside its stage observer's ``evaluation(t)``.
+    """
     n, flat = sum(math.prod(s) for s in cfg.flat.shapes), cfg.flat
     grad_params = [p for p in params if p.requires_grad]
 
     def rhs(s: float, z: torch.Tensor) -> torch.Tensor:
         cfg.adjoint_stats.nfe += 1
         t = torch.tensor(direction * s, dtype=cfg.t_dtype, device=device)
-        with torch.enable_grad():
+        watch = contextlib.nullcontext() if steps is None else \
+            steps.observer.evaluation(direction * s + 0.0)
+        if steps is not None:
+            steps.evaluated(s)
+        with torch.enable_grad(), watch:
             x = z[:n].detach().requires_grad_(True)
             fx = flat.flatten(cfg.func(t, flat.unflatten(x)))
             vjps = torch.autograd.grad(fx, (x, *grad_params), -z[n:2 * n], allow_unused=True)
@@ -174,23 +257,29 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     n, times = ys.shape[1], cfg.times
     n_theta = sum(p.numel() for p in params if p.requires_grad)
     direction = -cfg.direction  # the backward solve runs against the forward direction
-    rhs = _aug_rhs(cfg, params, ys.device, direction)
+    observer = cfg.observer
+    steps = _StageSteps(observer) if is_stage_observer(observer) else None
+    rhs = _aug_rhs(cfg, params, ys.device, direction, steps)
     norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm)
-    grid = observer_grid(times, cfg.observer_dt) if cfg.observer_dt is not None else []
+    grid = observer_grid(times, cfg.observer_dt) \
+        if cfg.observer_dt is not None and steps is None else []
     progress = Progress(direction, cfg.backward_label)
     z = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(n_theta)])
     if len(times) == 1:
         z[n:2 * n] = 0.0
+    first_step: float | None = None  # each interval starts with the last one's step size
     for i in range(len(times) - 1, 0, -1):
         try:
-            z = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm, direction, n,
-                                progress)
+            z, first_step = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm,
+                                            direction, n, progress, first_step, steps)
         except SolverError as err:
             _blame_the_gradient(err, times, grad_ys, i)
             raise
         z[:n] = ys[i - 1]  # restart x from the stored forward value (limits drift)
         if i > 1:
             z[n:2 * n] += grad_ys[i - 1]
+    if grid and _same_time(grid[0][0], times[0]):
+        _observe(cfg, grid[0][0], z, n, grid[0][1])  # t_0 closes the grid
     if cfg.observer is not None:
         cfg.observer.finish()  # after the last sample, also when there was none
     grad_t = _time_grads(cfg, ys, grad_ys, z[n:2 * n], ys.device) if need_t else None
@@ -209,39 +298,53 @@ def _blame_the_gradient(err: SolverError, times: Sequence[float], grad_ys: torch
         raise NonFiniteGradientError(times[bad[0]]) from err
 
 
-def _interval_outputs(t_from: float, t_to: float, grid: list[float],
-                      direction: float) -> tuple[list[float], bool]:
+def _same_time(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def _interval_outputs(t_from: float, t_to: float, grid: list[tuple[float, float]],
+                      direction: float) -> tuple[list[float], list[float], bool]:
     """Internal output times of one backward interval: its start, the grid points in
-    [t_from, t_to) (backward order) and its end; plus whether the start is a grid point."""
+    [t_from, t_to) (backward order) and its end; the weights of the grid points; and whether
+    the start is a grid point."""
     s_from, s_to = direction * t_from, direction * t_to
     tol = 1e-9 * max(1.0, abs(s_from), abs(s_to))
-    inside = sorted(direction * g for g in grid if s_from - tol <= direction * g < s_to - tol)
-    on_start = bool(inside) and abs(inside[0] - s_from) <= tol
-    return [s_from, *(inside[1:] if on_start else inside), s_to], on_start
+    inside = sorted((direction * g, w) for g, w in grid
+                    if s_from - tol <= direction * g < s_to - tol)
+    on_start = bool(inside) and abs(inside[0][0] - s_from) <= tol
+    s_grid = [s for s, _ in (inside[1:] if on_start else inside)]
+    return [s_from, *s_grid, s_to], [w for _, w in inside], on_start
 
 
 def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float, t_to: float,
-                    grid: list[float], norm: Norm, direction: float, n: int,
-                    progress: Progress) -> torch.Tensor:
-    """Backward solve over one output interval, streaming grid samples to the observer."""
-    s_out, on_start = _interval_outputs(t_from, t_to, grid, direction)
+                    grid: list[tuple[float, float]], norm: Norm, direction: float, n: int,
+                    progress: Progress, first_step: float | None,
+                    steps: _StageSteps | None) -> tuple[torch.Tensor, float | None]:
+    """Backward solve over one output interval, streaming grid samples to the observer.
+
+    Returns the adjoint state at ``t_to`` and the solver's next step size (None: let the
+    next interval search for one)."""
+    s_out, weights, on_start = _interval_outputs(t_from, t_to, grid, direction)
     result: list[torch.Tensor] = []
+    if steps is not None:
+        steps.end = s_out[-1]
 
     def emit(j: int, s: float, zj: torch.Tensor) -> None:
         if j == len(s_out) - 1:
             result.append(zj.clone())
         elif j > 0 or on_start:
-            _observe(cfg, direction * s, zj, n)
+            _observe(cfg, direction * s, zj, n, weights[j - 1 + int(on_start)])
 
-    solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat, cfg.adjoint_stats, norm=norm,
-               progress=progress)
-    return result[0]
+    next_step = solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat,
+                           cfg.adjoint_stats, norm=norm, progress=progress,
+                           first_step=first_step, callbacks=steps or StepCallbacks())
+    return result[0], next_step
 
 
-def _observe(cfg: _Config, t: float, z: torch.Tensor, n: int) -> None:
-    """One grid sample, with its rectangle-rule weight observer_dt."""
-    assert cfg.observer is not None and cfg.observer_dt is not None
-    cfg.observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]), cfg.observer_dt)
+def _observe(cfg: _Config, t: float, z: torch.Tensor, n: int, weight: float) -> None:
+    """One grid sample, with its trapezoid weight."""
+    observer = cast(Observer, cfg.observer)
+    observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]), weight)
 
 
 def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool) -> Norm:
@@ -267,7 +370,8 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
                    adjoint_atol: float | None = None, adjoint_method: str | None = None,
                    adjoint_options: dict | None = None,
                    adjoint_params: Sequence[torch.Tensor] | None = None,
-                   observer: Observer | None = None, observer_dt: float | None = None,
+                   observer: Observer | StageObserver | None = None,
+                   observer_dt: float | None = None,
                    stats: SolverStats | None = None, adjoint_stats: SolverStats | None = None,
                    backend: str = "ocnode", label: str | None = None) -> State:
     """:func:`solvers.odeint` whose gradients come from the adjoint ODE (O(1) memory).
@@ -282,11 +386,13 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
             'seminorm'}`` leaves a_theta out of the error control (Kidger et al. 2021).
         adjoint_params: tensors to differentiate (default ``func.parameters()``).
         observer: a :class:`solvers.Observer`: called as ``observer(t_j, x(t_j), a(t_j), w_j)``
-            at ``t_j = t_0 + j * observer_dt`` (j = 1..N) during the backward solve, with the
-            quadrature weight ``w_j = observer_dt`` (tensors valid during the call only: clone
-            to keep), then ``observer.finish()`` once at the end of the backward solve.
+            at the nodes ``t_j = t_0 + j * observer_dt`` of the span (and ``t_N``) during the
+            backward solve, with trapezoid weights ``w_j`` (tensors valid during the call
+            only: clone to keep); or a :class:`solvers.StageObserver`, which watches the
+            backward solve's own evaluations. Either gets ``observer.finish()`` once at the
+            end of the backward solve.
         observer_dt: spacing of the observer grid (> 0); None: 0.01 of the span
-            ``|t[-1] - t[0]|``.
+            ``|t[-1] - t[0]|``. Not used by a stage observer.
         stats: filled by the forward solve; adjoint_stats: filled when backward runs.
         backend: 'ocnode' or 'torchdiffeq' (no observer there).
         label: put in front of every error message and warning of the forward and the
@@ -330,7 +436,8 @@ def _split_seminorm(adjoint_options: Mapping[str, Any] | None) -> tuple[dict | N
 
 
 def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
-                  adjoint_params: Sequence[torch.Tensor] | None, observer: Observer | None,
+                  adjoint_params: Sequence[torch.Tensor] | None,
+                  observer: Observer | StageObserver | None,
                   observer_dt: float | None, stats: SolverStats,
                   adjoint_stats: SolverStats, label: str | None = None) -> State:
     """The solve of :func:`odeint_adjoint` with validated settings ``spec``.
@@ -343,7 +450,8 @@ def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
 
 
 def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
-                   adjoint_params: Sequence[torch.Tensor] | None, observer: Observer | None,
+                   adjoint_params: Sequence[torch.Tensor] | None,
+                   observer: Observer | StageObserver | None,
                    observer_dt: float | None, stats: SolverStats, adjoint_stats: SolverStats,
                    label: str | None) -> State:
     params = _adjoint_params(func, adjoint_params)

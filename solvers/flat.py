@@ -8,6 +8,7 @@ engine with the settings of one :class:`~solvers.spec.SolverSpec`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import torch
 
 from solvers.errors import SolverInputError
 from solvers.integrate import (
+    NO_CALLBACKS,
     Emit,
     Norm,
     Progress,
     Rhs,
+    StepCallbacks,
     StepControl,
     integrate_adaptive,
     integrate_fixed,
@@ -183,21 +186,31 @@ def _user_norm(user_norm: Callable, flat: FlatState) -> Norm:
 
 def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                spec: SolverSpec, flat: FlatState, stats: SolverStats,
-               norm: Norm | None = None, progress: Progress | None = None) -> None:
+               norm: Norm | None = None, progress: Progress | None = None,
+               first_step: float | None = None,
+               callbacks: StepCallbacks = NO_CALLBACKS) -> float | None:
     """Run the engine on a flat state at increasing internal times s_out.
 
     Uses ``spec``'s method, tolerances and options (those of the forward solve: pass
     ``spec.backward()`` for the adjoint's); ``norm`` replaces the default error norm;
-    ``progress`` maps s_out's time to the caller's in errors and warnings (None: the same).
+    ``progress`` maps s_out's time to the caller's in errors and warnings (None: the same);
+    ``first_step`` (adaptive methods) replaces the starting step search or option;
+    ``callbacks`` are called around every step.
+
+    Returns:
+        An adaptive solve's next step size (see :func:`integrate_adaptive`); None for a
+        fixed-step one.
     """
     tab = get_tableau(spec.method)
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)
-        integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
-                           progress)
-    else:
-        step_size = spec.solve_options().get("step_size")
-        integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress)
+        if first_step is not None:
+            ctl = dataclasses.replace(ctl, first_step=first_step)
+        return integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
+                                  progress, callbacks)
+    step_size = spec.solve_options().get("step_size")
+    integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks)
+    return None
 
 
 def check_backend(backend: str) -> None:

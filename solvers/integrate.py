@@ -85,6 +85,27 @@ class Progress:
                           stacklevel=3)
 
 
+class StepCallbacks:
+    """What the engine calls around each step, on its internal time s (no-ops here: override
+    what you need). The names follow torchdiffeq's ``callback_step``,
+    ``callback_accept_step`` and ``callback_reject_step``; every call gets the step's start
+    ``s``, the state there ``y`` (shape (n,), valid during the call only) and the step size.
+    A fixed-step solve accepts every step."""
+
+    def step(self, s: float, y: torch.Tensor, dt: float) -> None:
+        """Before each step attempt."""
+
+    def accept(self, s: float, y: torch.Tensor, dt: float) -> None:
+        """After an accepted attempt (its stages are evaluated, the state not yet advanced)."""
+
+    def reject(self, s: float, y: torch.Tensor, dt: float) -> None:
+        """After a rejected attempt (adaptive methods only)."""
+
+
+#: The callbacks of a solve that has none.
+NO_CALLBACKS = StepCallbacks()
+
+
 @dataclass(frozen=True)
 class StepControl:
     """Options of the adaptive step-size controller (names follow torchdiffeq).
@@ -284,8 +305,8 @@ class _Outputs:
 
 def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                        tab: ButcherTableau, ctl: StepControl, norm: Norm = rms_norm,
-                       stats: SolverStats | None = None,
-                       progress: Progress | None = None) -> None:
+                       stats: SolverStats | None = None, progress: Progress | None = None,
+                       callbacks: StepCallbacks = NO_CALLBACKS) -> float:
     """Integrate with an embedded pair and PI/I step control, emitting at each of t_out.
 
     Args:
@@ -298,6 +319,11 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         norm: error norm of the scaled error vector.
         stats: optional counters to increment.
         progress: the caller's time and the slow-solve warning (None: t_out's own time).
+        callbacks: called before and after every step attempt.
+
+    Returns:
+        The controller's next step size: a following solve that continues from the end
+        (the adjoint's next output interval) can start with it instead of a new search.
 
     Raises:
         NonFiniteStateError, StepSizeUnderflowError, MaxStepsExceededError: naming the
@@ -319,12 +345,14 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         dt = min(ctl.max_step, max(ctl.min_step, dt))
         steps += 1
         _check_step(t, dt, ratio, steps, ctl, progress)
+        callbacks.step(t, y, dt)
         stages.set(0, f0)
         y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages)
         err = stages.combine(None, coeffs[2], dt).detach()
         ratio = error_ratio(err, y.detach(), y1.detach(), ctl, norm)
         if ratio <= 1.0:
             stats.n_accepted += 1
+            callbacks.accept(t, y, dt)
             out.flush(t, t + dt, _dense(tab, stages, y, dt))
             # copy: in buffer mode the last row is overwritten by the next attempt, and a
             # rejected attempt must restart from f(t, y)
@@ -333,10 +361,12 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
             prev_ratio = max(ratio, 1e-4)
         else:
             stats.n_rejected += 1
+            callbacks.reject(t, y, dt)
             if dt <= ctl.min_step:
                 raise StepSizeUnderflowError(progress.time(t), dt,
                                              f"rejected at min_step={ctl.min_step:g}")
         dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
+    return min(ctl.max_step, max(ctl.min_step, dt))
 
 
 def _first_derivative(rhs: Rhs, s: float, y0: torch.Tensor, progress: Progress) -> torch.Tensor:
@@ -382,12 +412,13 @@ def fixed_grid(t_out: Sequence[float], step_size: float | None) -> list[float]:
 
 def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                     tab: ButcherTableau, step_size: float | None = None,
-                    stats: SolverStats | None = None, progress: Progress | None = None) -> None:
+                    stats: SolverStats | None = None, progress: Progress | None = None,
+                    callbacks: StepCallbacks = NO_CALLBACKS) -> None:
     """Integrate on a fixed grid, emitting at t_out (cubic Hermite between grid points).
 
     Args: as :func:`integrate_adaptive`, plus ``step_size`` (None: one step per output
     interval, as torchdiffeq's fixed-grid solvers). A fixed-step solve knows its number of
-    steps in advance and does not warn that it is slow.
+    steps in advance and does not warn that it is slow; it accepts every step.
     """
     stats = stats if stats is not None else SolverStats()
     progress = progress or Progress()
@@ -400,9 +431,11 @@ def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
     emit(0, grid[0], y)
     for k, (t, t1) in enumerate(zip(grid[:-1], grid[1:])):
         _check_finite(f0, progress.time(t), "derivative")
+        callbacks.step(t, y, t1 - t)
         stages.set(0, f0)
         y1 = rk_step(rhs, tab, coeffs, t, y, t1 - t, stages)
         stats.n_accepted += 1
+        callbacks.accept(t, y, t1 - t)
         last = k == len(grid) - 2
         f1 = None if last and not _needs_interior(out, t1) else rhs(t1, y1)
         out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t))

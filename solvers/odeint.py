@@ -16,7 +16,7 @@ from solvers.adjoint import solve_adjoint
 from solvers.errors import SolverInputError, in_context
 from solvers.flat import CountingFunc, check_backend, check_times, flat_state, make_rhs, solve_flat
 from solvers.integrate import Progress
-from solvers.spec import Observer, SolverSpec, State, call_spec
+from solvers.spec import Observer, SolverSpec, StageObserver, State, call_spec
 from solvers.stats import SolverStats
 
 
@@ -64,7 +64,8 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
 
 
 def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
-          adjoint_params: Sequence[torch.Tensor] | None = None, observer: Observer | None = None,
+          adjoint_params: Sequence[torch.Tensor] | None = None,
+          observer: Observer | StageObserver | None = None,
           observer_dt: float | None = None, stats: SolverStats | None = None,
           adjoint_stats: SolverStats | None = None, label: str | None = None) -> State:
     """Solve dy/dt = func(t, y) with the settings of one :class:`SolverSpec`.

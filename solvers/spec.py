@@ -10,7 +10,8 @@ one and hand it to :func:`solvers.solve` at every call::
     tight = spec.replace(method="dopri5", options=None, rtol=1e-6, atol=1e-6)
 
 An :class:`Observer` receives samples of the adjoint's backward solve on a time grid, with
-their quadrature weights, then ``finish()`` once the solve is over.
+their quadrature weights, then ``finish()`` once the solve is over; a
+:class:`StageObserver` watches the backward solve's own evaluations instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeGuard
 
 import torch
 
@@ -43,8 +45,9 @@ class Observer(Protocol):
     every grid sample ``t_j`` of each backward solve, with ``w_j`` its quadrature weight, so
     that ``sum_j w_j g(t_j, x_j, a_j)`` approximates ``int g(t, x(t), a(t)) dt`` over the
     solve's span; then ``obs.finish()`` once, after the last sample (also when the solve had
-    no sample). The grid is ``t_j = t_0 + j * dt``, ``j = 1..N`` (a rectangle rule: every
-    weight is ``dt``). ``finish()`` is not called when the backward solve raises.
+    no sample). The nodes are ``t_0 + j * dt`` within the span and ``t_N`` itself, with the
+    trapezoid rule's weights (``dt``, half of it at the ends). ``finish()`` is not called when
+    the backward solve raises.
     """
 
     def __call__(self, t: float, x: State, a: State, weight: float) -> None:
@@ -56,8 +59,50 @@ class Observer(Protocol):
         """The backward solve is over: no more samples until the next one."""
 
 
+class StageObserver(Protocol):
+    """Watches the adjoint backward solve's own evaluations, at no extra evaluation.
+
+    The backward solve evaluates the vector field and its vector-Jacobian product with the
+    adjoint at every stage of every step attempt. Each such evaluation at time ``t`` runs
+    inside ``with obs.evaluation(t):`` (what the observer records there, e.g. with hooks on
+    the field's layers, belongs to that evaluation); after an accepted step,
+    ``obs.accept_step(weights)`` gives one quadrature weight per evaluation made since the
+    previous ``accept_step``/``reject_step``, in order, so that summing over accepted steps
+    approximates the time integral over the span (weights >= 0, see
+    :func:`solvers.adjoint.stage_weights`); after a rejected attempt ``obs.reject_step()``
+    says to drop the evaluations since then. ``finish()`` comes once at the end (evaluations
+    not accepted by then are dropped too); not when the backward solve raises.
+    """
+
+    def evaluation(self, t: float) -> AbstractContextManager:
+        """A context around one evaluation of the field at the caller's time ``t``."""
+
+    def accept_step(self, weights: list[float]) -> None:
+        """Keep the pending evaluations, with these quadrature weights."""
+
+    def reject_step(self) -> None:
+        """Drop the pending evaluations (a rejected step attempt)."""
+
+    def finish(self) -> None:
+        """The backward solve is over."""
+
+
+def is_stage_observer(observer: object) -> TypeGuard[StageObserver]:
+    """Whether ``observer`` follows :class:`StageObserver` (it has ``evaluation``)."""
+    return callable(getattr(observer, "evaluation", None))
+
+
 def check_observer(observer: object) -> None:
-    """Raise a :class:`SolverInputError` unless ``observer`` follows :class:`Observer`."""
+    """Raise a :class:`SolverInputError` unless ``observer`` follows :class:`Observer` or
+    :class:`StageObserver`."""
+    if is_stage_observer(observer):
+        missing = [m for m in ("accept_step", "reject_step", "finish")
+                   if not callable(getattr(observer, m, None))]
+        if missing:
+            raise SolverInputError(
+                f"a stage observer (it has evaluation()) also needs {', '.join(missing)} (see "
+                f"solvers.StageObserver); got {type(observer).__name__}")
+        return
     if not (callable(observer) and callable(getattr(observer, "finish", None))):
         raise SolverInputError(
             f"an observer must be called as observer(t, x, a, weight) and have a finish() "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from solvers import (
     odeint,
     odeint_adjoint,
 )
+from solvers.adjoint import stage_weights
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -136,11 +139,13 @@ def test_observer_samples_match_the_forward_trajectory_and_the_true_adjoint(prob
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     ys = odeint_adjoint(f, y0, t, observer=obs, observer_dt=0.1, **TOL)
     (ys[-1] * w[-1]).sum().backward()
-    assert obs.times == pytest.approx([1.0 - 0.1 * k for k in range(10)])
+    assert obs.times == pytest.approx([1.0 - 0.1 * k for k in range(11)])
     assert obs.finished == 1 and all(s[4] == 0 for s in obs.samples)  # finish() comes last
-    assert all(s[3] == 0.1 for s in obs.samples)  # rectangle rule: every weight is dt
+    # the trapezoid rule: dt inside, dt / 2 at both ends
+    assert [s[3] for s in obs.samples] == pytest.approx([0.05] + [0.1] * 9 + [0.05])
     assert torch.equal(obs.samples[0][2], w[-1])  # a(t_N) = dL/dy(t_N)
-    for tj, x, a, _, _ in obs.samples[1:]:
+    assert torch.allclose(obs.samples[-1][1], y0)  # x(t_0)
+    for tj, x, a, _, _ in obs.samples[1:-1]:
         xj = odeint(f, y0.detach(), torch.tensor([0.0, tj], dtype=torch.float64),
                     rtol=1e-12, atol=1e-12)[-1]
         assert torch.allclose(x, xj, atol=1e-7)
@@ -148,6 +153,18 @@ def test_observer_samples_match_the_forward_trajectory_and_the_true_adjoint(prob
         end = odeint(f, xj, torch.tensor([tj, 1.0], dtype=torch.float64), **TOL)[-1]
         a_true, = torch.autograd.grad((end * w[-1]).sum(), xj)
         assert torch.allclose(a, a_true, atol=1e-6)
+
+
+def test_observer_weights_are_the_trapezoid_rule_also_for_a_partial_last_cell(problem):
+    f, y0, _ = problem
+    obs = Recorder()
+    t0, t1 = 0.5, 1.75  # the span 1.25 is not a multiple of dt = 0.5
+    odeint_adjoint(f, y0, torch.tensor([t0, t1], dtype=torch.float64), observer=obs,
+                   observer_dt=0.5)[-1].sum().backward()
+    assert sorted(obs.times) == pytest.approx([0.5, 1.0, 1.5, 1.75])
+    # exact for a linear integrand: sum_j w_j t_j = int t dt
+    assert sum(s[3] * s[0] for s in obs.samples) == pytest.approx((t1**2 - t0**2) / 2)
+    assert sum(s[3] for s in obs.samples) == pytest.approx(t1 - t0)
 
 
 def test_observer_does_not_change_the_adaptive_steps(problem):
@@ -166,7 +183,7 @@ def test_observer_visits_each_grid_point_once_across_output_intervals(problem):
     t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     ys = odeint_adjoint(f, y0, t, observer=obs, observer_dt=0.125)
     ys.sum().backward()
-    assert sorted(obs.times) == pytest.approx([0.125 * k for k in range(1, 9)])
+    assert sorted(obs.times) == pytest.approx([0.125 * k for k in range(9)])
     assert obs.finished == 1  # once per backward solve, not per output interval
 
 
@@ -174,12 +191,12 @@ def test_observer_default_spacing_is_a_hundredth_of_the_span(problem):
     f, y0, _ = problem
     obs = Recorder()
     odeint_adjoint(f, y0, torch.tensor([2.5, 0.5]), observer=obs)[-1].sum().backward()
-    assert len(obs.samples) == 100
-    assert len({s[3] for s in obs.samples}) == 1 and obs.samples[0][3] == pytest.approx(0.02)
-    assert obs.times[-1] == pytest.approx(2.48)
+    assert len(obs.samples) == 101
+    assert obs.samples[1][3] == pytest.approx(0.02)
+    assert obs.times[-1] == pytest.approx(2.5)
 
 
-@pytest.mark.parametrize("t, dt", [([0.0], 0.1), ([0.0, 1.0], 2.0)])
+@pytest.mark.parametrize("t, dt", [([0.0], 0.1), ([1.0, 1.0 + 1e-12], 0.1)])
 def test_observer_finish_is_called_once_per_solve_even_without_samples(problem, t, dt):
     f, y0, _ = problem
     obs = Recorder()
@@ -187,7 +204,102 @@ def test_observer_finish_is_called_once_per_solve_even_without_samples(problem, 
         ys = odeint_adjoint(f, y0, torch.tensor(t, dtype=torch.float64), observer=obs,
                             observer_dt=dt)
         ys.sum().backward()
-        assert (len(obs.samples), obs.finished) == (0, expected)
+        assert obs.finished == expected
+    assert not obs.samples
+
+
+class StageRecorder:
+    """A solvers.StageObserver that records the states its field sees in each evaluation."""
+
+    def __init__(self) -> None:
+        self.watching: float | None = None
+        self.pending: list[tuple[float, torch.Tensor]] = []
+        self.kept: list[tuple[float, torch.Tensor, float]] = []
+        self.evaluations = self.rejected = self.finished = 0
+
+    @contextlib.contextmanager
+    def evaluation(self, t):
+        self.watching, self.evaluations = t, self.evaluations + 1
+        yield
+        self.watching = None
+
+    def see(self, y):
+        if self.watching is not None:
+            self.pending.append((self.watching, y.detach().clone()))
+
+    def accept_step(self, weights):
+        assert len(weights) == len(self.pending)
+        self.kept += [(t, y, w) for (t, y), w in zip(self.pending, weights)]
+        self.pending = []
+
+    def reject_step(self):
+        self.rejected += len(self.pending)
+        self.pending = []
+
+    def finish(self):
+        self.finished += 1
+
+
+class Watched(torch.nn.Module):
+    """dy/dt = tanh(W y) that shows every state it is evaluated at to a StageRecorder."""
+
+    def __init__(self, recorder: StageRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.lin = torch.nn.Linear(3, 3, dtype=torch.float64)
+
+    def forward(self, t, y):
+        self.recorder.see(y)
+        return torch.tanh(self.lin(y))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk4"])
+def test_a_stage_observer_sees_the_backward_solves_own_evaluations(method):
+    torch.manual_seed(0)
+    rec = StageRecorder()
+    f = Watched(rec)
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    options = {"step_size": 0.05} if method == "rk4" else None
+    plain, watched = SolverStats(), SolverStats()
+    ys = odeint_adjoint(f, y0, t, method=method, options=options, adjoint_stats=plain)
+    ys.sum().backward()
+    ys = odeint_adjoint(f, y0, t, method=method, options=options, observer=rec,
+                        adjoint_stats=watched, rtol=1e-6, atol=1e-6)
+    ys.sum().backward()
+    assert rec.evaluations == watched.nfe  # t needs no gradient: no other field call
+    assert rec.finished == 1 and not rec.pending
+    weights = [w for _, _, w in rec.kept]
+    assert min(weights) >= 0 and sum(weights) == pytest.approx(2.0)
+    # the weighted evaluations are a quadrature of int |x(t)|^2 dt
+    grid = Recorder()
+    odeint_adjoint(f, y0, t, observer=grid, observer_dt=1e-3, rtol=1e-9,
+                   atol=1e-9)[-1].sum().backward()
+    exact = sum(w * float((x**2).sum()) for _, x, _, w, _ in grid.samples)
+    approx = sum(w * float((y**2).sum()) for _, y, w in rec.kept)
+    assert approx == pytest.approx(exact, rel=2e-2)
+
+
+def test_stage_weights_are_positive_cells_that_sum_to_the_step():
+    w = stage_weights([0.2, 0.3, 0.8, 1.0, 1.0, 5.0], 0.0, 1.0)
+    # cells between midpoints: [0, .25], [.25, .55], [.55, .9], [.9, 1] (shared by the two
+    # evaluations at 1.0); 5.0 is outside the step
+    assert w == pytest.approx([0.25, 0.3, 0.35, 0.05, 0.05, 0.0])
+    # a step that overshoots the end at 0.5 counts up to there: cells cut at 0.5
+    assert stage_weights([0.2, 0.3, 0.8, 1.0], 0.0, 1.0, end=0.5) == pytest.approx(
+        [0.25, 0.25, 0.0, 0.0])
+    assert stage_weights([0.8, 1.0], 0.0, 1.0, end=0.5) == pytest.approx([0.5, 0.0])
+
+
+def test_the_backward_solve_keeps_its_step_size_across_output_times(problem):
+    f, y0, _ = problem
+    stats = SolverStats()
+    odeint_adjoint(f, y0, torch.linspace(0, 2, 11, dtype=torch.float64),
+                   adjoint_stats=stats).sum().backward()
+    # dopri5: 6 evaluations per attempt, one f(t, y) per interval (the adjoint jumps there),
+    # and one step search, for the first interval only (the others start with its step size)
+    intervals, attempts = 10, stats.n_accepted + stats.n_rejected
+    assert stats.nfe == intervals + 1 + 6 * attempts
 
 
 def test_an_observer_needs_a_finish_method(problem):

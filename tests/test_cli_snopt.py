@@ -84,21 +84,34 @@ def test_adaptive_baseline_horizon_runs_with_adam(tmp_path: Path) -> None:
 def test_snopt_flags_reach_the_optimizer() -> None:
     args = vars(build_parser().parse_args([
         "train", "--optimizer", "snopt", "--eps", "0.03", "--alpha", "0.5", "--update-freq",
-        "7", "--full", "--damping-mode", "tikhonov", "--observer-dt", "0.02", "--fisher",
-        "true", "--momentum", "0.9"]))
+        "7", "--full", "--damping-mode", "tikhonov", "--curvature", "grid", "--observer-dt",
+        "0.02", "--fisher", "true", "--momentum", "0.9"]))
     args.pop("command")
     config = TrainConfig(**args)
     config.validate()
     model = make_task(load_dataset("digits"), config.task_settings()).build_model(True)
     opt = build_optimizer("snopt", model, config.hparams({"eps", "alpha", "update_freq", "full",
                                                           "damping_mode", "observer_dt",
-                                                          "fisher", "momentum"}))
+                                                          "fisher", "momentum",
+                                                          "curvature"}))
     assert isinstance(opt, SNOpt)
     group = opt.param_groups[0]
     assert (group["eps"], group["alpha"], group["momentum"]) == (0.03, 0.5, 0.9)
     assert (opt.update_freq, opt.full, opt.damping_mode, opt.observer_dt, opt.fisher) == (
         7, True, "tikhonov", 0.02, "true")
+    assert opt.collector.curvature == "grid"
     assert len(opt.preconditioned_layers) == 4  # 2 in the vector field + stem + head
+
+
+def test_the_stage_curvature_is_the_default_and_takes_its_factor_cost() -> None:
+    args = vars(build_parser().parse_args(["train", "--optimizer", "snopt", "--factor-cost",
+                                           "0.5"]))
+    args.pop("command")
+    config = TrainConfig(**args)
+    config.validate()
+    model = make_task(load_dataset("digits"), config.task_settings()).build_model(True)
+    opt = build_optimizer("snopt", model, config.hparams({"factor_cost", "curvature"}))
+    assert (opt.collector.curvature, opt.collector.factor_cost) == ("stages", 0.5)
 
 
 @pytest.mark.system_data
@@ -119,6 +132,8 @@ def test_fashion_mnist_conv_model_trains_from_the_command_line(tmp_path: Path) -
     (["--damping-mode", "svd"], "invalid choice: 'svd'"),
     (["--fisher", "exact"], "invalid choice: 'exact'"),
     (["--observer-dt", "-1"], "observer_dt must be > 0"),
+    (["--curvature", "exact"], "invalid choice: 'exact'"),
+    (["--factor-cost", "0"], "factor_cost must be > 0"),
     (["--adaptive-t1", "on"], "invalid choice: 'on'"),
     (["--adaptive-t1", "feedback", "--t1-min", "2"], "t1_min .* must not exceed"),
     (["--t1-lr", "0"], "t1_lr must be > 0"),

@@ -13,6 +13,7 @@ from ocnode.curvature import (
     FactorAccumulator,
     KFACHooks,
     ODEObserver,
+    ODEStageObserver,
     check_layer,
     helper_for,
     input_rows,
@@ -82,12 +83,12 @@ def _manual_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 def _brute_force(func, modules, samples, batch, loss_batch=None):
     """Per-sample, per-time sums of outer products, one sample at a time.
 
-    Averages over the first `batch` samples; the per-sample scale is loss_batch * dt.
+    Averages over the first `batch` samples; the per-sample scale is loss_batch * weight.
     """
     loss_batch = loss_batch or batch
     a_sum = {m: 0.0 for m in modules}
     b_sum = {m: 0.0 for m in modules}
-    for t, x, a in samples:
+    for t, x, a, weight in samples:
         per_a = {m: 0.0 for m in modules}
         per_b = {m: 0.0 for m in modules}
         for i in range(batch):
@@ -112,7 +113,7 @@ def _brute_force(func, modules, samples, batch, loss_batch=None):
                     if m.bias is not None else z
                 # rows of the same use are averaged; per-sample scale B*dt
                 per_a[m] = per_a[m] + z.t() @ z / z.shape[0]
-                gs = gr * (loss_batch * DT)
+                gs = gr * (loss_batch * weight)
                 per_b[m] = per_b[m] + gs.t() @ gs / gs.shape[0]
         for m in modules:
             a_sum[m] = a_sum[m] + per_a[m] / batch
@@ -127,7 +128,7 @@ class _Recorder:
         self.obs, self.samples = obs, []
 
     def __call__(self, t, x, a, weight):
-        self.samples.append((t, x.clone(), a.clone()))
+        self.samples.append((t, x.clone(), a.clone(), weight))
         self.obs(t, x, a, weight)
 
     def finish(self):
@@ -156,12 +157,13 @@ def test_factors_equal_brute_force_per_sample_outer_products(field, shape, batch
     func = field().double()
     x0 = torch.randn(*shape, dtype=torch.float64)
     stats, samples, modules = _collect(func, x0, batched)
-    assert len(samples) == 10 and [s[0] for s in samples] == pytest.approx(
-        [1.0 - DT * k for k in range(10)])
+    assert len(samples) == 11 and [s[0] for s in samples] == pytest.approx(
+        [1.0 - DT * k for k in range(11)])
+    assert [s[3] for s in samples] == pytest.approx([DT / 2] + [DT] * 9 + [DT / 2])
     tracked = [m for m in modules if not (isinstance(m, nn.Linear) and m.in_features == 1)]
     a_ref, b_ref = _brute_force(func, tracked, samples, shape[0])
     for m in tracked:
-        assert stats[m].uses == 10
+        assert stats[m].uses == 11
         assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
         assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
 
@@ -212,7 +214,7 @@ def test_statistics_accumulate_over_every_ode_call_of_an_iteration():
         x = odeint_adjoint(func, x, t, method="euler", options={"step_size": DT},
                            observer=obs, observer_dt=DT)[-1]
     x.sum().backward()
-    assert sums.pop()[func.l2].uses == 30
+    assert sums.pop()[func.l2].uses == 33  # 11 nodes per call
 
 
 def test_ordinary_hooks_give_kfac_factors_of_a_plain_layer():
@@ -339,19 +341,23 @@ def test_a_new_layer_type_needs_one_helper_and_subclasses_inherit_theirs():
 # ---- the observer protocol ----------------------------------------------------------------
 
 
-def test_observer_buffers_until_finish_and_splits_chunks_by_weight():
+def test_observer_buffers_until_finish_and_weighs_each_sample_of_a_chunk():
     torch.manual_seed(0)
     func = LinearField().double()
-    sums = FactorAccumulator()
+    sums, alone = FactorAccumulator(), FactorAccumulator()
     obs = ODEObserver(func, [func.l2], sums, batched_time=True)
+    one = ODEObserver(func, [func.l2], alone, batched_time=True)
     x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    obs(0.5, x, a, 0.1)
-    obs(0.4, x, a, 0.1)
-    assert sums.stats == {} and len(obs.buffer) == 2
-    obs(0.2, x, a, 0.2)  # a new weight: the first two are evaluated as one chunk
-    assert sums.stats[func.l2].uses == 2 and len(obs.buffer) == 1
-    obs.finish()
-    assert sums.stats[func.l2].uses == 3 and obs.buffer == []
+    for t, w in ((0.5, 0.1), (0.4, 0.1), (0.2, 0.2)):
+        obs(t, x, a, w)
+        one(t, x, a, w)
+        one.finish()  # one sample at a time
+    assert sums.stats == {} and obs.pending == 3
+    obs.finish()  # one chunk of three samples of two weights
+    assert sums.stats[func.l2].uses == 3 and obs.pending == 0
+    for key in ("a_sum", "b_sum"):
+        assert torch.allclose(getattr(sums.stats[func.l2], key),
+                              getattr(alone.stats[func.l2], key), rtol=1e-12)
     obs.listen(False)
     obs(0.1, x, a, 0.1)
     obs.finish()
@@ -361,6 +367,68 @@ def test_observer_buffers_until_finish_and_splits_chunks_by_weight():
     obs.discard()
     obs.finish()
     assert sums.pop()[func.l2].uses == 3
+
+
+class _SeesAdjoint(nn.Module):
+    """Wraps a field; records (t, x, a) of every evaluation made with grad (the adjoint's)."""
+
+    def __init__(self, func: nn.Module) -> None:
+        super().__init__()
+        self.func, self.seen = func, []
+
+    def forward(self, t, x):
+        out = self.func(t, x)
+        if out.requires_grad:
+            entry = [float(t), x.detach().clone(), None]
+            out.register_hook(lambda g: entry.__setitem__(2, -g.detach().clone()))
+            self.seen.append(entry)
+        return out
+
+
+@pytest.mark.parametrize("field,shape", [(LinearField, (4, 3)), (ConvField, (2, 2, 5, 5))])
+def test_stage_factors_equal_the_grid_observers_at_the_evaluated_states(field, shape):
+    # Euler with steps on the grid: one evaluation per step, at its start, weight = the step.
+    # Fed the same (t, x, a, weight), the grid observer's factors are the reference.
+    torch.manual_seed(0)
+    func = _SeesAdjoint(field().double())
+    modules = [m for m in func.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    stage_sums, grid_sums = FactorAccumulator(), FactorAccumulator()
+    obs = ODEStageObserver(modules, stage_sums, factor_cost=1e9)  # every sample
+    x0 = torch.randn(*shape, dtype=torch.float64)
+    ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                        method="euler", options={"step_size": DT}, observer=obs)
+    ((ys[-1] * torch.randn_like(x0)).sum() / shape[0]).backward()
+    assert len(func.seen) == 10 and obs.pending == 0
+    ref = ODEObserver(func.func, modules, grid_sums)
+    for t, x, a in func.seen:
+        ref(t, x, a, DT)
+    ref.finish()
+    stages, grid = stage_sums.pop(), grid_sums.pop()
+    for m in modules:
+        assert stages[m].uses == grid[m].uses
+        assert (stages[m].locations, stages[m].batch) == (grid[m].locations, grid[m].batch)
+        assert torch.allclose(stages[m].a_sum, grid[m].a_sum, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(stages[m].b_sum, grid[m].b_sum, rtol=1e-10, atol=1e-14)
+
+
+def test_stage_factors_from_a_window_of_the_batch_are_unbiased_means():
+    # Each evaluation forms A and B from a few samples of the batch (a window that moves on
+    # at every evaluation); over the evaluations the means match those of every sample.
+    torch.manual_seed(0)
+    func = _SeesAdjoint(LinearField().double())
+    lin = func.func.l2
+    full_sums, sub_sums = FactorAccumulator(), FactorAccumulator()
+    x0 = torch.randn(64, 3, dtype=torch.float64)
+    for sums, cost in ((full_sums, 1e9), (sub_sums, 0.05)):
+        obs = ODEStageObserver([lin], sums, factor_cost=cost)
+        ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                            method="euler", options={"step_size": 1 / 64}, observer=obs)
+        (ys[-1].sum() / 64).backward()
+    full, sub = full_sums.pop()[lin], sub_sums.pop()[lin]
+    assert sub.uses == full.uses == 64 and sub.batch == full.batch == 64
+    assert torch.allclose(sub.a_factor, full.a_factor, rtol=0.15, atol=0.02)
+    assert torch.allclose(sub.b_factor, full.b_factor, rtol=0.15, atol=1e-3)
+    assert not torch.allclose(sub.a_factor, full.a_factor, rtol=1e-6)  # a subsample indeed
 
 
 def test_observer_weight_scales_b_like_the_grid_spacing():
@@ -433,17 +501,23 @@ def test_collection_is_alive_only_while_armed_and_pop_hands_out_the_factors():
     assert collector.pop() == {}
 
 
-def test_discard_drops_factors_and_the_samples_of_an_unfinished_solve():
+@pytest.mark.parametrize("curvature", ["grid", "stages"])
+def test_discard_drops_factors_and_the_samples_of_an_unfinished_solve(curvature):
     torch.manual_seed(0)
     model = _Net()
-    collector = CurvatureCollector(model, full=True)
+    collector = CurvatureCollector(model, full=True, curvature=curvature)
     collector.arm()
     model(torch.randn(5, 3)).square().sum().backward()
     collector.discard()
     assert collector.pop() == {}
     obs = collector._observers[0]
-    obs(0.5, torch.randn(5, 4), torch.randn(5, 4), 0.01)  # a solve that never finished
-    assert collector.pop() == {} and obs.buffer == []
+    if curvature == "grid":
+        obs(0.5, torch.randn(5, 4), torch.randn(5, 4), 0.01)  # a solve that never finished
+    else:
+        with obs.evaluation(0.5):  # an evaluation whose step was never accepted
+            pass
+    assert obs.pending == 1
+    assert collector.pop() == {} and obs.pending == 0
 
 
 def test_exclude_lets_an_unsupported_layer_stay_in_the_model():

@@ -250,7 +250,7 @@ def test_without_feedback_ekfac_is_snopts_full_ekfac(net):
     hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, eps=0.05, alpha=0.75, update_freq=3)
     eps = hp.pop("eps")
     opt = DDPNOpt(model, base="ekfac", feedback=False, eps_ekfac=eps, **hp)
-    snopt = SNOpt(ref, eps=eps, full=True, **hp)
+    snopt = SNOpt(ref, eps=eps, full=True, factor_cost=None, **hp)  # every sample, as DDPNOpt
     _train(model, opt, 7)
     _train(ref, snopt, 7)
     for p, q in zip(model.parameters(), ref.parameters()):

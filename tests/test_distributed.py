@@ -138,8 +138,10 @@ def _sgd() -> Built:
 
 
 def _snopt() -> Built:  # refreshes at steps 0 and 3, stem and head included
+    # the stage factors equal the single process's when the steps are the same on every rank
+    # (fixed steps here) and every sample enters them (a factor_cost large enough)
     m = _ode_model()
-    return m, SNOpt(m, lr=0.02, update_freq=3, full=True, alpha=0.75), []
+    return m, SNOpt(m, lr=0.02, update_freq=3, full=True, alpha=0.75, factor_cost=1e9), []
 
 
 def _horizon() -> Built:  # T moves at steps 2 and 4
@@ -321,10 +323,11 @@ def test_differing_state_is_replaced_by_rank_0s(ranks: list[dict[str, Any]]) -> 
 
 # ----------------------------------------------------------------------------- loop level
 
-#: A short loop: 4 steps per epoch (512 / 128), SNOpt refreshing, the horizon moving.
+#: A short loop: 4 steps per epoch (512 / 128), SNOpt refreshing (every sample in its stage
+#: factors, so that 2 ranks equal 1 process), the horizon moving.
 LOOP = ["--width", "16", "--method", "rk4", "--step-size", "0.5", "--batch-size", "128",
         "--train-size", "512", "--test-size", "100", "--log-every", "3", "--epochs", "24",
-        "--optimizer", "snopt", "--update-freq", "5", "--lr", "0.05",
+        "--optimizer", "snopt", "--update-freq", "5", "--lr", "0.05", "--factor-cost", "1e9",
         "--adaptive-t1", "feedback", "--t1-update-freq", "4", "--t1-lr", "0.2",
         "--device", "cpu", "--no-progress"]
 
@@ -332,8 +335,8 @@ LOOP = ["--width", "16", "--method", "rk4", "--step-size", "0.5", "--batch-size"
 def _loop_config(out: Path, **changes: Any) -> TrainConfig:
     values = dict(width=16, method="rk4", step_size=0.5, batch_size=128, train_size=512,
                   test_size=100, log_every=3, epochs=24, optimizer="snopt", update_freq=5,
-                  lr=0.05, adaptive_t1="feedback", t1_update_freq=4, t1_lr=0.2, device="cpu",
-                  progress=False)
+                  lr=0.05, factor_cost=1e9, adaptive_t1="feedback", t1_update_freq=4,
+                  t1_lr=0.2, device="cpu", progress=False)
     return TrainConfig(out=str(out), **{**values, **changes})  # type: ignore[arg-type]
 
 

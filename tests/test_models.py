@@ -250,12 +250,12 @@ def test_a_registered_observer_sees_backward_samples_on_its_grid_until_removed()
     observer = _Recorder()
     handle = block.register_observer(observer, dt=0.25)
     block(torch.randn(4, 3)).sum().backward()
-    assert [t for t, _ in observer.samples] == pytest.approx([1.0, 0.75, 0.5, 0.25])
-    assert all(w == 0.25 for _, w in observer.samples)
+    assert [t for t, _ in observer.samples] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [w for _, w in observer.samples] == pytest.approx([0.125, 0.25, 0.25, 0.25, 0.125])
     assert observer.finished == 1
     handle.remove()
     block(torch.randn(4, 3)).sum().backward()
-    assert (len(observer.samples), observer.finished) == (4, 1) and block.observer is None
+    assert (len(observer.samples), observer.finished) == (5, 1) and block.observer is None
 
 
 def test_observer_default_spacing_is_a_hundredth_of_the_horizon() -> None:
@@ -263,9 +263,9 @@ def test_observer_default_spacing_is_a_hundredth_of_the_horizon() -> None:
     observer = _Recorder()
     block.register_observer(observer)
     block(torch.randn(3, 2)).sum().backward()
-    weights = {w for _, w in observer.samples}
-    assert len(observer.samples) == 100 and len(weights) == 1
-    assert weights.pop() == pytest.approx(0.02)
+    weights = [w for _, w in observer.samples]
+    assert len(observer.samples) == 101 and sum(weights) == pytest.approx(2.0)
+    assert weights[1:-1] == pytest.approx([0.02] * 99)
 
 
 def test_observers_need_the_adjoint_finish_and_one_at_a_time() -> None:

@@ -125,7 +125,8 @@ def test_gradients_of_adjoint_and_backprop_agree() -> None:
 
 def _snopt_step(model: ODERNNClassifier, batch: tuple[torch.Tensor, ...], **kw) -> SNOpt:
     values, times, mask, labels = batch
-    opt = SNOpt(model, lr=0.05, update_freq=1, observer_dt=0.25, **kw)
+    opt = SNOpt(model, lr=0.05, update_freq=1, **({"curvature": "grid", "observer_dt": 0.25}
+                                                  | kw))
     opt.zero_grad()
     F.cross_entropy(model(values, times, mask), labels).backward()
     opt.step()
@@ -137,16 +138,28 @@ def test_snopt_refresh_collects_factors_over_every_gap_and_steps_finitely() -> N
     batch = _batch([5, 4, 3, 5], 5, dtype=torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
     opt = _snopt_step(model, batch, full=True)
-    for layer in model.ode.func.layers:  # 4 grid samples (dt 0.25) in each of the 4 gaps
+    for layer in model.ode.func.layers:  # 5 grid nodes (dt 0.25) in each of the 4 gaps
         st = opt.state[layer.weight]
         assert {"basis_a", "basis_b", "m2"} <= set(st)
-        assert st["num_locations"] == 4 * 4
+        assert st["num_locations"] == 4 * 5
         assert torch.isfinite(st["m2"]).all()
     for layer in (model.gru.input_map, model.gru.hidden_map, model.head):  # full=True
         assert "m2" in opt.state[layer.weight]
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_stage_curvature_collects_the_evaluations_of_every_gap() -> None:
+    model = _model(torch.float32, solver=_loose())
+    values, times, mask, labels = _batch([5, 4, 3, 5], 5, dtype=torch.float32)
+    opt = SNOpt(model, lr=0.05, update_freq=1)  # curvature="stages"
+    opt.zero_grad()
+    F.cross_entropy(model(values, times, mask), labels).backward()
+    opt.step()
+    for layer in model.ode.func.layers:  # dopri5 takes each gap in >= 1 step of 6 stages
+        st = opt.state[layer.weight]
+        assert st["num_locations"] >= 4 * 6 and torch.isfinite(st["m2"]).all()
 
 
 def test_curvature_is_the_same_whether_grid_samples_are_batched_or_one_by_one() -> None:

@@ -295,8 +295,9 @@ def test_collection_is_alive_only_on_refresh_iterations():
 
 
 def test_a_refresh_whose_backward_raised_leaves_no_trace():
-    # The adjoint solve fails half-way: the head's K-FAC factors and the observer's buffered
-    # grid samples were gathered before the failure; the next refresh must not see them.
+    # The adjoint solve fails half-way: the head's K-FAC factors, the accepted steps' factors
+    # and the observer's pending evaluations were gathered before the failure; the next
+    # refresh must not see them.
     model = _model()
     reference = copy.deepcopy(model)
     opt = SNOpt(model, lr=0.05, update_freq=5, full=True)
@@ -313,7 +314,7 @@ def test_a_refresh_whose_backward_raised_leaves_no_trace():
     loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
     with pytest.raises(RuntimeError, match="simulated"):
         loss.backward()
-    assert opt.collector._sums.stats and opt.collector._observers[0].buffer  # a trace to drop
+    assert opt.collector._sums.stats and opt.collector._observers[0].pending  # a trace to drop
     fail["on"] = False
     handle.remove()
     _train(model, opt, 1)

@@ -1,8 +1,9 @@
 """Curvature for the Kronecker-factored optimizers: layer helpers, factor collection, exact ODEs.
 
 * :class:`CurvatureCollector` (collection): finds a model's covered layers and gathers their
-  Kronecker factors for one iteration at a time, from ODE blocks' adjoint solves
-  (:class:`ODEObserver`) and from the normal backward (:class:`KFACHooks`).
+  Kronecker factors for one iteration at a time, from ODE blocks' adjoint solves (their own
+  stage evaluations, :class:`ODEStageObserver`, or a time grid, :class:`ODEObserver`) and
+  from the normal backward (:class:`KFACHooks`).
 * layers: one helper per layer type (:class:`LinearHelper`, :class:`Conv2dHelper`) and the
   registry :data:`LAYER_HELPERS` / :func:`register_layer` to add one.
 * factors: :func:`factor_sums`, :class:`LayerStats`, :class:`FactorAccumulator`.
@@ -29,6 +30,7 @@ from ocnode.curvature.layers import (
     register_layer,
 )
 from ocnode.curvature.observer import ODEObserver, supports_batched_time
+from ocnode.curvature.stages import ODEStageObserver
 
 __all__ = [
     "LAYER_HELPERS",
@@ -41,6 +43,7 @@ __all__ = [
     "LayerStats",
     "LinearHelper",
     "ODEObserver",
+    "ODEStageObserver",
     "check_layer",
     "factor_sums",
     "helper_for",

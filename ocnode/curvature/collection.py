@@ -3,8 +3,11 @@
 :class:`CurvatureCollector` finds the covered layers (:mod:`ocnode.curvature.layers`) of a model
 and where their factors come from:
 
-* inside ODE blocks with ``adjoint=True``: an :class:`~ocnode.curvature.observer.ODEObserver`
-  on the block's adjoint backward solve (O(1) memory; Liu, Chen, Theodorou 2021);
+* inside ODE blocks with ``adjoint=True``: an observer of the block's adjoint backward solve
+  (O(1) memory; Liu, Chen, Theodorou 2021): by default (``curvature="stages"``) an
+  :class:`~ocnode.curvature.stages.ODEStageObserver`, which reads the solve's own
+  evaluations, or (``curvature="grid"``) an :class:`~ocnode.curvature.observer.ODEObserver`,
+  which re-evaluates the field on a time grid;
 * inside ODE blocks that backpropagate through their solver, and (``full=True``) outside ODE
   blocks: ordinary K-FAC hooks (:class:`~ocnode.curvature.kfac.KFACHooks`).
 
@@ -40,13 +43,15 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from ocnode.curvature.factors import FactorAccumulator, LayerStats
+from ocnode.curvature.factors import DEFAULT_FACTOR_COST, FactorAccumulator, LayerStats
 from ocnode.curvature.kfac import KFACHooks
 from ocnode.curvature.layers import check_layer, has_bias, is_covered
 from ocnode.curvature.observer import ODEObserver, supports_batched_time
+from ocnode.curvature.stages import ODEStageObserver
 from ocnode.nn.ode import ODEBlock, ode_blocks
 
 FISHERS = ("empirical", "true")
+CURVATURES = ("stages", "grid")
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,16 @@ def sampled_logit_gradient(logits: torch.Tensor) -> torch.Tensor:
     return y.to(logits.dtype)
 
 
-def _validate(fisher: str, observer_dt: float | None, stats_batch: int | None,
-              memory_budget: float) -> None:
+def _validate(fisher: str, curvature: str, observer_dt: float | None, stats_batch: int | None,
+              memory_budget: float, factor_cost: float | None) -> None:
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be 'stages' (the adjoint solve's own evaluations) or "
+                         f"'grid' (re-evaluations on a time grid), got {curvature!r}")
+    if factor_cost is not None and not (isinstance(factor_cost, (int, float))
+                                        and factor_cost > 0):
+        raise ValueError(f"factor_cost must be > 0 or None (every sample), got {factor_cost!r}")
     if observer_dt is not None and not observer_dt > 0:
         raise ValueError(f"observer_dt must be > 0 or None, got {observer_dt!r}")
     if stats_batch is not None and not (isinstance(stats_batch, int) and stats_batch >= 1):
@@ -140,8 +151,15 @@ class CurvatureCollector:
             a layer counts when its weight is one of them.
         full: also cover the layers outside ODE blocks (ordinary K-FAC).
         fisher: 'empirical' or 'true' (see the module docstring).
-        observer_dt: spacing of the curvature grid along each adjoint solve; None: 0.01 of
-            the solve's span.
+        curvature: where the ODE blocks' factors come from: 'stages' (the adjoint solve's
+            own evaluations, no extra cost in evaluations) or 'grid' (the field re-evaluated
+            on a time grid of spacing ``observer_dt``).
+        observer_dt: spacing of the curvature grid along each adjoint solve ('grid'); None:
+            0.01 of the solve's span.
+        factor_cost: each factor product's cost relative to the layer's own, per use (an
+            evaluation of an ODE block's stage, a forward of an outer layer): it sets how
+            many samples of the batch form the factors (a grid observer uses them all); None:
+            every sample.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all); the factors stay unbiased.
         memory_budget: bytes of stacked ODE states evaluated per batched grid chunk.
@@ -161,17 +179,20 @@ class CurvatureCollector:
     def __init__(self, model: nn.Module, params: Iterable[torch.Tensor] | None = None,
                  full: bool = False, fisher: str = "empirical",
                  observer_dt: float | None = None, stats_batch: int | None = None,
-                 memory_budget: float = 64e6, exclude: Iterable[nn.Module] = ()) -> None:
+                 memory_budget: float = 64e6, exclude: Iterable[nn.Module] = (),
+                 curvature: str = "stages",
+                 factor_cost: float | None = DEFAULT_FACTOR_COST) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _validate(fisher, observer_dt, stats_batch, memory_budget)
+        _validate(fisher, curvature, observer_dt, stats_batch, memory_budget, factor_cost)
         self.model, self.full, self.fisher = model, full, fisher
+        self.curvature, self.factor_cost = curvature, factor_cost
         self.observer_dt, self.stats_batch = observer_dt, stats_batch
         self.memory_budget = memory_budget
         owned = {id(p) for p in (model.parameters() if params is None else params)}
         self._find(owned, _module_set(exclude))
         self._sums = FactorAccumulator()
-        self._observers: list[ODEObserver] = []
+        self._observers: list[ODEObserver | ODEStageObserver] = []
         self._kfac: KFACHooks | None = None
         self._handles: list[Any] = []
         self._pending: dict[int, torch.Tensor] = {}  # logits awaiting the sampled pass
@@ -238,14 +259,22 @@ class CurvatureCollector:
         self.disarm()
         listening = self.fisher == "empirical"
         for block, mods in self._observed:
-            obs = ODEObserver(block.func, mods, self._sums, supports_batched_time(block.func),
-                              self.memory_budget, self.stats_batch, listening=listening)
+            obs = self._observer(block, mods, listening)
             self._observers.append(obs)
             self._handles.append(block.register_observer(obs, self.observer_dt))
         if self._hooked:
-            self._kfac = KFACHooks(self._hooked, self._sums, listening=listening)
+            self._kfac = KFACHooks(self._hooked, self._sums, listening=listening,
+                                   factor_cost=self.factor_cost)
         if self.fisher == "true":
             self._handles.append(self.model.register_forward_hook(self._on_output))
+
+    def _observer(self, block: ODEBlock, mods: list[nn.Module],
+                  listening: bool) -> ODEObserver | ODEStageObserver:
+        if self.curvature == "stages":
+            return ODEStageObserver(mods, self._sums, self.factor_cost, self.stats_batch,
+                                    listening=listening)
+        return ODEObserver(block.func, mods, self._sums, supports_batched_time(block.func),
+                           self.memory_budget, self.stats_batch, listening=listening)
 
     def disarm(self) -> None:
         """Remove every observer and hook and drop what they gathered."""
@@ -277,6 +306,8 @@ class CurvatureCollector:
         self._sums.discard()
         for obs in self._observers:
             obs.discard()
+        if self._kfac is not None:
+            self._kfac.restart()
         self._pending.clear()
 
     # ---- the true-Fisher pass ------------------------------------------------------------

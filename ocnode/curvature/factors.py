@@ -9,11 +9,18 @@ with s the per-sample scale (the loss's batch size B, times the quadrature weigh
 grid sample; Liu, Chen, Theodorou 2021, section 3). The accumulator keeps sum_u A_u, sum_u B_u
 and the number of uses N, so that the layer's curvature is N * locations * mean(A) (x) mean(B)
 (Martens, Grosse 2015; Grosse, Martens 2016 for the locations of a convolution).
+
+The means can be formed from a subset of the samples of a use (:func:`sampled_rows`: a
+window of the shuffled batch, sized by :func:`sample_counts` so that a factor product costs
+a given fraction of the layer's own product); they stay unbiased.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,6 +51,100 @@ def factor_sums(z: torch.Tensor, g: torch.Tensor, rows_per_use: int, scale: floa
     a_sum = a_sum / rows_per_use
     gs = g * scale
     return a_sum, gs.t() @ gs / rows_per_use
+
+
+def weighted_factor_sums(z: torch.Tensor, a_weight: torch.Tensor, g: torch.Tensor,
+                         b_weight: torch.Tensor,
+                         bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sums of row outer products, one matrix product per factor.
+
+    Args:
+        z: layer input rows, (M_a, d_in); a_weight: (M_a,) their weights (>= 0).
+        g: output-gradient rows, (M_b, d_out); b_weight: (M_b,) their weights (>= 0).
+        bias: append the constant input 1 of a bias (a last row and column of A).
+
+    Returns:
+        (sum_r a_r z_r z_r^T, sum_r b_r g_r g_r^T), shapes (d_in [+1], d_in [+1]) and
+        (d_out, d_out).
+    """
+    zs = z * a_weight.sqrt().unsqueeze(1)
+    a_sum = zs.t() @ zs
+    if bias:
+        col = (a_weight.unsqueeze(1) * z).sum(0, keepdim=True)
+        corner = a_weight.sum().reshape(1, 1)
+        a_sum = torch.cat([torch.cat([a_sum, col.t()], 1), torch.cat([col, corner], 1)], 0)
+    gs = g * b_weight.sqrt().unsqueeze(1)
+    return a_sum, gs.t() @ gs
+
+
+#: Fewest samples a sampled factor of one use is formed from.
+MIN_SAMPLES = 4
+#: Default cost of each factor product relative to the layer's own product, per use.
+DEFAULT_FACTOR_COST = 0.25
+
+
+def sample_counts(module: nn.Module, batch: int, factor_cost: float | None) -> tuple[int, int]:
+    """How many of a use's ``batch`` samples form its A and its B.
+
+    A (width d_in) from ``ceil(cost * batch * d_out / d_in)`` samples and B (width d_out) from
+    ``ceil(cost * batch * d_in / d_out)``, each at least :data:`MIN_SAMPLES` and at most the
+    batch, so that each factor product costs about ``cost`` times the layer's own product
+    (batch * locations * d_in * d_out). ``factor_cost=None``: every sample.
+    """
+    if factor_cost is None:
+        return batch, batch
+    weight = cast(torch.Tensor, module.weight)
+    d_out = int(weight.shape[0])
+    d_in = weight.numel() // d_out
+    def count(d_from: int, d_to: int) -> int:
+        return min(batch, max(MIN_SAMPLES, math.ceil(factor_cost * batch * d_to / d_from)))
+    return count(d_in, d_out), count(d_out, d_in)
+
+
+def window(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Rows start, start + 1, ... (``count`` of them, wrapping around) of x's first dim."""
+    n = x.shape[0]
+    if count >= n:
+        return x
+    idx = (torch.arange(count, device=x.device) + start) % n
+    return x.index_select(0, idx)
+
+
+@dataclass
+class Rows:
+    """One use of a layer as factor rows: its inputs z and output gradients g, from a window
+    of the batch's samples (batches are shuffled: a window is a random subset).
+
+    Attributes:
+        module: the layer.
+        z: input rows, (k_a * locations, d_in), without the bias's 1.
+        batch: B, the samples of the use (the loss's batch as the layer sees it).
+        locations: rows per sample (conv: output positions).
+        g: output-gradient rows (k_b * locations, d_out), once the backward has passed.
+        weight: quadrature weight of the use (1 outside ODE blocks).
+    """
+
+    module: nn.Module
+    z: torch.Tensor
+    batch: int
+    locations: int
+    g: torch.Tensor | None = None
+    weight: float = 1.0
+
+
+def sampled_rows(module: nn.Module, x: torch.Tensor, start: int,
+                 factor_cost: float | None) -> tuple[Rows, Callable[[torch.Tensor], None]]:
+    """The :class:`Rows` of one use from its input x (batch first), and the function that
+    fills in their g from the output gradient (the same window start)."""
+    batch = x.shape[0]
+    k_a, k_b = sample_counts(module, batch, factor_cost)
+    xa = window(x.detach(), start * k_a, k_a)
+    z = input_rows(module, xa)
+    rows = Rows(module, z, batch, max(1, z.shape[0] // max(1, xa.shape[0])))
+
+    def fill(g: torch.Tensor) -> None:
+        rows.g = output_rows(module, window(g.detach(), start * k_b, k_b))
+    return rows, fill
 
 
 @dataclass
@@ -95,10 +196,11 @@ class FactorAccumulator:
         self.stats: dict[nn.Module, LayerStats] = {}
 
     def add(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor, uses: int,
-            weight: float | None, loss_batch: int | None = None) -> None:
+            weight: float | Sequence[float] | None, loss_batch: int | None = None) -> None:
         """Add ``uses`` stacked uses of a layer: its input x and output gradient g.
 
-        The per-sample scale is B * weight (weight None: 1), with B the loss's batch size: by
+        The per-sample scale is B * weight (weight None: 1; a sequence: one weight per use,
+        in the stacking order), with B the loss's batch size: by
         default the rows of x's batch dimension per use; ``loss_batch`` gives it when x holds
         only a subset of the batch. A layer whose batch dimension holds the whole batch in one
         row (a t-layer seeing a batch of one) is scaled by the weight alone, since its
@@ -109,20 +211,53 @@ class FactorAccumulator:
             x: its input, (uses * rows_batch, ...) in the layer's input layout.
             g: the gradient at its output, in the layer's output layout.
             uses: how many uses are stacked along the batch dimension.
-            weight: quadrature weight of the samples (ODE grid), or None.
+            weight: quadrature weight of the samples (ODE grid; one, or one per use), or
+                None.
             loss_batch: the loss's batch size when x holds a subset of it.
         """
         z, gr = input_rows(module, x.detach()), output_rows(module, g.detach())
         rows_batch = max(1, x.shape[0] // uses)
         batch = loss_batch if loss_batch is not None and rows_batch > 1 else rows_batch
         rows = z.shape[0] // uses
-        scale = batch * (1.0 if weight is None else weight)
-        a_sum, b_sum = factor_sums(_full_precision(z), _full_precision(gr), rows, scale,
-                                   bias=has_bias(module))
+        z, gr = _full_precision(z), _full_precision(gr)
+        if weight is None or isinstance(weight, (int, float)):
+            scale = batch * (1.0 if weight is None else weight)
+            a_sum, b_sum = factor_sums(z, gr, rows, scale, bias=has_bias(module))
+        else:
+            if len(weight) != uses:
+                raise ValueError(f"{len(weight)} weights for {uses} uses")
+            per_use = torch.tensor([(batch * w) ** 2 / rows for w in weight], dtype=gr.dtype,
+                                   device=gr.device)
+            a_sum, b_sum = weighted_factor_sums(
+                z, z.new_full((z.shape[0],), 1.0 / rows), gr,
+                per_use.repeat_interleave(gr.shape[0] // uses), bias=has_bias(module))
+        self.add_sums(module, a_sum, b_sum, uses, rows / rows_batch, batch)
+
+    def add_rows(self, uses: Sequence[Rows]) -> None:
+        """Add uses of one layer given as :class:`Rows`: one weighted product per factor.
+
+        A row of use u weighs 1 / rows_u in A and (B_u w_u)^2 / rows_u in B, so each use adds
+        the mean over its rows, B with the per-sample scale B * weight (as :meth:`add`).
+        """
+        uses = [u for u in uses if u.g is not None]
+        if not uses:
+            return
+        zs = [_full_precision(u.z) for u in uses]
+        gs = [_full_precision(cast(torch.Tensor, u.g)) for u in uses]
+        a_w = torch.cat([z.new_full((z.shape[0],), 1.0 / z.shape[0]) for z in zs])
+        b_w = torch.cat([g.new_full((g.shape[0],), (u.batch * u.weight) ** 2 / g.shape[0])
+                         for g, u in zip(gs, uses)])
+        module = uses[0].module
+        a_sum, b_sum = weighted_factor_sums(torch.cat(zs), a_w, torch.cat(gs), b_w,
+                                            bias=has_bias(module))
+        self.add_sums(module, a_sum, b_sum, len(uses), uses[0].locations, uses[0].batch)
+
+    def add_sums(self, module: nn.Module, a_sum: torch.Tensor, b_sum: torch.Tensor,
+                 uses: float, locations: float, batch: int) -> None:
+        """Add factor sums over ``uses`` uses of a layer (see :class:`LayerStats`)."""
         old = self.stats.get(module)
         if old is None:
-            self.stats[module] = LayerStats(a_sum, b_sum, float(uses), rows / rows_batch,
-                                            batch)
+            self.stats[module] = LayerStats(a_sum, b_sum, float(uses), locations, batch)
         else:
             old.a_sum += a_sum
             old.b_sum += b_sum

@@ -2,7 +2,7 @@
 
 Handed to an ODE block's adjoint (``ODEBlock.register_observer``), it is called by the backward
 solve as ``observer(t, x, a, weight)`` at each grid time t_j, with the state x(t_j), the
-adjoint a(t_j) and the quadrature weight of the sample (the grid spacing), and
+adjoint a(t_j) and the quadrature weight of the sample (the trapezoid rule's), and
 ``observer.finish()`` once at the end of every backward solve. At each sample it re-evaluates
 the vector field on (t_j, x(t_j)) with the layer inputs captured, takes one vector-Jacobian
 product with a(t_j) to get the layer-output gradients, and adds A and B with the per-sample
@@ -101,8 +101,6 @@ class ODEObserver:
         clone = (lambda v: tuple(c[rows].detach().clone() for c in v)) \
             if isinstance(x, tuple) else (lambda v: v[rows].detach().clone())
         self.loss_batch = (x[0] if isinstance(x, tuple) else x).shape[0]
-        if self.buffer and self.buffer[0][3] != weight:
-            self.finish()  # one chunk holds samples of one weight
         self.buffer.append((t, clone(x), clone(a), weight))
         self.samples += 1
         if len(self.buffer) >= self._chunk(self.buffer[-1][1]):
@@ -118,7 +116,7 @@ class ODEObserver:
         if not self.buffer:
             return
         samples, self.buffer = self.buffer, []
-        x, a, weight = _stack(samples, 1), _stack(samples, 2), samples[0][3]
+        x, a, weight = _stack(samples, 1), _stack(samples, 2), [s[3] for s in samples]
         ref = x[0] if isinstance(x, tuple) else x
         rows = ref.shape[0] // len(samples)
         t = torch.cat([torch.full((rows,), s[0], dtype=ref.dtype, device=ref.device)
@@ -126,11 +124,16 @@ class ODEObserver:
             torch.tensor(samples[0][0], dtype=ref.dtype, device=ref.device)
         self._evaluate(t, x, a, len(samples), weight)
 
+    @property
+    def pending(self) -> int:
+        """Samples buffered and not yet evaluated."""
+        return len(self.buffer)
+
     def discard(self) -> None:
         """Drop the buffered samples (a backward solve that failed)."""
         self.buffer = []
 
-    def _evaluate(self, t: torch.Tensor, x, a, uses: int, weight: float) -> None:
+    def _evaluate(self, t: torch.Tensor, x, a, uses: int, weight: list[float]) -> None:
         with torch.enable_grad(), _Capture(self.modules) as cap:
             out = self.func(t, x)
             outs = out if isinstance(out, tuple) else (out,)
@@ -142,4 +145,5 @@ class ODEObserver:
                                         [g for _, g in pairs], allow_unused=True)
         for (module, inp, _), g in zip(cap.records, grads):
             if g is not None:
-                self.sink.add(module, inp, g, uses, weight, self.loss_batch)
+                self.sink.add(module, inp, g, uses,
+                              weight[0] if len(set(weight)) == 1 else weight, self.loss_batch)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import Observer, SolverSpec, State
+from solvers import Observer, SolverSpec, StageObserver, State
 from solvers.spec import check_observer
 
 
@@ -36,7 +36,7 @@ class ODEBlock(nn.Module):
         adjoint: ``solver.adjoint`` (read-only).
         stats: :class:`solvers.SolverStats` of the last forward solve.
         adjoint_stats: stats of the adjoint solve of the last call (filled by backward).
-        observer, observer_dt: the adjoint solve's :class:`solvers.Observer` and its grid
+        observer, observer_dt: the adjoint solve's observer and its grid
             spacing (None: the solvers' default, 0.01 of each solve's span); set them with
             :meth:`register_observer`.
 
@@ -63,7 +63,7 @@ class ODEBlock(nn.Module):
                              f"got {type(func).__name__}; wrap plain functions in a Module")
         _check_horizon(t0, t1)
         self.func, self.name = func, name
-        self.observer: Observer | None = None
+        self.observer: Observer | StageObserver | None = None
         self.observer_dt: float | None = None
         self.solver = SolverSpec() if solver is None else solver
         self.register_buffer("t0_tensor", torch.tensor(float(t0)))
@@ -125,17 +125,18 @@ class ODEBlock(nn.Module):
         """Vector-field evaluations of the last adjoint solve (0 before backward)."""
         return self.adjoint_stats.nfe
 
-    def register_observer(self, observer: Observer,
+    def register_observer(self, observer: Observer | StageObserver,
                           dt: float | None = None) -> ObserverHandle:
         """Stream every following adjoint backward solve to ``observer``.
 
-        The observer is called as ``observer(t_j, x(t_j), a(t_j), weight)`` on the grid
-        ``t_j = t0 + j * dt`` with the quadrature weight ``dt``, then ``observer.finish()``
-        at the end of each backward solve (see :class:`solvers.Observer`); the solver's
-        adaptive steps do not change.
+        A grid observer is called as ``observer(t_j, x(t_j), a(t_j), weight)`` on the nodes
+        ``t_j = t0 + j * dt`` (and t1) with trapezoid weights, a stage observer watches the
+        backward solve's own evaluations; either gets ``observer.finish()`` at the end of
+        each backward solve (see :class:`solvers.Observer`, :class:`solvers.StageObserver`).
+        The solver's adaptive steps do not change.
 
         Args:
-            observer: a :class:`solvers.Observer` (``__call__`` and ``finish``).
+            observer: a :class:`solvers.Observer` or :class:`solvers.StageObserver`.
             dt: grid spacing; None: the solvers' default, 0.01 of each solve's span.
 
         Returns:
@@ -204,7 +205,7 @@ class ODEBlock(nn.Module):
 class ObserverHandle:
     """Returned by :meth:`ODEBlock.register_observer`; ``remove()`` detaches the observer."""
 
-    def __init__(self, block: ODEBlock, observer: Observer) -> None:
+    def __init__(self, block: ODEBlock, observer: Observer | StageObserver) -> None:
         self._block, self._observer = block, observer
 
     def remove(self) -> None:

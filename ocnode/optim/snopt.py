@@ -33,6 +33,7 @@ from torch import nn
 
 from ocnode.curvature import CoveredLayer, CurvatureCollector, LayerStats
 from ocnode.curvature.collection import FactorSync
+from ocnode.curvature.factors import DEFAULT_FACTOR_COST
 from ocnode.optim import kfac_math
 
 _GLOBAL = "snopt"  # key of the optimizer-wide counters in self.state
@@ -77,11 +78,20 @@ class SNOpt(torch.optim.Optimizer):
         full: also precondition Linear/Conv2d layers outside ODE blocks (ordinary K-FAC).
         damping_mode: 'ekfac' (eigenvalue damping, default) or 'tikhonov' (factored
             (A + sqrt(eps) I) (x) (B + sqrt(eps) I)).
-        observer_dt: spacing of the curvature grid along each solve; None: 0.01 * horizon.
+        curvature: where the ODE blocks' factors come from: 'stages' (default: the adjoint
+            solve's own stage evaluations, weighted by the accepted steps; no extra field
+            evaluation) or 'grid' (the field re-evaluated on a time grid of spacing
+            ``observer_dt``, the SNOpt authors' way).
+        observer_dt: spacing of the curvature grid ('grid'); None: 0.01 * horizon.
+        factor_cost: the cost of each factor product relative to the layer's own product,
+            per use of the layer (an ODE block's stage evaluation, a forward of an outer
+            layer); sets how many samples of the batch form the factors (more: less noisy
+            factors, a dearer refresh); None: every sample. The grid curvature uses every
+            sample of its grid points.
         fisher: 'empirical' (y = grad of the loss) or 'true' (y = softmax - onehot(y_hat) with
             y_hat sampled from the model; the model's output must be cross-entropy logits;
             a refresh iteration then runs each adjoint backward solve twice).
-        memory_budget: bytes of stacked ODE states evaluated per batched grid chunk.
+        memory_budget: 'grid': bytes of stacked ODE states evaluated per batched chunk.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all). The refresh cost scales with it; the factors stay unbiased.
         params: parameters or parameter groups (default: ``model.parameters()``).
@@ -107,12 +117,18 @@ class SNOpt(torch.optim.Optimizer):
                  update_freq: int = 100, full: bool = False, damping_mode: str = "ekfac",
                  observer_dt: float | None = None, fisher: str = "empirical",
                  memory_budget: float = 64e6, stats_batch: int | None = None,
-                 params: Iterable | None = None, exclude: Iterable[nn.Module] = ()) -> None:
+                 params: Iterable | None = None, exclude: Iterable[nn.Module] = (),
+                 curvature: str = "stages",
+                 factor_cost: float | None = DEFAULT_FACTOR_COST) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt takes the model (an nn.Module), got {type(model).__name__}: "
                             "write SNOpt(model, lr=...), and pass params=... to choose the "
                             "parameters or parameter groups")
         _validate(lr, momentum, weight_decay, eps, alpha, update_freq, damping_mode)
+        if observer_dt is not None and curvature != "grid":
+            raise ValueError(f"observer_dt={observer_dt} sets the grid of curvature='grid'; "
+                             "pass curvature='grid' too, or drop observer_dt (the default "
+                             "curvature='stages' has no grid)")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
                         alpha=alpha)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -123,7 +139,8 @@ class SNOpt(torch.optim.Optimizer):
         owned = [p for g in self.param_groups for p in g["params"]]
         self.collector = CurvatureCollector(model, owned, full=full, fisher=fisher,
                                             observer_dt=observer_dt, stats_batch=stats_batch,
-                                            memory_budget=memory_budget, exclude=exclude)
+                                            memory_budget=memory_budget, exclude=exclude,
+                                            curvature=curvature, factor_cost=factor_cost)
         if self.collector.uncovered:
             warnings.warn("SNOpt: these parameters of ODE vector fields are in no Linear/Conv2d "
                           "layer, get no curvature and take the plain SGD step: "

@@ -31,6 +31,7 @@ from ocnode.data import DATASETS, DatasetError
 from ocnode.training import compare, distributed
 from ocnode.training.config import (
     ADAPTIVE_T1,
+    CURVATURES,
     DAMPING_MODES,
     DDP_BASES,
     DGN_MODES,
@@ -122,9 +123,16 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
                    help="also precondition the layers outside the ODE blocks (stem, head)")
     g.add_argument("--damping-mode", default=d.damping_mode, choices=DAMPING_MODES,
                    help=f"how eps damps the curvature ({_OPT_DEFAULT}: ekfac)")
+    g.add_argument("--curvature", default=d.curvature, choices=CURVATURES,
+                   help="where SNOpt's ODE-block curvature comes from: stages (the adjoint "
+                        "solve's own evaluations) or grid (re-evaluations on a time grid) "
+                        f"({_OPT_DEFAULT}: stages)")
     g.add_argument("--observer-dt", type=float, default=d.observer_dt,
-                   help="curvature grid spacing along the adjoint solve (default: 0.01 of "
-                        "the horizon)")
+                   help="curvature grid spacing along the adjoint solve, --curvature grid "
+                        "(default: 0.01 of the horizon)")
+    g.add_argument("--factor-cost", type=float, default=d.factor_cost,
+                   help="--curvature stages: cost of each factor product relative to the "
+                        f"layer's own, per evaluation ({_OPT_DEFAULT}: 0.25)")
     g.add_argument("--fisher", default=d.fisher, choices=FISHERS,
                    help=f"empirical (the loss's gradient) or true (sampled labels) Fisher "
                         f"({_OPT_DEFAULT}: empirical)")

@@ -32,6 +32,7 @@ from ocnode.training.tasks import MODELS, TASKS, TaskSettings
 #: Choices of ``TrainConfig.damping_mode``, ``.fisher`` and ``.adaptive_t1``.
 DAMPING_MODES = ("ekfac", "tikhonov")
 FISHERS = ("empirical", "true")
+CURVATURES = ("stages", "grid")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
 DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
 DGN_MODES = ("fne", "gr")
@@ -43,7 +44,8 @@ RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", 
 #: Fields that only a multi-process run (torchrun) takes.
 DIST_FIELDS = ("dist_backend", "dist_timeout")
 HPARAM_FIELDS = ("lr", "momentum", "weight_decay", "eps", "alpha", "update_freq", "full",
-                 "damping_mode", "observer_dt", "fisher", "stats_batch", "ddp_base", "dgn_mode")
+                 "damping_mode", "curvature", "observer_dt", "factor_cost", "fisher",
+                 "stats_batch", "ddp_base", "dgn_mode")
 #: Config fields whose optimizer keyword has another name.
 HPARAM_NAMES = {"ddp_base": "base", "dgn_mode": "mode"}
 
@@ -63,9 +65,10 @@ class TrainConfig:
         model: one of the task's models (:data:`ocnode.training.tasks.MODELS`); None: its first.
         width: the model's width (hidden units or channels); None: the task's default.
         optimizer: a key of :data:`ocnode.training.optimizers.OPTIMIZERS`.
-        lr, momentum, weight_decay, eps, alpha, update_freq, full, damping_mode, observer_dt,
-            fisher, stats_batch: optimizer hyperparameters; None takes the task's tuned value
-            or the optimizer's default; an optimizer ignores the ones it does not take.
+        lr, momentum, weight_decay, eps, alpha, update_freq, full, damping_mode, curvature,
+            observer_dt, factor_cost, fisher, stats_batch: optimizer hyperparameters; None
+            takes the task's tuned value or the optimizer's default; an optimizer ignores
+            the ones it does not take.
         ddp_base: DDPNOpt's and DGNOpt's base optimizer (``"sgd"``, ``"rmsprop"``,
             ``"adam"``, ``"ekfac"``); None: sgd.
         dgn_mode: DGNOpt's game (``"fne"``: every layer a player; ``"gr"``: a residual
@@ -113,7 +116,9 @@ class TrainConfig:
     update_freq: int | None = None
     full: bool | None = None
     damping_mode: str | None = None
+    curvature: str | None = None
     observer_dt: float | None = None
+    factor_cost: float | None = None
     fisher: str | None = None
     stats_batch: int | None = None
     ddp_base: str | None = None
@@ -177,8 +182,8 @@ class TrainConfig:
             _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         for name, registry in (("task", TASKS), ("damping_mode", DAMPING_MODES),
-                               ("fisher", FISHERS), ("ddp_base", DDP_BASES),
-                               ("dgn_mode", DGN_MODES)):
+                               ("fisher", FISHERS), ("curvature", CURVATURES),
+                               ("ddp_base", DDP_BASES), ("dgn_mode", DGN_MODES)):
             if getattr(self, name) is not None:
                 _check_choice(name, getattr(self, name), registry)
         _check_choice("adaptive_t1", self.adaptive_t1, ADAPTIVE_T1)
@@ -213,7 +218,8 @@ class TrainConfig:
     def _validate_numbers(self) -> None:
         positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1,
                     "eps": self.eps, "t1_lr": self.t1_lr, "t1_min": self.t1_min,
-                    "step_size": self.step_size, "observer_dt": self.observer_dt}
+                    "step_size": self.step_size, "observer_dt": self.observer_dt,
+                    "factor_cost": self.factor_cost}
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")

@@ -314,7 +314,7 @@ SERIES_HPARAMS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 1e-2},
     "sgd": {"lr": 0.02, "momentum": 0.9},
     "snopt": {"lr": 0.02, "eps": 0.05, "alpha": 0.75, "update_freq": 20, "full": True,
-              "observer_dt": 0.25},
+              "curvature": "grid", "observer_dt": 0.25},
     "kfac": {"lr": 0.01, "eps": 0.05, "update_freq": 20, "full": True},
     "newton-cg": {"lr": 1.0, "damping": 1.0, "cg_iters": 5, "max_step_norm": 1.0},
 }
