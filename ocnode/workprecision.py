@@ -21,8 +21,8 @@ no-grad mode (the mode under test), and are cross-checked against torchdiffeq's 
 same tolerance: the largest difference is reported as the reference's uncertainty and drawn
 as a dotted line on the plots (errors below it are not resolved).
 
-For each problem, method and engine (ours, and torchdiffeq where it has the method; its "rk4"
-is Kutta's 3/8 rule, our "rk38"; it has no tsit5 and no classic rk4):
+For each problem, method and engine (ours, and torchdiffeq where it has the method; "rk4" is
+Kutta's 3/8 rule in both, torchdiffeq has no tsit5 and no classic rk4, our "rk4_classic"):
     adaptive methods: a sweep over rtol = atol (1e-2 ... 1e-9);
     fixed-step methods: a sweep over step sizes h = (output spacing) / 2^k, so that the
         output times lie on both engines' grids (no interpolation error from either).
@@ -84,7 +84,7 @@ from ocnode.training.step import NFECounter, train_step
 OUT_DIR = Path("experiments/results")  # relative to the working directory
 PROBLEMS = ("linear", "neural", "vdp")
 ADAPTIVE = ("adaptive_heun", "bosh3", "dopri5", "tsit5")
-FIXED = ("euler", "midpoint", "rk4", "rk38")
+FIXED = ("euler", "midpoint", "rk4", "rk4_classic")
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)
 QUICK_TOLS = (1e-3, 1e-6, 1e-9)
 HALVINGS = tuple(range(0, 11))  # fixed step h = spacing / 2**k
@@ -102,9 +102,9 @@ REF_TOL = 1e-12
 REF_METHOD = "dopri5"
 TARGET_ERROR = 1e-6  # the summary's "cost to reach this error"
 PLOT_ERROR_MAX = 1e2  # the plots' error axis stops here (larger: diverged, off the top)
-# torchdiffeq's name for each of our methods it also has (its "rk4" is the 3/8 rule)
+# torchdiffeq's name for each of our methods it also has
 TORCHDIFFEQ_NAME = {"adaptive_heun": "adaptive_heun", "bosh3": "bosh3", "dopri5": "dopri5",
-                    "euler": "euler", "midpoint": "midpoint", "rk38": "rk4"}
+                    "euler": "euler", "midpoint": "midpoint", "rk4": "rk4"}
 ENGINES = ("ocnode", "torchdiffeq")
 # what a failed solve raises: ours raises SolverError; torchdiffeq asserts ("underflow in dt",
 # "max_num_steps exceeded") or raises RuntimeError
@@ -175,8 +175,8 @@ def make_linear() -> Problem:
     return Problem("linear", "linear: damped rotations in 4-D, exact reference",
                    lambda t, x: x @ a.T, y0, t, exact,
                    {"reference": "exact: expm(A t) x0", "reference_uncertainty": 0.0,
-                    "note": "rk4 and rk38 coincide here: every 4-stage order-4 method applies "
-                    "the same polynomial of h A to a linear constant-coefficient system"})
+                    "note": "rk4 and rk4_classic coincide here: every 4-stage order-4 method "
+                    "applies the same polynomial of h A to a linear constant-coefficient system"})
 
 
 def spiral_field(x: torch.Tensor) -> torch.Tensor:
@@ -425,7 +425,7 @@ def warm_up(problem: Problem) -> None:
     short = Problem(problem.name, "", problem.func, problem.y0,
                     problem.t[:2] * 0.05, problem.reference[:2])
     for engine in ENGINES:
-        for method, setting in (("dopri5", 1e-3), ("rk38", short.spacing / 4)):
+        for method, setting in (("dopri5", 1e-3), ("rk4", short.spacing / 4)):
             solve_once(short, method, engine, setting, grad=False)
 
 

@@ -48,6 +48,7 @@ from solvers.flat import (
     FlatState,
     check_backend,
     check_times,
+    field_time,
     flat_state,
     make_rhs,
     solve_flat,
@@ -191,7 +192,7 @@ def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.devic
 
     def rhs(s: float, z: torch.Tensor) -> torch.Tensor:
         cfg.adjoint_stats.nfe += 1
-        t = torch.tensor(direction * s, dtype=cfg.t_dtype, device=device)
+        t = field_time(direction * s, z)
         watch = contextlib.nullcontext() if steps is None else \
             steps.observer.evaluation(direction * s + 0.0)
         if steps is not None:
@@ -216,7 +217,7 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, cfg: _Config, y0: torch.Tensor, t: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        rhs = make_rhs(cfg.func, cfg.flat, cfg.t_dtype, y0.device, cfg.direction, cfg.stats)
+        rhs = make_rhs(cfg.func, cfg.flat, y0.device, cfg.direction, cfg.stats)
         outs: list[torch.Tensor] = []
         with torch.no_grad():
             solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
@@ -358,7 +359,7 @@ def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool) -> Norm
 def _time_grads(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor, a0: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
     """dL/dt_i = <dL/dy_i, F(t_i, y_i)> (i >= 1) and dL/dt_0 = -<a(t_0), F(t_0, y_0)>."""
-    rhs = make_rhs(cfg.func, cfg.flat, cfg.t_dtype, device, 1.0, cfg.adjoint_stats)
+    rhs = make_rhs(cfg.func, cfg.flat, device, 1.0, cfg.adjoint_stats)
     f = [rhs(t_i, ys[i]) for i, t_i in enumerate(cfg.times)]
     grads = [-(a0 * f[0]).sum()] + [(grad_ys[i] * f[i]).sum() for i in range(1, len(f))]
     return torch.stack(grads).to(cfg.t_dtype)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from solvers.errors import SolverInputError
+from solvers.implicit import ImplicitTableau, integrate_implicit
 from solvers.integrate import (
     NO_CALLBACKS,
     Emit,
@@ -72,9 +73,10 @@ class FlatState:
     def unflatten(self, v: torch.Tensor) -> State:
         """flat (..., n) -> the user's structure with leading dims kept."""
         lead = v.shape[:-1]
-        if not self.is_tuple:
-            return v.view(*lead, *self.shapes[0])
-        parts = [v[..., a:b].reshape(*lead, *s) for (a, b), s in zip(self.bounds, self.shapes)]
+        if not self.is_tuple:  # shapes as one tuple: view(*()) would fail for a 0-dim state
+            return v.view((*lead, *self.shapes[0]))
+        parts = [v[..., a:b].reshape((*lead, *s))
+                 for (a, b), s in zip(self.bounds, self.shapes)]
         return tuple(parts) if self.is_tuple else parts[0]
 
 
@@ -133,22 +135,32 @@ def check_times(t: torch.Tensor, y_ref: torch.Tensor) -> tuple[list[float], floa
     return times, (-1.0 if diffs and diffs[0] < 0 else 1.0)
 
 
-def make_rhs(func: Callable, flat: FlatState, t_dtype: torch.dtype, device: torch.device,
-             direction: float, stats: SolverStats) -> Rhs:
-    """Wrap func(t, y) as rhs(s, y_flat) on internal time s = direction * t, counting NFE."""
+def make_rhs(func: Callable, flat: FlatState, device: torch.device, direction: float,
+             stats: SolverStats) -> Rhs:
+    """Wrap func(t, y) as rhs(s, y_flat) on internal time s = direction * t, counting NFE.
+
+    ``func`` gets ``t`` as a 0-dim tensor in the state's dtype (torchdiffeq's convention: a
+    float32 field that concatenates t to its input works with float64 output times); the
+    engine's own clock stays float64.
+    """
     checked = False
 
     def rhs(s: float, y: torch.Tensor) -> torch.Tensor:
         nonlocal checked
         stats.nfe += 1
-        t = torch.tensor(direction * s, dtype=t_dtype, device=device)
-        dy = func(t, flat.unflatten(y))
+        dy = func(field_time(direction * s, y), flat.unflatten(y))
         if not checked:
             _check_derivative(dy, flat, y)
             checked = True
         dy = flat.flatten(dy)
         return dy if direction > 0 else -dy
     return rhs
+
+
+def field_time(t: float, y: torch.Tensor) -> torch.Tensor:
+    """The time handed to a vector field at state y: a 0-dim tensor in y's (real) dtype."""
+    dtype = y.dtype if y.dtype.is_floating_point else torch.float64
+    return torch.tensor(t, dtype=dtype, device=y.device)
 
 
 def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
@@ -202,13 +214,16 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
         fixed-step one.
     """
     tab = get_tableau(spec.method)
+    step_size = spec.solve_options().get("step_size")
+    if isinstance(tab, ImplicitTableau):
+        integrate_implicit(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks)
+        return None
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
         return integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
                                   progress, callbacks)
-    step_size = spec.solve_options().get("step_size")
     integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks)
     return None
 

@@ -2,8 +2,9 @@
 
 Precision contract: time is float64 inside the solver (Python floats); the state, the
 stages and the outputs keep ``y0``'s dtype (float32 or wider: float16 and bfloat16 states are
-refused); ``func`` receives ``t`` as a 0-dim tensor of the dtype of the ``t`` argument, on
-``y0``'s device.
+refused); ``func`` receives ``t`` as a 0-dim tensor in the state's dtype, on ``y0``'s device,
+as torchdiffeq gives it (a float32 field that concatenates ``t`` to its input works with
+float64 output times). A 0-dim ``y0`` (or tuple part) gives outputs of shape (T,).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
         y0: initial state, a tensor of any shape (...) or a tuple of tensors.
         t: output times, shape (T,), strictly increasing or decreasing; t[0] is the start.
         rtol, atol: error tolerances of adaptive methods.
-        method: one of ``solvers.METHODS`` (default 'dopri5').
+        method: one of ``solvers.METHODS`` (explicit; default 'dopri5') or of
+            ``solvers.implicit.IMPLICIT_METHODS`` (implicit, fixed grid). The names are
+            torchdiffeq's: 'rk4' is Kutta's 3/8 rule ('rk4_classic': the classic one).
         options: adaptive: first_step, min_step, max_step, max_num_steps, safety, ifactor,
             dfactor, icoeff, pcoeff (PI control), norm; fixed: step_size (None: one step
             per output interval, as torchdiffeq).
@@ -124,7 +127,7 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
     times, direction = check_times(t, y0_flat)
-    rhs = make_rhs(func, flat, t.dtype, y0_flat.device, direction, stats)
+    rhs = make_rhs(func, flat, y0_flat.device, direction, stats)
     time_grad = torch.is_grad_enabled() and t.requires_grad
     if time_grad:
         f0 = direction * rhs(direction * times[0], y0_flat).detach()

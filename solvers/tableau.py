@@ -15,16 +15,108 @@ References:
     Bogacki, Shampine, "A 3(2) pair of Runge-Kutta formulas", Appl. Math. Lett. 1989.
     Tsitouras, "Runge-Kutta pairs of order 5(4) satisfying only the first column
     simplifying assumption", Comput. Math. Appl. 2011.
+    Prince, Dormand, "High order embedded Runge-Kutta formulae", J. Comput. Appl. Math. 7,
+    1981 (RK8(7)13M, our ``dopri8``).
+    Fehlberg, "Low-order classical Runge-Kutta formulas with stepsize control and their
+    application to some heat transfer problems", NASA TR R-315, 1969 (RK1(2), ``fehlberg2``).
+    Butcher, "Numerical Methods for Ordinary Differential Equations", 3rd ed., 2016, ch. 3
+    (rooted trees and the order conditions that validate every tableau here).
+
+Every tableau is checked when it is built: besides the shapes and row sums, its weights must
+satisfy the order conditions of its stated order (and the embedded weights those of one order
+less), so a mistyped coefficient fails at import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction as Fr
+from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from solvers.errors import SolverInputError
+
+if TYPE_CHECKING:
+    from solvers.implicit import ImplicitTableau
+
+#: The order conditions are checked to this accuracy (the published coefficients of tsit5
+#: and dopri8 are 16-20 digit approximations).
+ORDER_TOL = 1e-10
+
+Tree = tuple  # a rooted tree: the sorted tuple of the subtrees at its root (() is one node)
+
+
+@cache
+def rooted_trees(n: int) -> tuple[Tree, ...]:
+    """All rooted trees with n nodes (1, 1, 2, 4, 9, 20, 48, 115 for n = 1..8)."""
+    if n == 1:
+        return ((),)
+    found: set[Tree] = set()
+    for sizes in _partitions(n - 1, n - 1):
+        for children in _products([rooted_trees(k) for k in sizes]):
+            found.add(tuple(sorted(children)))
+    return tuple(sorted(found))
+
+
+def _partitions(n: int, largest: int) -> list[tuple[int, ...]]:
+    """The partitions of n into parts of at most ``largest``, largest part first."""
+    if n == 0:
+        return [()]
+    return [(k, *rest) for k in range(min(n, largest), 0, -1) for rest in _partitions(n - k, k)]
+
+
+def _products(choices: list[tuple[Tree, ...]]) -> list[tuple[Tree, ...]]:
+    out: list[tuple[Tree, ...]] = [()]
+    for options in choices:
+        out = [(*prefix, t) for prefix in out for t in options]
+    return out
+
+
+def tree_order(tree: Tree) -> int:
+    """Number of nodes of a rooted tree."""
+    return 1 + sum(tree_order(t) for t in tree)
+
+
+def tree_density(tree: Tree) -> int:
+    """Butcher's density gamma(tree): the order times the densities of the subtrees."""
+    g = tree_order(tree)
+    for t in tree:
+        g *= tree_density(t)
+    return g
+
+
+def elementary_weights(tree: Tree, a: np.ndarray) -> np.ndarray:
+    """The elementary weights of the stages: one for the leaf, prod_j (a @ Phi(subtree_j))."""
+    phi = np.ones(a.shape[0])
+    for t in tree:
+        phi = phi * (a @ elementary_weights(t, a))
+    return phi
+
+
+def order_residual(a: np.ndarray, b: np.ndarray, order: int, theta: float = 1.0) -> float:
+    """max over the trees with at most ``order`` nodes of |b . Phi(tree) - theta^r / gamma|.
+
+    Zero (to rounding) exactly when y0 + h sum_i b_i k_i matches the Taylor series of the
+    solution at t + theta*h to that order (Butcher 2016, ch. 3); with theta < 1, b holds
+    dense-output weights. Works for implicit (full) a as well.
+    """
+    worst = 0.0
+    for r in range(1, order + 1):
+        for tree in rooted_trees(r):
+            worst = max(worst, abs(float(b @ elementary_weights(tree, a))
+                                   - theta**r / tree_density(tree)))
+    return worst
+
+
+def check_order(name: str, what: str, a: np.ndarray, b: np.ndarray, order: int) -> None:
+    """Raise a SolverInputError unless weights b reach ``order`` (see :func:`order_residual`)."""
+    residual = order_residual(a, b, order)
+    if not residual < ORDER_TOL:
+        raise SolverInputError(f"tableau {name}: {what} miss the order-{order} conditions "
+                               f"(residual {residual:.2e})")
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: tableaux key the coefficient cache
@@ -69,6 +161,10 @@ class ButcherTableau:
             raise SolverInputError(f"tableau {self.name}: FSAL needs a[-1] == b and c[-1] == 1")
         if self.dense.shape[0] != s or not np.allclose(self.dense.sum(axis=1), self.b):
             raise SolverInputError(f"tableau {self.name}: dense output must reach b at theta=1")
+        check_order(self.name, "weights b", self.a, self.b, self.order)
+        if self.b_err is not None:
+            check_order(self.name, "embedded weights b - b_err", self.a, self.b - self.b_err,
+                        self.order - 1)
 
     @property
     def adaptive(self) -> bool:
@@ -141,24 +237,46 @@ def _fsal(name: str, c: list, a_rows: list[list], b: list, b_hat: list, order: i
 
 
 # ---- fixed-step methods -------------------------------------------------------------------
+# Names and meanings follow torchdiffeq: its "rk4" is Kutta's 3/8 rule, "heun2" the explicit
+# trapezoidal rule, "heun3" Heun's third-order method (Hairer-Norsett-Wanner I, II.1).
 
 EULER = _fixed("euler", [0], [], [1], order=1)
 MIDPOINT = _fixed("midpoint", [0, Fr(1, 2)], [[Fr(1, 2)]], [0, 1], order=2)
-RK4 = _fixed(
-    "rk4", [0, Fr(1, 2), Fr(1, 2), 1],
+HEUN2 = _fixed("heun2", [0, 1], [[1]], [Fr(1, 2), Fr(1, 2)], order=2)
+HEUN3 = _fixed(
+    "heun3", [0, Fr(1, 3), Fr(2, 3)], [[Fr(1, 3)], [0, Fr(2, 3)]],
+    [Fr(1, 4), 0, Fr(3, 4)], order=3,
+)
+
+
+def _rk38(name: str) -> ButcherTableau:
+    """Kutta's 3/8 rule (Kutta 1901; Hairer-Norsett-Wanner I, II.1)."""
+    return _fixed(name, [0, Fr(1, 3), Fr(2, 3), 1], [[Fr(1, 3)], [Fr(-1, 3), 1], [1, -1, 1]],
+                  [Fr(1, 8), Fr(3, 8), Fr(3, 8), Fr(1, 8)], order=4)
+
+
+RK4 = _rk38("rk4")  # torchdiffeq's "rk4"
+RK38 = _rk38("rk38")  # the same method under its own name
+RK4_CLASSIC = _fixed(  # the classic Runge-Kutta method (what our "rk4" used to be)
+    "rk4_classic", [0, Fr(1, 2), Fr(1, 2), 1],
     [[Fr(1, 2)], [0, Fr(1, 2)], [0, 0, 1]],
     [Fr(1, 6), Fr(1, 3), Fr(1, 3), Fr(1, 6)], order=4,
-)
-RK38 = _fixed(  # Kutta's 3/8 rule: torchdiffeq's "rk4"
-    "rk38", [0, Fr(1, 3), Fr(2, 3), 1],
-    [[Fr(1, 3)], [Fr(-1, 3), 1], [1, -1, 1]],
-    [Fr(1, 8), Fr(3, 8), Fr(3, 8), Fr(1, 8)], order=4,
 )
 
 # ---- adaptive methods ---------------------------------------------------------------------
 
 ADAPTIVE_HEUN = _fsal(
     "adaptive_heun", [0, 1, 1], [[1]], [Fr(1, 2), Fr(1, 2), 0], [1, 0, 0],
+    order=2, err_order=2,
+)
+# Fehlberg's RK1(2), propagating its order-2 solution as torchdiffeq does. In FSAL form it
+# has a fourth stage, f(t + h, y_new); torchdiffeq reuses its third, f at the order-1
+# solution, as the next step's first stage instead (2 evaluations per step to our 3; its
+# adaptive_heun likewise reuses f at the Euler predictor, 1 to our 2).
+FEHLBERG2 = _fsal(
+    "fehlberg2", [0, Fr(1, 2), 1, 1],
+    [[Fr(1, 2)], [Fr(1, 256), Fr(255, 256)]],
+    [Fr(1, 512), Fr(255, 256), Fr(1, 512), 0], [Fr(1, 256), Fr(255, 256), 0, 0],
     order=2, err_order=2,
 )
 BOSH3 = _fsal(
@@ -267,19 +385,131 @@ def _tsit5() -> ButcherTableau:
 
 TSIT5 = _tsit5()
 
+# Prince and Dormand's RK8(7)13M (1981), with the FSAL stage that makes it 14 stages here, as
+# in torchdiffeq: c, a and the weights are the paper's rational approximations.
+_DP8_C = [0, Fr(1, 18), Fr(1, 12), Fr(1, 8), Fr(5, 16), Fr(3, 8), Fr(59, 400), Fr(93, 200),
+          Fr(5490023248, 9719169821), Fr(13, 20), Fr(1201146811, 1299019798), 1, 1, 1]
+_DP8_A: list[list] = [
+    [Fr(1, 18)],
+    [Fr(1, 48), Fr(1, 16)],
+    [Fr(1, 32), 0, Fr(3, 32)],
+    [Fr(5, 16), 0, Fr(-75, 64), Fr(75, 64)],
+    [Fr(3, 80), 0, 0, Fr(3, 16), Fr(3, 20)],
+    [Fr(29443841, 614563906), 0, 0, Fr(77736538, 692538347), Fr(-28693883, 1125000000),
+     Fr(23124283, 1800000000)],
+    [Fr(16016141, 946692911), 0, 0, Fr(61564180, 158732637), Fr(22789713, 633445777),
+     Fr(545815736, 2771057229), Fr(-180193667, 1043307555)],
+    [Fr(39632708, 573591083), 0, 0, Fr(-433636366, 683701615), Fr(-421739975, 2616292301),
+     Fr(100302831, 723423059), Fr(790204164, 839813087), Fr(800635310, 3783071287)],
+    [Fr(246121993, 1340847787), 0, 0, Fr(-37695042795, 15268766246),
+     Fr(-309121744, 1061227803), Fr(-12992083, 490766935), Fr(6005943493, 2108947869),
+     Fr(393006217, 1396673457), Fr(123872331, 1001029789)],
+    [Fr(-1028468189, 846180014), 0, 0, Fr(8478235783, 508512852), Fr(1311729495, 1432422823),
+     Fr(-10304129995, 1701304382), Fr(-48777925059, 3047939560), Fr(15336726248, 1032824649),
+     Fr(-45442868181, 3398467696), Fr(3065993473, 597172653)],
+    [Fr(185892177, 718116043), 0, 0, Fr(-3185094517, 667107341), Fr(-477755414, 1098053517),
+     Fr(-703635378, 230739211), Fr(5731566787, 1027545527), Fr(5232866602, 850066563),
+     Fr(-4093664535, 808688257), Fr(3962137247, 1805957418), Fr(65686358, 487910083)],
+    [Fr(403863854, 491063109), 0, 0, Fr(-5068492393, 434740067), Fr(-411421997, 543043805),
+     Fr(652783627, 914296604), Fr(11173962825, 925320556), Fr(-13158990841, 6184727034),
+     Fr(3936647629, 1978049680), Fr(-160528059, 685178525), Fr(248638103, 1413531060), 0],
+]
+_DP8_B = [Fr(14005451, 335480064), 0, 0, 0, 0, Fr(-59238493, 1068277825),
+          Fr(181606767, 758867731), Fr(561292985, 797845732), Fr(-1041891430, 1371343529),
+          Fr(760417239, 1151165299), Fr(118820643, 751138087), Fr(-528747749, 2220607170),
+          Fr(1, 4), 0]
+_DP8_B_HAT = [Fr(13451932, 455176623), 0, 0, 0, 0, Fr(-808719846, 976000145),
+              Fr(1757004468, 5645159321), Fr(656045339, 265891186),
+              Fr(-3867574721, 1518517206), Fr(465885868, 322736535),
+              Fr(53011238, 667516719), Fr(2, 45), 0, 0]
+
+
+def continuous_extension(a: np.ndarray, b: np.ndarray, order: int,
+                         degree: int) -> np.ndarray:
+    """Dense-output weights of ``order`` for an FSAL tableau, from its order conditions.
+
+    The weights w_i(theta) = sum_k dense[i, k] theta^(k+1), k < ``degree``, are the solution
+    of the linear conditions
+      * order: sum_i w_i(theta) Phi_i(tree) = theta^r / gamma(tree) for every theta and every
+        tree with r <= ``order`` nodes (one equation per tree and power of theta);
+      * w(1) = b (the interpolant ends at y1) and w'(1) = e_S (its slope there is the FSAL
+        stage f(t1, y1), so the dense output is C^1 across steps)
+    that minimises the integral over [0, 1] of the sum of squares of the order+1 residuals
+    (the interpolant's leading error coefficients), by the null-space method.
+
+    Raises:
+        SolverInputError: if the conditions have no solution of that degree.
+    """
+    s = len(b)
+    ones, powers = np.ones(degree), np.arange(1, degree + 1)
+    rows, rhs = [], []
+    for r in range(1, order + 1):
+        for tree in rooted_trees(r):
+            phi = elementary_weights(tree, a)
+            for k in range(1, degree + 1):
+                rows.append(np.kron(phi, np.eye(degree)[k - 1]))
+                rhs.append(1.0 / tree_density(tree) if k == r else 0.0)
+    for i in range(s):
+        e_i = np.eye(s)[i]
+        rows += [np.kron(e_i, ones), np.kron(e_i, powers)]
+        rhs += [b[i], 1.0 if i == s - 1 else 0.0]
+    cons, target = np.array(rows), np.array(rhs)
+    x0 = np.linalg.lstsq(cons, target, rcond=None)[0]
+    _, sv, vt = np.linalg.svd(cons)
+    null = vt[int((sv > 1e-9 * sv[0]).sum()):].T
+    nodes, quad = np.polynomial.legendre.leggauss(degree + 2)  # exact for the squared error
+    theta, quad = (nodes + 1) / 2, quad / 2
+    err_rows, err_rhs = [], []
+    for tree in rooted_trees(order + 1):
+        phi = elementary_weights(tree, a)
+        for th, w in zip(theta, quad):
+            err_rows.append(np.sqrt(w) * np.kron(phi, th ** powers))
+            err_rhs.append(np.sqrt(w) * th ** (order + 1) / tree_density(tree))
+    err, err_target = np.array(err_rows), np.array(err_rhs)
+    z = np.linalg.lstsq(err @ null, err_target - err @ x0, rcond=1e-9)[0]
+    x = x0 + null @ z
+    if not np.abs(cons @ x - target).max() < ORDER_TOL:
+        raise SolverInputError(f"no continuous extension of order {order} and degree {degree}")
+    dense = x.reshape(s, degree)
+    dense[:, -1] += b - dense.sum(axis=1)  # w(1) == b exactly
+    return dense
+
+
+def _dopri8() -> ButcherTableau:
+    """dopri8 with our own order-5 dense output (:func:`continuous_extension`, degree 6).
+
+    The 1981 paper gives no dense output, and the 14 stages admit none of order 6 (its
+    conditions are inconsistent at any degree), so order 5 (local error O(h^6)) is the most
+    without extra stages. torchdiffeq interpolates its dopri8 with a quartic through a
+    midpoint value (local error O(h^5)).
+    """
+    hermite = _fsal("dopri8", _DP8_C, _DP8_A, _DP8_B, _DP8_B_HAT, order=8, err_order=8)
+    return dataclasses.replace(
+        hermite, dense=continuous_extension(hermite.a, hermite.b, order=5, degree=6))
+
+
+DOPRI8 = _dopri8()
+
 METHODS: dict[str, ButcherTableau] = {
-    t.name: t for t in (EULER, MIDPOINT, RK4, RK38, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)
+    t.name: t for t in (EULER, MIDPOINT, HEUN2, HEUN3, RK4, RK38, RK4_CLASSIC, ADAPTIVE_HEUN,
+                        FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8)
 }
 
 
-def get_tableau(method: str) -> ButcherTableau:
-    """Look up a method by name.
+def get_tableau(method: str) -> ButcherTableau | ImplicitTableau:
+    """Look up a method by name: an explicit one of :data:`METHODS`, or an implicit one of
+    :data:`solvers.implicit.IMPLICIT_METHODS`.
 
     Raises:
         SolverInputError: for an unknown name; the message lists the valid ones.
     """
-    try:
-        return METHODS[method]
-    except KeyError:
+    from solvers.implicit import IMPLICIT_METHODS  # here: solvers.implicit imports this module
+
+    tab: ButcherTableau | ImplicitTableau | None = METHODS.get(method)
+    if tab is None:
+        tab = IMPLICIT_METHODS.get(method)
+    if tab is None:
         raise SolverInputError(
-            f"unknown method {method!r}; choose one of {sorted(METHODS)}") from None
+            f"unknown method {method!r}; choose one of {sorted(METHODS)} (explicit) or "
+            f"{sorted(IMPLICIT_METHODS)} (implicit)")
+    return tab

@@ -24,7 +24,7 @@ def _ocnode_solvers(*args: str, timeout: float = 90) -> str:
 
 
 def test_solver_comparison_quick_linear_writes_a_consistent_study(tmp_path: Path) -> None:
-    _ocnode_solvers("--quick", "--problems", "linear", "--methods", "dopri5,rk4",
+    _ocnode_solvers("--quick", "--problems", "linear", "--methods", "dopri5,rk4_classic",
                     "--out", str(tmp_path))
 
     result = json.loads((tmp_path / "solver_comparison.json").read_text())
@@ -40,7 +40,7 @@ def test_solver_comparison_quick_linear_writes_a_consistent_study(tmp_path: Path
         assert all(a > b for a, b in zip(errors, errors[1:])), errors
         assert all(a < b for a, b in zip(nfes, nfes[1:])), nfes
         assert all(p["wall_s"] > 0 for p in sweep)
-    rk4 = [p for p in points if p["method"] == "rk4"]
+    rk4 = [p for p in points if p["method"] == "rk4_classic"]
     assert rk4 and {p["engine"] for p in rk4} == {"ocnode"}  # torchdiffeq has no classic rk4
     assert all(p["status"] == "ok" and p["error"] >= 0 for p in rk4)
 

