@@ -398,6 +398,7 @@ def test_stage_factors_equal_the_grid_observers_at_the_evaluated_states(field, s
     ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
                         method="euler", options={"step_size": DT}, observer=obs)
     ((ys[-1] * torch.randn_like(x0)).sum() / shape[0]).backward()
+    obs.close()
     assert len(func.seen) == 10 and obs.pending == 0
     ref = ODEObserver(func.func, modules, grid_sums)
     for t, x, a in func.seen:
@@ -424,6 +425,7 @@ def test_stage_factors_from_a_window_of_the_batch_are_unbiased_means():
         ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
                             method="euler", options={"step_size": 1 / 64}, observer=obs)
         (ys[-1].sum() / 64).backward()
+        obs.close()
     full, sub = full_sums.pop()[lin], sub_sums.pop()[lin]
     assert sub.uses == full.uses == 64 and sub.batch == full.batch == 64
     assert torch.allclose(sub.a_factor, full.a_factor, rtol=0.15, atol=0.02)

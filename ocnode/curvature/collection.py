@@ -162,7 +162,8 @@ class CurvatureCollector:
             every sample.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all); the factors stay unbiased.
-        memory_budget: bytes of stacked ODE states evaluated per batched grid chunk.
+        memory_budget: bytes of stacked ODE states evaluated per batched grid chunk
+            ('grid'), or of factor rows kept before they are multiplied out ('stages').
         exclude: modules left out (with everything inside them): no factors, and no error
             for a layer the factorisation does not support (a grouped convolution).
 
@@ -272,7 +273,7 @@ class CurvatureCollector:
                   listening: bool) -> ODEObserver | ODEStageObserver:
         if self.curvature == "stages":
             return ODEStageObserver(mods, self._sums, self.factor_cost, self.stats_batch,
-                                    listening=listening)
+                                    listening=listening, memory_budget=self.memory_budget)
         return ODEObserver(block.func, mods, self._sums, supports_batched_time(block.func),
                            self.memory_budget, self.stats_batch, listening=listening)
 
@@ -280,6 +281,8 @@ class CurvatureCollector:
         """Remove every observer and hook and drop what they gathered."""
         for h in self._handles:
             h.remove()
+        for obs in self._observers:
+            obs.close()
         if self._kfac is not None:
             self._kfac.remove()
         self.discard()

@@ -89,6 +89,9 @@ class ODEObserver:
         self.samples = 0
         self._listening = listening
 
+    def close(self) -> None:
+        """Nothing to detach (the grid observer hooks the layers only while it evaluates)."""
+
     def listen(self, on: bool) -> None:
         """Take (True) or ignore (False) the following calls; buffered samples stay."""
         self._listening = on

@@ -55,16 +55,26 @@ class ODEStageObserver:
 
     def __init__(self, modules: Sequence[nn.Module], sink: FactorAccumulator,
                  factor_cost: float | None = DEFAULT_FACTOR_COST,
-                 stats_batch: int | None = None,
-                 listening: bool = True) -> None:
+                 stats_batch: int | None = None, listening: bool = True,
+                 memory_budget: float = 32e6) -> None:
         if factor_cost is not None and not factor_cost > 0:
             raise ValueError(f"factor_cost must be > 0, got {factor_cost!r}")
         self.modules, self.sink = list(modules), sink
         self.factor_cost, self.stats_batch = factor_cost, stats_batch
+        self.memory_budget = memory_budget
         self._listening = listening
         self._pending: list[list[Rows]] = []  # the current step attempt's evaluations
+        self._accepted: dict[nn.Module, list[Rows]] = {}  # weighted, not yet in the sink
+        self._accepted_bytes = 0
         self._current: list[Rows] | None = None
         self.evaluations = 0  # evaluations watched (moves the batch window)
+        self._handles = [m.register_forward_hook(self._forward) for m in self.modules]
+
+    def close(self) -> None:
+        """Remove the layer hooks (the collector calls it when it disarms)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def listen(self, on: bool) -> None:
         """Take (True) or ignore (False) the following evaluations."""
@@ -77,12 +87,9 @@ class ODEStageObserver:
             yield
             return
         self._current = []
-        handles = [m.register_forward_hook(self._forward) for m in self.modules]
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
             records, self._current = self._current, None
             self._pending.append(records)
             self.evaluations += 1
@@ -96,36 +103,47 @@ class ODEStageObserver:
         self._current.append(rows)
 
     def accept_step(self, weights: list[float]) -> None:
-        """Add the pending evaluations' factors, with their quadrature weights: one weighted
-        product per factor and layer for the whole step."""
+        """Keep the pending evaluations with their quadrature weights; they enter the factors
+        (one weighted product per factor and layer) at :meth:`finish`, or earlier when the
+        kept rows pass ``memory_budget`` bytes."""
         evaluations, self._pending = self._pending, []
-        by_layer: dict[nn.Module, list[Rows]] = {}
         for records, w in zip(evaluations, weights):
             if w <= 0:
                 continue
             for rows in records:
                 rows.weight = w
-                by_layer.setdefault(rows.module, []).append(rows)
-        for uses in by_layer.values():
+                self._accepted.setdefault(rows.module, []).append(rows)
+                self._accepted_bytes += _nbytes(rows)
+        if self._accepted_bytes > self.memory_budget:
+            self._flush()
+
+    def _flush(self) -> None:
+        accepted, self._accepted, self._accepted_bytes = self._accepted, {}, 0
+        for uses in accepted.values():
             self.sink.add_rows(uses)
 
     @property
     def pending(self) -> int:
-        """Evaluations recorded and not yet accepted or dropped."""
-        return len(self._pending)
+        """Evaluations recorded and not yet in the factors (or dropped)."""
+        return len(self._pending) + sum(len(v) for v in self._accepted.values())
 
     def reject_step(self) -> None:
         """Drop the pending evaluations (a rejected step attempt)."""
         self._pending = []
 
     def finish(self) -> None:
-        """The backward solve is over: evaluations not accepted are dropped."""
+        """The backward solve is over: the accepted evaluations enter the factors; those not
+        accepted are dropped."""
         self._pending = []
+        self._flush()
 
     def discard(self) -> None:
-        """Drop the pending evaluations (a backward solve that failed) and start the batch
-        window afresh, as for a new iteration."""
-        self._pending = []
+        """Drop everything not yet in the factors (a backward solve that failed) and start
+        the batch window afresh, as for a new iteration."""
+        self._pending, self._accepted, self._accepted_bytes = [], {}, 0
         self.evaluations = 0
 
 
+def _nbytes(rows: Rows) -> int:
+    g = rows.g if rows.g is not None else rows.z
+    return rows.z.numel() * rows.z.element_size() + g.numel() * g.element_size()

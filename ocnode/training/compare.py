@@ -93,9 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser, budget: float = 40.0,
 
 
 def _settings(args: argparse.Namespace, task: Task) -> dict[str, Any]:
+    variants: dict[str, tuple[str, dict[str, Any]]] = getattr(args, "variants", None) or {}
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()] \
         if args.optimizers is not None else compatible(task.chain, task.residual)
-    unknown = sorted(set(names) - set(OPTIMIZER_NAMES))
+    unknown = sorted(set(names) - set(OPTIMIZER_NAMES) - set(variants))
     if unknown or not names:
         raise SystemExit(f"unknown optimizer(s) {unknown or names}; choose from "
                          + ", ".join(OPTIMIZER_NAMES))
@@ -107,14 +108,24 @@ def _settings(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         raise SystemExit("--budget must be > 0 and --eval-every >= 1")
     for name in names:
         try:
-            check_fits(name, task.chain, task.model_name, task.residual)
+            check_fits(variants.get(name, (name,))[0], task.chain, task.model_name,
+                       task.residual)
         except ValueError as err:
             raise SystemExit(str(err)) from None
     if not isinstance(args.hparams, dict) or set(args.hparams) - set(OPTIMIZER_NAMES):
         raise SystemExit(f"--hparams must map optimizer names to keyword dicts, got "
                          f"{args.hparams!r}")
     return {"optimizers": names, "seeds": seeds, "budget_s": budget, "eval_every": eval_every,
-            "max_steps": args.max_steps, "threads": args.threads, "hparams": args.hparams}
+            "max_steps": args.max_steps, "threads": args.threads, "hparams": args.hparams,
+            "variants": variants}
+
+
+def contender(name: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A contender's registry optimizer and its own hyperparameters: ``name`` itself, or a
+    variant of ``settings["variants"]`` (label -> (registry name, hyperparameters over the
+    optimizer's), e.g. ``{"snopt-grid": ("snopt", {"curvature": "grid"})}``; experiment
+    scripts pass them as ``args.variants``)."""
+    return settings.get("variants", {}).get(name, (name, {}))
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -216,8 +227,10 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
     """All optimizers on one seed, interleaved; returns the finished runs."""
     runs: dict[str, _Run] = {}
     for name in settings["optimizers"]:
-        model = build_model(task, name, seed)
-        opt = build_optimizer(name, model, hparams_for(task, name, settings["hparams"]))
+        base, extra = contender(name, settings)
+        model = build_model(task, base, seed)
+        opt = build_optimizer(base, model, {**hparams_for(task, base, settings["hparams"]),
+                                            **extra})
         runs[name] = _Run(name, model, opt, task.batches(seed), NFECounter(model))
         _record(task, runs[name])  # the initial model, at time 0
     order, turn = list(runs), 0
@@ -236,13 +249,15 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
 # ----------------------------------------------------------------------------- memory
 
 def measure_memory(task: Task, name: str, seed: int = 0,
-                   overrides: dict[str, Any] | None = None) -> float | None:
-    """Peak RSS growth (MiB) of two iterations of ``name`` after one warm-up, in a forked
-    child (:func:`ocnode.training.memory.peak_rss_growth`); SNOpt and K-FAC refresh every second
-    iteration so that a refresh is measured. None where the probe cannot run."""
+                   overrides: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> float | None:
+    """Peak RSS growth (MiB) of two iterations of ``name`` (hyperparameters ``extra`` on top)
+    after one warm-up, in a forked child (:func:`ocnode.training.memory.peak_rss_growth`);
+    SNOpt and K-FAC refresh every second iteration so that a refresh is measured. None where
+    the probe cannot run."""
     def prepare() -> Callable[[], None]:
         model = build_model(task, name, seed)
-        hp = hparams_for(task, name, overrides)
+        hp = {**hparams_for(task, name, overrides), **(extra or {})}
         if "update_freq" in hp:
             hp["update_freq"] = 2  # refresh, plain, refresh
         opt = build_optimizer(name, model, hp)
@@ -321,7 +336,8 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
     return {"task": task.label, "metric": task.metric, "higher_is_better": task.higher_is_better,
             "target_rule": "best mean final metric among the baselines (every optimizer "
                            "except snopt)", **metrics, "settings": settings,
-            "hparams": {n: hparams_for(task, n, settings["hparams"]) for n in names},
+            "hparams": {n: {**hparams_for(task, contender(n, settings)[0], settings["hparams"]),
+                            **contender(n, settings)[1]} for n in names},
             "command": command_line(), "machine": machine_info()}
 
 
@@ -481,7 +497,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             f"{n} {task.metric}={r.rows[-1][task.metric]:.4g} ({r.steps} it, {r.status})"
             for n, r in runs.items()), flush=True)
     memory = {} if args.no_memory else {
-        n: measure_memory(task, n, settings["seeds"][0], settings["hparams"])
+        n: measure_memory(task, contender(n, settings)[0], settings["seeds"][0],
+                          settings["hparams"], contender(n, settings)[1])
         for n in settings["optimizers"]}
     summary = summarise(task, seed_runs, memory, settings)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
