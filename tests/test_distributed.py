@@ -147,8 +147,9 @@ def _snopt() -> Built:  # refreshes at steps 0 and 3, stem and head included
 def _horizon() -> Built:  # T moves at steps 2 and 4
     m = _ode_model(trainable_t1=True)
     block = ode_blocks(m)[0]
-    return m, torch.optim.Adam(_trained(m), lr=1e-2), [
-        HorizonOptimizer(block, _trained(m), policy="feedback", lr=0.05, update_freq=2)]
+    horizon = HorizonOptimizer(block, _trained(m), policy="feedback", lr=0.05, update_freq=2)
+    horizon.processes = distributed.world_size()  # its s divides by the global batch
+    return m, torch.optim.Adam(_trained(m), lr=1e-2), [horizon]
 
 
 def _ddpnopt() -> Built:

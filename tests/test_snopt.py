@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ocnode import MLPODEClassifier, ODEBlock
+from ocnode.nn import MLPODEFunc
 from ocnode.optim import HorizonOptimizer, SNOpt
 from solvers import SolverSpec
 
@@ -399,6 +400,30 @@ def test_open_loop_horizon_policy_and_t_min():
         horizon.step()
     assert block.t1 == pytest.approx(0.5)  # pushed down by c*T, clipped at t_min
     assert horizon.state_dict()["step"] == 4
+
+
+def test_the_horizon_policy_divides_dl_dt_by_the_batch_by_default():
+    torch.manual_seed(0)
+    block = ODEBlock(MLPODEFunc(2, 8), t1=1.0, trainable_t1=True)
+    x = torch.randn(8, 2)
+    s_values = []
+    for scale in ("batch", "none"):
+        horizon = HorizonOptimizer(block, scale=scale)
+        block(x).pow(2).mean().backward()
+        grad = float(block.t1_tensor.grad)
+        s_values.append(horizon.observe())
+        assert s_values[-1] == pytest.approx(grad / (8 if scale == "batch" else 1))
+    horizon.processes = 2  # a data-parallel run: B is the global batch
+    block(x).pow(2).mean().backward()
+    grad = float(block.t1_tensor.grad)
+    assert horizon.observe() == pytest.approx(grad)  # scale "none" ignores it
+    horizon = HorizonOptimizer(block)
+    horizon.processes = 2
+    block(x).pow(2).mean().backward()
+    grad = float(block.t1_tensor.grad)
+    assert horizon.observe() == pytest.approx(grad / 16)
+    with pytest.raises(ValueError, match="scale"):
+        HorizonOptimizer(block, scale="sum")
 
 
 def test_horizon_optimizer_needs_a_trainable_t1():

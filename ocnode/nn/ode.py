@@ -36,6 +36,7 @@ class ODEBlock(nn.Module):
         adjoint: ``solver.adjoint`` (read-only).
         stats: :class:`solvers.SolverStats` of the last forward solve.
         adjoint_stats: stats of the adjoint solve of the last call (filled by backward).
+        last_batch: the first dimension of the last forward's state (its batch size).
         observer, observer_dt: the adjoint solve's observer and its grid
             spacing (None: the solvers' default, 0.01 of each solve's span); set them with
             :meth:`register_observer`.
@@ -65,6 +66,7 @@ class ODEBlock(nn.Module):
         self.func, self.name = func, name
         self.observer: Observer | StageObserver | None = None
         self.observer_dt: float | None = None
+        self.last_batch = 1
         self.solver = SolverSpec() if solver is None else solver
         self.register_buffer("t0_tensor", torch.tensor(float(t0)))
         t1_tensor = torch.tensor(float(t1))
@@ -169,6 +171,8 @@ class ODEBlock(nn.Module):
             ``x(t1)``, shaped like ``x`` (a tuple for a tuple state).
         """
         t = torch.stack([self.t0_tensor, self.t1_tensor])
+        first = x[0] if isinstance(x, tuple) else x
+        self.last_batch = int(first.shape[0]) if first.dim() else 1
         solution = self._solve(x, t)
         if isinstance(solution, tuple):
             return tuple(component[-1] for component in solution)

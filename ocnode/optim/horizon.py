@@ -1,9 +1,11 @@
 """Optimisation of the integration horizon T = t1 (SNOpt; docs/algorithms.md, "The horizon
 policy").
 
-Objective J(theta, T) = L(theta, T) + (c/2) T^2. From the adjoint, s = dL/dT (the time
-gradient of t1; L is the batch-mean loss, so s is not divided by the batch size again).
-With Gauss-Newton, rank-one approximations
+Objective J(theta, T) = L(theta, T) + (c/2) T^2. From the adjoint, the time gradient dL/dT
+of t1, with L the batch-mean loss; s is that divided once more by the batch size B
+(``scale="batch"``, the default: the SNOpt authors' code's convention, under which c
+dominates Q_TT and T shrinks unless the loss pushes it out) or dL/dT itself
+(``scale="none"``). With Gauss-Newton, rank-one approximations
 
     Q_T = c T + s,    Q_TT = c + s^2,    Q_Ttheta = s * grad_theta L,
 
@@ -26,7 +28,8 @@ Use with any parameter optimizer::
 Data-parallel runs: s must be dL/dT of the global batch's loss. ``DistributedDataParallel``
 averages t1's gradient with the parameters' (the training core wraps the whole model, t1
 included), so s, Q_T, Q_TT, grad_theta L and d theta are the same on every process, and so is
-every T update: no collective of its own.
+every T update: no collective of its own. B is then the global batch: the run sets
+:attr:`HorizonOptimizer.processes`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 from ocnode.nn.ode import ODEBlock
 
 POLICIES = ("baseline", "feedback")
+SCALES = ("batch", "none")
 
 
 class HorizonOptimizer:
@@ -54,21 +58,30 @@ class HorizonOptimizer:
         update_freq: iterations between T updates (50-100).
         t_min: lower bound of T (above t0).
         ema: momentum of the moving averages of Q_T and Q_TT.
+        scale: 'batch' (s = dL/dT / B, B the batch of the block's last forward times
+            :attr:`processes`; the SNOpt authors' convention) or 'none' (s = dL/dT).
+
+    Attributes:
+        processes: the number of data-parallel processes (B counts the global batch).
     """
 
     def __init__(self, block: ODEBlock, params: Iterable[torch.Tensor] | None = None,
                  policy: str = "feedback", lr: float = 0.1, reg: float = 1e-4,
-                 update_freq: int = 50, t_min: float = 0.1, ema: float = 0.99) -> None:
+                 update_freq: int = 50, t_min: float = 0.1, ema: float = 0.99,
+                 scale: str = "batch") -> None:
         if not isinstance(getattr(block, "t1_tensor", None), torch.nn.Parameter):
             raise ValueError("the ODE block needs trainable_t1=True for horizon optimisation")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if not (lr > 0 and reg >= 0 and update_freq >= 1 and 0 <= ema < 1):
             raise ValueError("need lr > 0, reg >= 0, update_freq >= 1 and 0 <= ema < 1")
         if not t_min > block.t0:
             raise ValueError(f"t_min must exceed the block's t0={block.t0}, got {t_min}")
         self.block, self.policy, self.lr, self.reg = block, policy, lr, reg
         self.update_freq, self.t_min, self.ema = update_freq, t_min, ema
+        self.scale, self.processes = scale, 1
         t1 = block.t1_tensor
         self.params = [p for p in (block.func.parameters() if params is None else params)
                        if p is not t1]
@@ -91,10 +104,13 @@ class HorizonOptimizer:
         Call before the parameter optimizer's step (which then leaves t1 alone).
 
         Returns:
-            s, the derivative of the loss w.r.t. T.
+            s, the derivative of the loss w.r.t. T (divided by the batch size with
+            ``scale="batch"``).
         """
         t1 = self.block.t1_tensor
         s = float(t1.grad) if t1.grad is not None else 0.0
+        if self.scale == "batch":
+            s /= max(1, self.block.last_batch) * self.processes
         t1.grad = None
         q_t, q_tt = self.reg * self.block.t1 + s, self.reg + s * s
         st = self.state

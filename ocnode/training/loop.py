@@ -144,6 +144,8 @@ class _Run:
         self.optimizer = build_optimizer(config.optimizer, self.model, hparams,
                                          params=optimizer_parameters(self.model, config))
         self.horizons = build_horizons(self.model, config)
+        for horizon in self.horizons:  # B of the horizon's s = dL/dT / B is the global batch
+            horizon.processes = distributed.world_size()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.loss = self.task.loss
         if self.parallel:
