@@ -412,6 +412,27 @@ def test_stage_factors_equal_the_grid_observers_at_the_evaluated_states(field, s
         assert torch.allclose(stages[m].b_sum, grid[m].b_sum, rtol=1e-10, atol=1e-14)
 
 
+def test_stage_stats_batch_uses_the_first_samples_at_the_full_batch_scale():
+    torch.manual_seed(0)
+    func = _SeesAdjoint(LinearField().double())
+    lin = func.func.l2
+    x0 = torch.randn(6, 3, dtype=torch.float64)
+    sums = []
+    for x, stats_batch in ((x0, 2), (x0[:2], None)):
+        acc = FactorAccumulator()
+        obs = ODEStageObserver([lin], acc, factor_cost=None, stats_batch=stats_batch)
+        ys = odeint_adjoint(func, x, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                            method="euler", options={"step_size": DT}, observer=obs)
+        (ys[-1].sum() / 6).backward()  # both losses: sums over rows / 6, a batch of 6
+        obs.close()
+        sums.append(acc.pop()[lin])
+    first, alone = sums
+    assert first.batch == 6 and alone.batch == 2
+    assert torch.allclose(first.a_sum, alone.a_sum, rtol=1e-12)
+    # the same rows' gradients, at the per-sample scale of a batch of 6 vs 2
+    assert torch.allclose(first.b_sum, alone.b_sum * 9, rtol=1e-10)
+
+
 def test_stage_factors_from_a_window_of_the_batch_are_unbiased_means():
     # Each evaluation forms A and B from a few samples of the batch (a window that moves on
     # at every evaluation); over the evaluations the means match those of every sample.

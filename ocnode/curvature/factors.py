@@ -132,18 +132,22 @@ class Rows:
     weight: float = 1.0
 
 
-def sampled_rows(module: nn.Module, x: torch.Tensor, start: int,
-                 factor_cost: float | None) -> tuple[Rows, Callable[[torch.Tensor], None]]:
+def sampled_rows(module: nn.Module, x: torch.Tensor, start: int, factor_cost: float | None,
+                 limit: int | None = None) -> tuple[Rows, Callable[[torch.Tensor], None]]:
     """The :class:`Rows` of one use from its input x (batch first), and the function that
-    fills in their g from the output gradient (the same window start)."""
+    fills in their g from the output gradient (the same window start).
+
+    The window is taken from the first ``limit`` samples (None: all); the per-sample scale
+    and the recorded batch stay x's whole batch (the loss's)."""
     batch = x.shape[0]
-    k_a, k_b = sample_counts(module, batch, factor_cost)
-    xa = window(x.detach(), start * k_a, k_a)
+    pool = batch if limit is None else min(limit, batch)
+    k_a, k_b = sample_counts(module, pool, factor_cost)
+    xa = window(x[:pool].detach(), start * k_a, k_a)
     z = input_rows(module, xa)
     rows = Rows(module, z, batch, max(1, z.shape[0] // max(1, xa.shape[0])))
 
     def fill(g: torch.Tensor) -> None:
-        rows.g = output_rows(module, window(g.detach(), start * k_b, k_b))
+        rows.g = output_rows(module, window(g[:pool].detach(), start * k_b, k_b))
     return rows, fill
 
 

@@ -48,7 +48,8 @@ class ODEStageObserver:
         factor_cost: the cost of each factor's product relative to the layer's own, per
             evaluation (sets the samples per factor, see the module docstring); > 0, or None
             for every sample.
-        stats_batch: if set, only the first ``stats_batch`` samples of each batch are used.
+        stats_batch: if set, only the first ``stats_batch`` samples of each batch are used
+            (at the whole batch's per-sample scale).
         listening: whether evaluations are taken from the start (the true-Fisher mode opens
             it only for the sampled pass).
     """
@@ -97,9 +98,9 @@ class ODEStageObserver:
     def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self._current is None or not output.requires_grad:
             return
-        rows, fill = sampled_rows(module, inputs[0][:self.stats_batch], self.evaluations,
-                                  self.factor_cost)
-        output.register_hook(lambda g: fill(g[:self.stats_batch]))
+        rows, fill = sampled_rows(module, inputs[0], self.evaluations, self.factor_cost,
+                                  limit=self.stats_batch)
+        output.register_hook(fill)
         self._current.append(rows)
 
     def accept_step(self, weights: list[float]) -> None:
