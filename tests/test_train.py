@@ -341,7 +341,7 @@ def test_the_parameter_optimizer_leaves_an_adaptive_t1_to_the_horizon_optimizer(
     assert horizon_parameters(fixed) == [] and ode_blocks(fixed)[0].t1 == 1.0
 
 
-def test_optimizer_defaults_follow_the_authors_scripts() -> None:
+def test_optimizer_defaults_follow_the_authors_scripts_but_refresh_every_20() -> None:
     def build(name: str, **hparams: object) -> torch.optim.Optimizer:
         entry = OPTIMIZERS[name]
         model = _digits_task().build_model(not entry.through_solver)  # type: ignore
@@ -353,7 +353,7 @@ def test_optimizer_defaults_follow_the_authors_scripts() -> None:
     assert isinstance(snopt, SNOpt) and isinstance(kfac, SNOpt)
     assert snopt.param_groups[0]["momentum"] == 0.0
     assert (snopt.param_groups[0]["alpha"], kfac.param_groups[0]["alpha"]) == (0.75, 0.5)
-    assert snopt.param_groups[0]["eps"] == 0.05 and snopt.update_freq == 100
+    assert snopt.param_groups[0]["eps"] == 0.05 and snopt.update_freq == 20
     assert build("snopt", momentum=0.5).param_groups[0]["momentum"] == 0.5
     assert build("adam").param_groups[0]["lr"] == 1e-3
     # K-FAC through the solver: the model's blocks backpropagate through the solver

@@ -74,7 +74,10 @@ class SNOpt(torch.optim.Optimizer):
             preconditioning).
         eps: damping epsilon (0.03-0.1).
         alpha: EKFAC moving-average rate of the second moments; 1 = plain K-FAC.
-        update_freq: refresh period K (factors and eigenbases), in iterations.
+        update_freq: refresh period K (factors and eigenbases), in iterations. Default 20
+            (the SNOpt authors used 100, when a refresh cost 10-30 iterations; with the
+            stage curvature it costs about 1.3, and refreshing every 20 iterations
+            reached higher accuracy early on the image benchmark).
         full: also precondition Linear/Conv2d layers outside ODE blocks (ordinary K-FAC).
         damping_mode: 'ekfac' (eigenvalue damping, default) or 'tikhonov' (factored
             (A + sqrt(eps) I) (x) (B + sqrt(eps) I)).
@@ -115,7 +118,7 @@ class SNOpt(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, eps: float = 0.05, alpha: float = 0.75,
-                 update_freq: int = 100, full: bool = False, damping_mode: str = "ekfac",
+                 update_freq: int = 20, full: bool = False, damping_mode: str = "ekfac",
                  observer_dt: float | None = None, fisher: str = "empirical",
                  memory_budget: float = 64e6, stats_batch: int | None = None,
                  params: Iterable | None = None, exclude: Iterable[nn.Module] = (),

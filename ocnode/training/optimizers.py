@@ -73,7 +73,7 @@ class OptimizerEntry:
 
 _SNOPT_DEFAULTS: dict[str, Any] = {
     "lr": 0.02, "momentum": 0.0, "weight_decay": 0.0, "eps": 0.05, "alpha": 0.75,
-    "update_freq": 100, "full": False, "damping_mode": "ekfac", "curvature": "stages",
+    "update_freq": 20, "full": False, "damping_mode": "ekfac", "curvature": "stages",
     "observer_dt": None, "factor_cost": 0.25, "fisher": "empirical", "stats_batch": None}
 
 
