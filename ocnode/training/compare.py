@@ -128,6 +128,18 @@ def contender(name: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]
     return settings.get("variants", {}).get(name, (name, {}))
 
 
+def contender_hparams(task: Task, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters contender ``name`` trains with: :func:`hparams_for` of its
+    registry optimizer, then the variant's own."""
+    base, extra = contender(name, settings)
+    return {**hparams_for(task, base, settings["hparams"]), **extra}
+
+
+def _memory_args(name: str, settings: dict[str, Any]) -> tuple:
+    base, extra = contender(name, settings)
+    return base, settings["seeds"][0], settings["hparams"], extra
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 def hparams_for(task: Task, name: str,
@@ -227,10 +239,9 @@ def train_seed(task: Task, seed: int, settings: dict[str, Any]) -> dict[str, _Ru
     """All optimizers on one seed, interleaved; returns the finished runs."""
     runs: dict[str, _Run] = {}
     for name in settings["optimizers"]:
-        base, extra = contender(name, settings)
+        base = contender(name, settings)[0]
         model = build_model(task, base, seed)
-        opt = build_optimizer(base, model, {**hparams_for(task, base, settings["hparams"]),
-                                            **extra})
+        opt = build_optimizer(base, model, contender_hparams(task, name, settings))
         runs[name] = _Run(name, model, opt, task.batches(seed), NFECounter(model))
         _record(task, runs[name])  # the initial model, at time 0
     order, turn = list(runs), 0
@@ -336,8 +347,7 @@ def summarise(task: Task, seed_runs: list[dict[str, _Run]], memory: dict[str, fl
     return {"task": task.label, "metric": task.metric, "higher_is_better": task.higher_is_better,
             "target_rule": "best mean final metric among the baselines (every optimizer "
                            "except snopt)", **metrics, "settings": settings,
-            "hparams": {n: {**hparams_for(task, contender(n, settings)[0], settings["hparams"]),
-                            **contender(n, settings)[1]} for n in names},
+            "hparams": {n: contender_hparams(task, n, settings) for n in names},
             "command": command_line(), "machine": machine_info()}
 
 
@@ -497,9 +507,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             f"{n} {task.metric}={r.rows[-1][task.metric]:.4g} ({r.steps} it, {r.status})"
             for n, r in runs.items()), flush=True)
     memory = {} if args.no_memory else {
-        n: measure_memory(task, contender(n, settings)[0], settings["seeds"][0],
-                          settings["hparams"], contender(n, settings)[1])
-        for n in settings["optimizers"]}
+        n: measure_memory(task, *_memory_args(n, settings)) for n in settings["optimizers"]}
     summary = summarise(task, seed_runs, memory, settings)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (folder / "results.md").write_text(markdown(summary))
