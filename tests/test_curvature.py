@@ -135,13 +135,13 @@ class _Recorder:
         self.obs.finish()
 
 
-def _collect(func, x0, batched: bool, stats_batch=None):
+def _collect(func, x0, batched: bool, stats_batch=None, budget=None):
     """Run an Euler adjoint whose steps coincide with the grid; return stats and samples."""
     modules = [m for m in func.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     sums = FactorAccumulator()
+    budget = budget or 3 * x0.numel() * x0.element_size()
     obs = _Recorder(ODEObserver(func, modules, sums, batched_time=batched,
-                                memory_budget=3 * x0.numel() * x0.element_size(),
-                                stats_batch=stats_batch))
+                                memory_budget=budget, stats_batch=stats_batch))
     w = torch.randn_like(x0)
     ys = odeint_adjoint(func, x0, torch.tensor([0.0, 1.0], dtype=x0.dtype), method="euler",
                         options={"step_size": DT}, observer=obs, observer_dt=DT)
@@ -336,6 +336,73 @@ def test_a_new_layer_type_needs_one_helper_and_subclasses_inherit_theirs():
         del LAYER_HELPERS[Scale]
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_layer(int, ScaleHelper())
+
+
+class ScalarTimeField(nn.Module):
+    """A field as users write it: a scalar t, made a column of the input (no per-row time);
+    counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.calls = nn.Linear(4, 5), nn.Linear(5, 3), 0
+
+    def forward(self, t, x):
+        self.calls += 1
+        tt = t * torch.ones(x.shape[0], 1, dtype=x.dtype)
+        return self.l2(torch.tanh(self.l1(torch.cat([x, tt], 1))))
+
+
+class FloatTimeField(ScalarTimeField):
+    """float(t): a field that torch.func.vmap cannot batch."""
+
+    def forward(self, t, x):
+        return super().forward(torch.tensor(float(t), dtype=x.dtype), x)
+
+
+def test_scalar_time_fields_are_batched_with_vmap_and_equal_brute_force():
+    torch.manual_seed(0)
+    func = ScalarTimeField().double()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    stats, samples, modules = _collect(func, x0, batched=False, budget=1e9)
+    # 10 Euler steps forward and 10 backward, then the first sample alone (it measures the
+    # layer calls) and the other ten in one vmapped call
+    assert len(samples) == 11 and func.calls == 20 + 2
+    a_ref, b_ref = _brute_force(func, modules, samples, 4)
+    for m in modules:
+        assert stats[m].uses == 11
+        assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+
+
+def test_a_field_vmap_cannot_batch_is_called_per_sample_with_one_warning():
+    torch.manual_seed(0)
+    func = FloatTimeField().double()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="vmap") as record:
+        stats, samples, modules = _collect(func, x0, batched=False, budget=1e9)
+    assert len([w for w in record if "vmap" in str(w.message)]) == 1
+    assert func.calls == 20 + 1 + 10  # the solves, the first sample, the rest one by one
+    a_ref, b_ref = _brute_force(func, modules, samples, 4)
+    for m in modules:
+        assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+
+
+def test_the_memory_budget_counts_the_measured_layer_activations():
+    func = ScalarTimeField().double()
+    sums = FactorAccumulator()
+    x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    # layer inputs and outputs of one sample: l1 4x4 and 4x5, l2 4x5 and 4x3 (float64), and
+    # as much again for their gradients
+    per_sample = 2 * 8 * (16 + 20 + 20 + 12)
+    obs = ODEObserver(func, [func.l1, func.l2], sums, memory_budget=3.5 * per_sample)
+    assert obs._chunk(x) == int(3.5 * per_sample // x.numel() // 8)  # the state, unmeasured
+    obs(0.5, x, a, 0.1)
+    obs.finish()
+    assert obs.sample_bytes == per_sample and obs._chunk(x) == 3
+    for k in range(3):
+        obs(0.1 * k, x, a, 0.1)
+    assert obs.pending == 0 and sums.stats[func.l2].uses == 4  # the third filled the chunk
 
 
 # ---- the observer protocol ----------------------------------------------------------------

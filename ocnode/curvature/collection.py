@@ -162,8 +162,9 @@ class CurvatureCollector:
             every sample.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all); the factors stay unbiased.
-        memory_budget: bytes of stacked ODE states evaluated per batched grid chunk
-            ('grid'), or of factor rows kept before they are multiplied out ('stages').
+        memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
+            the grid samples evaluated in one call ('grid'), or of factor rows kept before
+            they are multiplied out ('stages').
         exclude: modules left out (with everything inside them): no factors, and no error
             for a layer the factorisation does not support (a grouped convolution).
 

@@ -8,16 +8,23 @@ the vector field on (t_j, x(t_j)) with the layer inputs captured, takes one vect
 product with a(t_j) to get the layer-output gradients, and adds A and B with the per-sample
 scale B * weight (Liu, Chen, Theodorou 2021, "Second-order Neural ODE Optimizer", section 3).
 Samples are buffered (cloned) and evaluated many at a time, in chunks bounded by a memory
-budget; :meth:`ODEObserver.finish` evaluates what is left.
+budget; :meth:`ODEObserver.finish` evaluates what is left. The budget counts the bytes a
+sample's evaluation holds: the covered layers' inputs and outputs and their gradients, as
+measured on the first evaluation (until then, the state's bytes).
 
 A vector field that accepts a per-row time vector, shape (U * B,), declares it with the class
 attribute ``supports_batched_time = True``; a chunk of U samples is then one call of the field
-on the stacked states. Otherwise each sample is one call with a scalar time.
+on the stacked states. Any other field (one that takes a scalar ``t``, as most are written) is
+batched over the chunk's samples with :func:`torch.func.vmap` over (t, x); where vmap cannot
+run the field (e.g. it calls ``float(t)`` or ``.item()``), the observer says so once, in a
+warning, and calls the field once per sample.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,20 +39,34 @@ def supports_batched_time(func: object) -> bool:
 
 
 class _Capture:
-    """Forward hooks that record (module, input, output) of the layers; removed on exit."""
+    """Forward hooks that record (module, input, output) of the layers; removed on exit.
+
+    While ``shifts`` is set (one tensor per layer call, in call order), each output is
+    returned plus its shift: the gradient w.r.t. a shift is that output's gradient, which
+    reaches the caller from inside :func:`torch.func.vmap`, where the outputs themselves
+    cannot.
+    """
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         self.modules = list(modules)
         self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.handles: list[RemovableHandle] = []
+        self.shifts: Sequence[torch.Tensor] | None = None
 
     def __enter__(self) -> _Capture:
         for m in self.modules:
             self.handles.append(m.register_forward_hook(self._hook))
         return self
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
         self.records.append((module, inputs[0], output))
+        if self.shifts is None:
+            return None
+        k = len(self.records) - 1
+        if k >= len(self.shifts):
+            raise RuntimeError("the vector field called its layers more often than at the "
+                               "first grid sample")
+        return output + self.shifts[k]
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
@@ -71,7 +92,8 @@ class ODEObserver:
         modules: covered layers inside func.
         sink: where the factors go.
         batched_time: whether func accepts a per-row time tensor (U * B,).
-        memory_budget: bytes of stacked states per chunk (activations scale with it).
+        memory_budget: bytes per chunk of samples evaluated in one call (see the module
+            docstring).
         stats_batch: if set, only the first ``stats_batch`` samples of each batch (batches
             are shuffled) enter the statistics: the refresh costs less in proportion, and
             the factors stay unbiased estimates (the per-sample scale keeps the full B).
@@ -88,6 +110,11 @@ class ODEObserver:
         self.buffer: list[tuple] = []
         self.samples = 0
         self._listening = listening
+        #: per-sample bytes of an evaluation (layer inputs, outputs, their gradients), once
+        #: measured; the layer calls of a sample, [(module, output shape)], once seen
+        self.sample_bytes: int | None = None
+        self._layout: list[tuple[nn.Module, torch.Size]] | None = None
+        self._vmap = True  # False once vmap failed on this field
 
     def close(self) -> None:
         """Nothing to detach (the grid observer hooks the layers only while it evaluates)."""
@@ -110,22 +137,34 @@ class ODEObserver:
             self.finish()
 
     def _chunk(self, x) -> int:
+        """Samples per chunk: the budget over a sample's measured bytes (its state's, until
+        the first evaluation has measured them)."""
         comps = x if isinstance(x, tuple) else (x,)
-        nbytes = sum(c.numel() * c.element_size() for c in comps)
-        return max(1, int(self.memory_budget // max(nbytes, 1))) if self.batched_time else 1
+        nbytes = self.sample_bytes or sum(c.numel() * c.element_size() for c in comps)
+        return max(1, int(self.memory_budget // max(nbytes, 1)))
 
     def finish(self) -> None:
         """Evaluate the buffered samples and add their factors to the sink."""
         if not self.buffer:
             return
         samples, self.buffer = self.buffer, []
-        x, a, weight = _stack(samples, 1), _stack(samples, 2), [s[3] for s in samples]
-        ref = x[0] if isinstance(x, tuple) else x
-        rows = ref.shape[0] // len(samples)
-        t = torch.cat([torch.full((rows,), s[0], dtype=ref.dtype, device=ref.device)
-                       for s in samples]) if self.batched_time else \
-            torch.tensor(samples[0][0], dtype=ref.dtype, device=ref.device)
-        self._evaluate(t, x, a, len(samples), weight)
+        if self.batched_time:
+            x, a = _stack(samples, 1), _stack(samples, 2)
+            ref = x[0] if isinstance(x, tuple) else x
+            rows = ref.shape[0] // len(samples)
+            t = torch.cat([torch.full((rows,), s[0], dtype=ref.dtype, device=ref.device)
+                           for s in samples])
+            self._evaluate(t, x, a, len(samples), [s[3] for s in samples])
+            return
+        if self._layout is None:  # the first sample alone: it measures the layer calls
+            self._evaluate_one(samples.pop(0))
+        if len(samples) > 1 and self._vmap:
+            found = self._vmapped(samples)
+            if found is not None:
+                self._add(*found, len(samples), [s[3] for s in samples])
+                return
+        for sample in samples:
+            self._evaluate_one(sample)
 
     @property
     def pending(self) -> int:
@@ -136,17 +175,87 @@ class ODEObserver:
         """Drop the buffered samples (a backward solve that failed)."""
         self.buffer = []
 
+    def _evaluate_one(self, sample: tuple) -> None:
+        t, x, a, weight = sample
+        ref = x[0] if isinstance(x, tuple) else x
+        self._evaluate(torch.tensor(t, dtype=ref.dtype, device=ref.device), x, a, 1, [weight])
+
     def _evaluate(self, t: torch.Tensor, x, a, uses: int, weight: list[float]) -> None:
+        """One call of the field on (t, x): its layers' factors, and the layout and bytes
+        of its layer calls (per sample) for the chunks that follow."""
         with torch.enable_grad(), _Capture(self.modules) as cap:
             out = self.func(t, x)
-            outs = out if isinstance(out, tuple) else (out,)
-            a_t = a if isinstance(a, tuple) else (a,)
-            pairs = [(o, g) for o, g in zip(outs, a_t) if o.requires_grad]
+            self._layout = [(m, o.shape) for m, _, o in cap.records]
+            self.sample_bytes = 2 * sum((i.numel() + o.numel()) * o.element_size()
+                                        for _, i, o in cap.records) // uses
+            pairs = _pairs(out, a)
             if not pairs or not cap.records:
                 return
             grads = torch.autograd.grad([o for o, _ in pairs], [r[2] for r in cap.records],
                                         [g for _, g in pairs], allow_unused=True)
-        for (module, inp, _), g in zip(cap.records, grads):
+        self._add([m for m, _, _ in cap.records], [i for _, i, _ in cap.records], grads,
+                  uses, weight)
+
+    def _vmapped(self, samples: list[tuple]) -> tuple[list, list, tuple] | None:
+        """The layer calls of U scalar-t samples in one vmapped call of the field:
+        (modules, inputs (U * rows, ...) each, output gradients (U * rows, ...) each), or
+        None when vmap cannot run the field (then it warns once and is not tried again)."""
+        assert self._layout is not None
+        u = len(samples)
+        x, a = _per_sample(_stack(samples, 1), u), _per_sample(_stack(samples, 2), u)
+        ref = x[0] if isinstance(x, tuple) else x
+        t = torch.tensor([s[0] for s in samples], dtype=ref.dtype, device=ref.device)
+        shifts = [torch.zeros((u, *shape), dtype=ref.dtype, device=ref.device,
+                              requires_grad=True) for _, shape in self._layout]
+        cap = _Capture(self.modules)
+
+        def field(t_u: torch.Tensor, x_u, *shifts_u: torch.Tensor):
+            cap.records, cap.shifts = [], shifts_u
+            out = self.func(t_u, x_u)
+            if len(cap.records) != len(shifts_u):
+                raise RuntimeError("the vector field called its layers fewer times than at "
+                                   "the first grid sample")
+            return out, tuple(i for _, i, _ in cap.records)
+
+        try:
+            with torch.enable_grad(), cap:
+                out, inputs = torch.func.vmap(field, randomness="different")(t, x, *shifts)
+                pairs = _pairs(out, a)
+                grads = torch.autograd.grad([o for o, _ in pairs], shifts,
+                                            [g for _, g in pairs], allow_unused=True) \
+                    if pairs else (None,) * len(shifts)
+        except Exception as err:  # noqa: BLE001 - whatever keeps vmap from the user's field
+            self._vmap = False
+            warnings.warn(
+                f"SNOpt's grid curvature could not batch the vector field's samples with "
+                f"torch.func.vmap ({type(err).__name__}: {err}); it calls the field once per "
+                "sample instead, which is slower. Let the field take a per-row time tensor "
+                "and set supports_batched_time = True, or use curvature='stages'.",
+                RuntimeWarning, stacklevel=2)
+            return None
+        finally:
+            cap.records, cap.shifts = [], None
+        flat = [i.reshape(-1, *i.shape[2:]) for i in inputs]
+        return [m for m, _ in self._layout], flat, tuple(
+            None if g is None else g.reshape(-1, *g.shape[2:]) for g in grads)
+
+    def _add(self, modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
+             grads: Sequence[torch.Tensor | None], uses: int, weight: list[float]) -> None:
+        for module, inp, g in zip(modules, inputs, grads):
             if g is not None:
                 self.sink.add(module, inp, g, uses,
                               weight[0] if len(set(weight)) == 1 else weight, self.loss_batch)
+
+
+def _pairs(out, a) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output part, its adjoint) for the parts of the field's output that have a graph."""
+    outs = out if isinstance(out, tuple) else (out,)
+    a_t = a if isinstance(a, tuple) else (a,)
+    return [(o, g) for o, g in zip(outs, a_t) if o.requires_grad]
+
+
+def _per_sample(v, u: int):
+    """Stacked rows (U * rows, ...) -> (U, rows, ...), for a tensor or each of a tuple."""
+    if isinstance(v, tuple):
+        return tuple(c.reshape(u, -1, *c.shape[1:]) for c in v)
+    return v.reshape(u, -1, *v.shape[1:])

@@ -94,8 +94,9 @@ class SNOpt(torch.optim.Optimizer):
         fisher: 'empirical' (y = grad of the loss) or 'true' (y = softmax - onehot(y_hat) with
             y_hat sampled from the model; the model's output must be cross-entropy logits;
             a refresh iteration then runs each adjoint backward solve twice).
-        memory_budget: bytes of stacked ODE states evaluated per batched chunk ('grid'), or
-            of factor rows kept before they are multiplied out ('stages').
+        memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
+            the grid samples evaluated in one call ('grid'), or of factor rows kept before
+            they are multiplied out ('stages').
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all). The refresh cost scales with it; the factors stay unbiased.
         params: parameters or parameter groups (default: ``model.parameters()``).
