@@ -7,6 +7,7 @@
 from solvers.adjoint import odeint_adjoint
 from solvers.errors import (
     MaxStepsExceededError,
+    MinStepWarning,
     NonFiniteGradientError,
     NonFiniteStateError,
     SlowSolveWarning,
@@ -14,15 +15,16 @@ from solvers.errors import (
     SolverInputError,
     StepSizeUnderflowError,
 )
-from solvers.odeint import odeint, solve
+from solvers.odeint import odeint, odeint_event, solve
 from solvers.sde import sdeint, sdeint_adjoint
 from solvers.spec import Observer, SolverSpec, StageObserver, State
 from solvers.stats import SolverStats
 from solvers.tableau import METHODS, ButcherTableau, get_tableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "solve", "SolverSpec", "State", "Observer", "StageObserver",
+    "odeint", "odeint_adjoint", "odeint_event", "solve", "SolverSpec", "State", "Observer",
+    "StageObserver",
     "sdeint", "sdeint_adjoint", "SolverStats", "METHODS", "ButcherTableau", "get_tableau",
     "SolverError", "SolverInputError", "StepSizeUnderflowError", "NonFiniteStateError",
-    "MaxStepsExceededError", "NonFiniteGradientError", "SlowSolveWarning",
+    "MaxStepsExceededError", "NonFiniteGradientError", "SlowSolveWarning", "MinStepWarning",
 ]

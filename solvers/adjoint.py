@@ -43,17 +43,31 @@ from solvers.errors import (
     in_context,
     join_context,
 )
+from solvers.events import check_event_times, solve_until_event
 from solvers.flat import (
     CountingFunc,
+    FieldCallbacks,
     FlatState,
+    callback_time_dtype,
     check_backend,
     check_times,
+    defined_callbacks,
+    field_callbacks,
     field_time,
     flat_state,
     make_rhs,
     solve_flat,
+    user_state_norm,
 )
-from solvers.integrate import Norm, Progress, StepCallbacks, segment_norm
+from solvers.integrate import (
+    NO_CALLBACKS,
+    Norm,
+    Progress,
+    StepCallbacks,
+    chain_callbacks,
+    segment_norm,
+    side_of,
+)
 from solvers.spec import (
     Observer,
     SolverSpec,
@@ -84,6 +98,9 @@ class _Config:
     adjoint_stats: SolverStats
     t_dtype: torch.dtype = torch.float32
     label: str | None = None
+    #: the forward outputs when they are already known (event mode: the solve that found
+    #: the event computed them)
+    precomputed: torch.Tensor | None = None
 
     @property
     def backward_label(self) -> str:
@@ -192,7 +209,7 @@ def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.devic
 
     def rhs(s: float, z: torch.Tensor) -> torch.Tensor:
         cfg.adjoint_stats.nfe += 1
-        t = field_time(direction * s, z)
+        t = field_time(direction * s, z, direction * side_of(s))
         watch = contextlib.nullcontext() if steps is None else \
             steps.observer.evaluation(direction * s + 0.0)
         if steps is not None:
@@ -200,7 +217,10 @@ def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.devic
         with torch.enable_grad(), watch:
             x = z[:n].detach().requires_grad_(True)
             fx = flat.flatten(cfg.func(t, flat.unflatten(x)))
-            vjps = torch.autograd.grad(fx, (x, *grad_params), -z[n:2 * n], allow_unused=True)
+            # a field of t alone (no parameter, no y) returns a tensor without a graph: its
+            # vector-Jacobian products are all zero
+            vjps = torch.autograd.grad(fx, (x, *grad_params), -z[n:2 * n], allow_unused=True) \
+                if fx.requires_grad else (None,) * (1 + len(grad_params))
         parts = [fx.detach(), *(_or_zeros(g, v) for g, v in zip(vjps, (x, *grad_params)))]
         out = torch.cat([p.reshape(-1) for p in parts])
         return out if direction > 0 else -out
@@ -217,13 +237,18 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, cfg: _Config, y0: torch.Tensor, t: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        rhs = make_rhs(cfg.func, cfg.flat, y0.device, cfg.direction, cfg.stats)
-        outs: list[torch.Tensor] = []
-        with torch.no_grad():
-            solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
-                       lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats,
-                       progress=Progress(cfg.direction, cfg.label or ""))
-            ys = torch.stack(outs)
+        if cfg.precomputed is not None:
+            ys = cfg.precomputed
+        else:
+            rhs = make_rhs(cfg.func, cfg.flat, y0.device, cfg.direction, cfg.stats)
+            outs: list[torch.Tensor] = []
+            with torch.no_grad():
+                solve_flat(rhs, y0, [cfg.direction * v for v in cfg.times],
+                           lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats,
+                           progress=Progress(cfg.direction, cfg.label or ""),
+                           callbacks=field_callbacks(cfg.func, cfg.flat, cfg.direction,
+                                                     cfg.spec.method, t))
+                ys = torch.stack(outs)
         ctx.cfg = cfg
         ctx.save_for_backward(ys, t, *params)
         return ys
@@ -261,7 +286,11 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     observer = cfg.observer
     steps = _StageSteps(observer) if is_stage_observer(observer) else None
     rhs = _aug_rhs(cfg, params, ys.device, direction, steps)
-    norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm)
+    grad_params = [p for p in params if p.requires_grad]
+    norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm, cfg.spec.adjoint_norm,
+                         grad_params, cfg.spec.solve_options().get("norm"))
+    callbacks = chain_callbacks(steps or NO_CALLBACKS,
+                                _adjoint_callbacks(cfg, n, grad_params, direction, ys))
     grid = observer_grid(times, cfg.observer_dt) \
         if cfg.observer_dt is not None and steps is None else []
     progress = Progress(direction, cfg.backward_label)
@@ -272,7 +301,8 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     for i in range(len(times) - 1, 0, -1):
         try:
             z, first_step = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm,
-                                            direction, n, progress, first_step, steps)
+                                            direction, n, progress, first_step, steps,
+                                            callbacks)
         except SolverError as err:
             _blame_the_gradient(err, times, grad_ys, i)
             raise
@@ -320,7 +350,8 @@ def _interval_outputs(t_from: float, t_to: float, grid: list[tuple[float, float]
 def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float, t_to: float,
                     grid: list[tuple[float, float]], norm: Norm, direction: float, n: int,
                     progress: Progress, first_step: float | None,
-                    steps: _StageSteps | None) -> tuple[torch.Tensor, float | None]:
+                    steps: _StageSteps | None,
+                    callbacks: StepCallbacks = NO_CALLBACKS) -> tuple[torch.Tensor, float | None]:
     """Backward solve over one output interval, streaming grid samples to the observer.
 
     Returns the adjoint state at ``t_to`` and the solver's next step size (None: let the
@@ -338,7 +369,7 @@ def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float,
 
     next_step = solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat,
                            cfg.adjoint_stats, norm=norm, progress=progress,
-                           first_step=first_step, callbacks=steps or StepCallbacks())
+                           first_step=first_step, callbacks=callbacks, land_on_end=True)
     return result[0], next_step
 
 
@@ -348,12 +379,58 @@ def _observe(cfg: _Config, t: float, z: torch.Tensor, n: int, weight: float) -> 
     observer(t, cfg.flat.unflatten(z[:n]), cfg.flat.unflatten(z[n:2 * n]), weight)
 
 
-def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool) -> Norm:
-    """Max-RMS over the state's components, the adjoint's and (unless seminorm) a_theta."""
-    bounds = flat.bounds + [(a + n, b + n) for a, b in flat.bounds]
-    if not seminorm and n_theta:
-        bounds.append((2 * n, 2 * n + n_theta))
-    return segment_norm(bounds)
+def _adjoint_norm(flat: FlatState, n: int, n_theta: int, seminorm: bool,
+                  user_norm: Callable | None = None, params: Sequence[torch.Tensor] = (),
+                  state_norm: Callable | None = None) -> Norm:
+    """Max-RMS over the state's components, the adjoint's and (unless seminorm) a_theta; or
+    the user's norm on the adjoint state as torchdiffeq gives it (see :func:`adjoint_state`).
+
+    With the forward solve's ``options['norm']`` (``state_norm``) and no user norm, that norm
+    measures x and a instead of the max-RMS over their components, as torchdiffeq's.
+    """
+    if user_norm is not None:
+        return lambda v: float(user_norm(adjoint_state(v, flat, n, params, split=True)))
+    theta = [(2 * n, 2 * n + n_theta)] if not seminorm and n_theta else []
+    if state_norm is None:
+        return segment_norm(flat.bounds + [(a + n, b + n) for a, b in flat.bounds] + theta)
+    of_state, of_theta = user_state_norm(state_norm, flat), segment_norm(theta)
+    return lambda v: max(of_state(v[:n]), of_state(v[n:2 * n]), of_theta(v) if theta else 0.0)
+
+
+def adjoint_state(z: torch.Tensor, flat: FlatState, n: int, params: Sequence[torch.Tensor],
+                  split: bool) -> tuple[torch.Tensor, ...]:
+    """The backward solve's flat state z = (x, a, a_theta) as torchdiffeq's augmented state
+    ``(t, y, adj_y, *adj_params)``: ``t`` a 0-dim zero (torchdiffeq integrates the time
+    gradient there; we compute time gradients from the field at the output times), ``y`` and
+    ``adj_y`` shaped like the state, ``adj_params`` like the parameters that require a
+    gradient. A tuple state is flat in ``y`` and ``adj_y`` (torchdiffeq's callbacks), or, with
+    ``split``, gives its parts in turn, ``(t, *y, *adj_y, *adj_params)`` (torchdiffeq's
+    adjoint norm)."""
+    zero = z.new_zeros(())
+    if flat.is_tuple and split:
+        ys: tuple = (*flat.unflatten(z[:n]), *flat.unflatten(z[n:2 * n]))
+    elif flat.is_tuple:
+        ys = (z[:n], z[n:2 * n])
+    else:
+        ys = (flat.unflatten(z[:n]), flat.unflatten(z[n:2 * n]))
+    parts, start = [], 2 * n
+    for p in params:
+        parts.append(z[start:start + p.numel()].view_as(p))
+        start += p.numel()
+    return (zero, *ys, *parts)
+
+
+def _adjoint_callbacks(cfg: _Config, n: int, params: Sequence[torch.Tensor], direction: float,
+                       ys: torch.Tensor) -> StepCallbacks:
+    """The field's ``callback_step_adjoint`` & co. around the backward solve's steps, with
+    the caller's time and torchdiffeq's augmented state (see :func:`adjoint_state`)."""
+    method = cfg.spec.backward().method
+    fns = defined_callbacks(cfg.func, method, "_adjoint")
+    if not any(fns):
+        return NO_CALLBACKS
+    t_dtype = callback_time_dtype(method, torch.empty((), dtype=cfg.t_dtype))
+    return FieldCallbacks(fns, lambda z: adjoint_state(z, cfg.flat, n, params, split=False),
+                          direction, t_dtype)
 
 
 def _time_grads(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor, a0: torch.Tensor,
@@ -410,7 +487,7 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
     method = method or "dopri5"
     stats = stats if stats is not None else SolverStats()
     adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
-    if backend == "torchdiffeq" or event_fn is not None:
+    if backend == "torchdiffeq":
         return _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn,
                                     adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
                                     _adjoint_params(func, adjoint_params), observer, stats,
@@ -421,18 +498,21 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
                      adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                      adjoint_options=backward_options, seminorm=seminorm)
     return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
-                         adjoint_stats, label)
+                         adjoint_stats, label, event_fn)
 
 
 def _split_seminorm(adjoint_options: Mapping[str, Any] | None) -> tuple[dict | None, bool]:
-    """torchdiffeq's ``adjoint_options={'norm': 'seminorm', ...}`` -> (the rest, seminorm)."""
+    """torchdiffeq's ``adjoint_options={'norm': 'seminorm', ...}`` -> (the rest, seminorm);
+    a callable norm stays in the options."""
     if adjoint_options is None:
         return None, False
     rest = dict(adjoint_options)
-    if "norm" not in rest:
+    if "norm" not in rest or callable(rest["norm"]):
         return rest, False
     if rest.pop("norm") != "seminorm":
-        raise SolverInputError("adjoint_options['norm'] supports only 'seminorm'")
+        raise SolverInputError("adjoint_options['norm'] must be 'seminorm' or a callable "
+                               "norm(adjoint_state) -> scalar on torchdiffeq's augmented state "
+                               "(t, y, adj_y, *adj_params)")
     return rest, True
 
 
@@ -440,33 +520,51 @@ def solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
                   adjoint_params: Sequence[torch.Tensor] | None,
                   observer: Observer | StageObserver | None,
                   observer_dt: float | None, stats: SolverStats,
-                  adjoint_stats: SolverStats, label: str | None = None) -> State:
+                  adjoint_stats: SolverStats, label: str | None = None,
+                  event_fn: Callable | None = None) -> Any:
     """The solve of :func:`odeint_adjoint` with validated settings ``spec``.
 
-    Errors get ``label`` in front of their message, those of the backward solve too.
+    Errors get ``label`` in front of their message, those of the backward solve too. With
+    ``event_fn``: (event time, the solution at [t0, event time]), as :func:`solvers.odeint`;
+    the backward solve runs from the event time to t0 (no gradient through the event time
+    itself: :func:`solvers.odeint_event` adds it).
     """
     with in_context(label):
         return _solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
-                              adjoint_stats, label)
+                              adjoint_stats, label, event_fn)
 
 
 def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
                    adjoint_params: Sequence[torch.Tensor] | None,
                    observer: Observer | StageObserver | None,
                    observer_dt: float | None, stats: SolverStats, adjoint_stats: SolverStats,
-                   label: str | None) -> State:
+                   label: str | None, event_fn: Callable | None = None) -> Any:
     params = _adjoint_params(func, adjoint_params)
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
+    if event_fn is not None:
+        check_event_times(t)
     times, direction = check_times(t, y0_flat)
+    precomputed, event_t = None, None
+    if event_fn is not None:
+        rhs = make_rhs(func, flat, y0_flat.device, direction, stats)
+        with torch.no_grad():
+            t_event, y_event = solve_until_event(
+                rhs, flat, y0_flat, y0, times[0], direction, event_fn, spec, stats,
+                Progress(direction, label or ""),
+                field_callbacks(func, flat, direction, spec.method, t))
+        event_t = torch.tensor(t_event, dtype=t.dtype, device=t.device)
+        times = [times[0], t_event]
+        precomputed = torch.stack([y0_flat.detach(), y_event])
+        t = torch.stack([t[0], event_t])
     if observer is not None:
         check_observer(observer)
         observer_dt = observer_spacing(times, observer_dt)
     cfg = _Config(func, flat, times, direction, spec, observer,
                   observer_dt if observer is not None else None, stats, adjoint_stats, t.dtype,
-                  label)
+                  label, precomputed)
     ys = _AdjointFunction.apply(cfg, y0_flat, t, *params)
-    return flat.unflatten(ys)
+    return flat.unflatten(ys) if event_t is None else (event_t, flat.unflatten(ys))
 
 
 def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | None) -> tuple:
@@ -482,10 +580,6 @@ def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | Non
 def _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
                          adjoint_atol, adjoint_method, adjoint_options, params, observer,
                          stats, backend):
-    check_backend(backend)
-    if backend != "torchdiffeq":
-        raise NotImplementedError(
-            "event_fn is not implemented by the ocnode engine; pass backend='torchdiffeq'")
     if observer is not None:
         raise SolverInputError("the torchdiffeq backend has no observer; use backend='ocnode'")
     import torchdiffeq

@@ -112,6 +112,23 @@ class SlowSolveWarning(RuntimeWarning):
         self.t, self.dt, self.steps, self.seconds = t, dt, steps, seconds
 
 
+class MinStepWarning(UserWarning):
+    """An adaptive step of size ``min_step`` was accepted although its error estimate exceeds
+    the tolerance (torchdiffeq's ``min_step`` semantics), given once per solve.
+
+    The solution may miss rtol/atol from the time ``t`` on. Silence it with
+    ``warnings.filterwarnings("ignore", category=solvers.MinStepWarning)``.
+    """
+
+    def __init__(self, t: float, dt: float, ratio: float, name: str = "") -> None:
+        where = f"{name}: " if name else ""
+        super().__init__(
+            f"{where}accepted a step of size min_step={dt:.3g} at t={t:.6g} whose error "
+            f"estimate is {ratio:.3g} times the tolerance: the solution may miss rtol/atol from "
+            "here on (warned once per solve). Lower options['min_step'] or loosen rtol/atol.")
+        self.t, self.dt, self.ratio = t, dt, ratio
+
+
 def join_context(*parts: str | None) -> str:
     """The non-empty parts joined by ", ", e.g. ``"ODE block 'enc', backward (adjoint) solve"``."""
     return ", ".join(p for p in parts if p)

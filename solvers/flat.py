@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from solvers.adams import ADAMS_METHODS, MAX_ITERS, MAX_ORDER, integrate_adams, integrate_scipy
 from solvers.errors import SolverInputError
 from solvers.implicit import ImplicitTableau, integrate_implicit
 from solvers.integrate import (
@@ -30,8 +33,9 @@ from solvers.integrate import (
     integrate_fixed,
     rms_norm,
     segment_norm,
+    side_of,
 )
-from solvers.spec import SolverSpec, State
+from solvers.spec import SolverSpec, State, method_kind, stop_times
 from solvers.stats import SolverStats
 from solvers.tableau import get_tableau
 
@@ -54,6 +58,11 @@ class FlatState:
 
     shapes: tuple[torch.Size, ...]
     is_tuple: bool
+
+    @property
+    def size(self) -> int:
+        """The length of the flat vector."""
+        return sum(math.prod(s) for s in self.shapes)
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -148,7 +157,7 @@ def make_rhs(func: Callable, flat: FlatState, device: torch.device, direction: f
     def rhs(s: float, y: torch.Tensor) -> torch.Tensor:
         nonlocal checked
         stats.nfe += 1
-        dy = func(field_time(direction * s, y), flat.unflatten(y))
+        dy = func(field_time(direction * s, y, direction * side_of(s)), flat.unflatten(y))
         if not checked:
             _check_derivative(dy, flat, y)
             checked = True
@@ -157,10 +166,22 @@ def make_rhs(func: Callable, flat: FlatState, device: torch.device, direction: f
     return rhs
 
 
-def field_time(t: float, y: torch.Tensor) -> torch.Tensor:
-    """The time handed to a vector field at state y: a 0-dim tensor in y's (real) dtype."""
+def field_time(t: float, y: torch.Tensor, side: float = 0) -> torch.Tensor:
+    """The time handed to a vector field at state y: a 0-dim tensor in y's (real) dtype;
+    with ``side`` -1 or +1 the neighbouring representable time below or above t in that
+    dtype (torchdiffeq's ``Perturb.PREV``/``Perturb.NEXT``: a field that jumps at t is seen
+    from that side)."""
     dtype = y.dtype if y.dtype.is_floating_point else torch.float64
-    return torch.tensor(t, dtype=dtype, device=y.device)
+    if not side:
+        return torch.tensor(t, dtype=dtype, device=y.device)
+    towards = math.copysign(math.inf, side)
+    if dtype == torch.float64:  # on the host: no extra kernel per evaluation
+        return torch.tensor(math.nextafter(t, towards), dtype=dtype, device=y.device)
+    if dtype == torch.float32:
+        return torch.tensor(float(np.nextafter(np.float32(t), np.float32(towards))),
+                            dtype=dtype, device=y.device)
+    tt = torch.tensor(t, dtype=dtype, device=y.device)
+    return torch.nextafter(tt, torch.tensor(towards, dtype=dtype, device=y.device))
 
 
 def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
@@ -181,18 +202,19 @@ def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
 def step_control(spec: SolverSpec, flat: FlatState) -> tuple[StepControl, Norm]:
     """Adaptive options -> (StepControl, error norm). Tuple states use the max of RMS norms."""
     options = spec.solve_options()
-    kw = {k: v for k, v in options.items() if k != "norm"}
+    kw = {k: v for k, v in options.items() if k not in ("norm", "step_t", "jump_t", "perturb")}
     for key in ("max_step", "min_step", "first_step"):
         if key in kw and kw[key] is not None:
             kw[key] = abs(float(kw[key]))
     norm = segment_norm(flat.bounds) if flat.is_tuple else rms_norm
     user_norm = options.get("norm")
     if user_norm is not None:
-        norm = _user_norm(user_norm, flat)
+        norm = user_state_norm(user_norm, flat)
     return StepControl(rtol=spec.rtol, atol=spec.atol, **kw), norm
 
 
-def _user_norm(user_norm: Callable, flat: FlatState) -> Norm:
+def user_state_norm(user_norm: Callable, flat: FlatState) -> Norm:
+    """A user's ``options['norm']``, which takes the state's structure, on flat vectors."""
     return lambda v: float(user_norm(flat.unflatten(v)))
 
 
@@ -200,32 +222,173 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                spec: SolverSpec, flat: FlatState, stats: SolverStats,
                norm: Norm | None = None, progress: Progress | None = None,
                first_step: float | None = None,
-               callbacks: StepCallbacks = NO_CALLBACKS) -> float | None:
+               callbacks: StepCallbacks = NO_CALLBACKS,
+               land_on_end: bool = False) -> float | None:
     """Run the engine on a flat state at increasing internal times s_out.
 
     Uses ``spec``'s method, tolerances and options (those of the forward solve: pass
     ``spec.backward()`` for the adjoint's); ``norm`` replaces the default error norm;
-    ``progress`` maps s_out's time to the caller's in errors and warnings (None: the same);
-    ``first_step`` (adaptive methods) replaces the starting step search or option;
-    ``callbacks`` are called around every step.
+    ``progress``
+    maps s_out's time to the caller's in errors, warnings, ``step_t``/``jump_t`` and the grid
+    of a ``grid_constructor`` (None: the same); ``first_step`` (adaptive methods) replaces
+    the starting step search or option; ``callbacks`` are called around every step;
+    ``land_on_end``: an adaptive solve's last step ends on s_out[-1] (see
+    :func:`~solvers.integrate.integrate_adaptive`). y0 is
+    the flat state of ``flat``, or any flat vector (the adjoint's augmented state), which a
+    ``grid_constructor`` then receives as it is.
 
     Returns:
         An adaptive solve's next step size (see :func:`integrate_adaptive`); None for a
         fixed-step one.
     """
+    progress = progress or Progress()
+    options = spec.solve_options()
+    kind = method_kind(spec.method)
+    step_size = options.get("step_size")
+    perturb = bool(options.get("perturb", False))
+    grid = _constructed_grid(options, rhs, y0, s_out, flat, progress)
+    if kind == "scipy":
+        integrate_scipy(rhs, y0, s_out, emit, spec.rtol, spec.atol,
+                        options.get("solver", "LSODA"), options.get("min_step"),
+                        float(options.get("max_step", math.inf)), progress)
+        return None
+    if kind == "adams":
+        integrate_adams(rhs, y0, s_out, emit, ADAMS_METHODS[spec.method], spec.rtol, spec.atol,
+                        step_size, stats, progress, callbacks, grid, perturb,
+                        int(options.get("max_order", MAX_ORDER)),
+                        int(options.get("max_iters", MAX_ITERS)))
+        return None
     tab = get_tableau(spec.method)
-    step_size = spec.solve_options().get("step_size")
     if isinstance(tab, ImplicitTableau):
-        integrate_implicit(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks)
+        integrate_implicit(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks,
+                           grid=grid)
         return None
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
         return integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
-                                  progress, callbacks)
-    integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks)
+                                  progress, callbacks, _stops(options, progress.direction),
+                                  land_on_end)
+    integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks, grid,
+                    perturb)
     return None
+
+
+def _stops(options: dict, direction: float) -> list[tuple[float, bool]]:
+    """options' step_t and jump_t as increasing internal times, tagged whether a jump."""
+    tagged = [(direction * t, False) for t in stop_times(options, "step_t")]
+    tagged += [(direction * t, True) for t in stop_times(options, "jump_t")]
+    return sorted(tagged)
+
+
+def _constructed_grid(options: dict, rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float],
+                      flat: FlatState, progress: Progress) -> list[float] | None:
+    """The internal step times from ``options['grid_constructor']`` (None without one).
+
+    torchdiffeq's contract: ``grid_constructor(func, y0, t)`` gets the field, the initial
+    state and the output times (the caller's, as a tensor in the state's dtype) and returns
+    the step times from t[0] to t[-1], monotone in t's direction.
+    """
+    constructor = options.get("grid_constructor")
+    if constructor is None:
+        return None
+    direction = progress.direction
+    user = y0.numel() == flat.size  # else the adjoint's augmented state: flat in and out
+    unflatten = flat.unflatten if user else (lambda v: v)
+    flatten = flat.flatten if user else (lambda v: v)
+
+    def func(t: torch.Tensor, y: State) -> State:
+        return unflatten(direction * rhs(direction * float(t), flatten(y)))
+
+    t = torch.tensor([progress.time(s) for s in s_out], dtype=y0.dtype, device=y0.device)
+    grid = constructor(func, unflatten(y0), t)
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
+        raise SolverInputError(
+            "grid_constructor(func, y0, t) must return a 1-D tensor of at least two step "
+            f"times, got {grid if not isinstance(grid, torch.Tensor) else grid.shape}")
+    s_grid = [direction * v for v in grid.detach().to("cpu", torch.float64).tolist()]
+    tol = 1e-6 * max(1.0, abs(s_out[0]), abs(s_out[-1]))
+    if abs(s_grid[0] - s_out[0]) > tol or abs(s_grid[-1] - s_out[-1]) > tol:
+        raise SolverInputError(
+            f"grid_constructor's grid must start at t[0]={progress.time(s_out[0]):g} and end "
+            f"at t[-1]={progress.time(s_out[-1]):g}, got {grid[0].item():g} ... "
+            f"{grid[-1].item():g}")
+    if not all(b > a for a, b in zip(s_grid, s_grid[1:])) or not all(
+            math.isfinite(v) for v in s_grid):
+        raise SolverInputError("grid_constructor's grid must be finite and strictly monotone "
+                               "in the direction of t")
+    s_grid[0], s_grid[-1] = s_out[0], s_out[-1]  # exactly the solve's ends
+    return s_grid
+
+
+#: torchdiffeq's step callbacks of a vector field.
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+def supported_callbacks(method: str) -> tuple[str, ...]:
+    """The callbacks a method calls, as torchdiffeq: adaptive Runge-Kutta methods all three,
+    fixed-grid ones (explicit, implicit, Adams) only ``callback_step``, scipy_solver none."""
+    kind = method_kind(method)
+    if kind == "adaptive":
+        return CALLBACK_NAMES
+    return () if kind == "scipy" else CALLBACK_NAMES[:1]
+
+
+def defined_callbacks(func: Any, method: str, suffix: str = "") -> list[Callable | None]:
+    """``func``'s callbacks (``callback_step`` ... with ``suffix``), None for those that it
+    lacks or that ``method`` does not call; warns, as torchdiffeq, when func defines some that
+    the method does not call."""
+    found = [getattr(func, name + suffix, None) for name in CALLBACK_NAMES]
+    found = [fn if callable(fn) else None for fn in found]
+    supported = supported_callbacks(method)
+    unused = {name + suffix for name, fn in zip(CALLBACK_NAMES, found)
+              if fn is not None and name not in supported}
+    if unused:
+        warnings.warn(f"Solver '{method}' does not support callbacks {unused}", stacklevel=4)
+    return [fn if name in supported else None for name, fn in zip(CALLBACK_NAMES, found)]
+
+
+class FieldCallbacks(StepCallbacks):
+    """Calls a vector field's torchdiffeq callbacks ``fn(t0, y0, dt)`` around the engine's
+    steps: ``t0`` the step's start in the caller's time and ``dt`` the step size (> 0), both
+    0-dim tensors of ``t_dtype`` on the state's device, ``y0`` the state at t0 as ``to_user``
+    makes it (the caller's structure)."""
+
+    def __init__(self, fns: Sequence[Callable | None], to_user: Callable[[torch.Tensor], Any],
+                 direction: float, t_dtype: torch.dtype) -> None:
+        self.fns, self.to_user = list(fns), to_user
+        self.direction, self.t_dtype = direction, t_dtype
+
+    def _call(self, k: int, s: float, y: torch.Tensor, dt: float) -> None:
+        fn = self.fns[k]
+        if fn is not None:
+            t0 = torch.tensor(self.direction * s + 0.0, dtype=self.t_dtype, device=y.device)
+            fn(t0, self.to_user(y), torch.tensor(dt, dtype=self.t_dtype, device=y.device))
+
+    def step(self, s: float, y: torch.Tensor, dt: float) -> None:
+        self._call(0, s, y, dt)
+
+    def accept(self, s: float, y: torch.Tensor, dt: float) -> None:
+        self._call(1, s, y, dt)
+
+    def reject(self, s: float, y: torch.Tensor, dt: float) -> None:
+        self._call(2, s, y, dt)
+
+
+def callback_time_dtype(method: str, t: torch.Tensor) -> torch.dtype:
+    """The dtype of the times handed to callbacks: float64 for adaptive methods (their
+    clock, as torchdiffeq's), t's own for fixed-grid ones (their grid is made of t)."""
+    return torch.float64 if method_kind(method) == "adaptive" else t.dtype
+
+
+def field_callbacks(func: Any, flat: FlatState, direction: float, method: str,
+                    t: torch.Tensor) -> StepCallbacks:
+    """The engine's StepCallbacks for ``func.callback_step`` & co. (NO_CALLBACKS if none)."""
+    fns = defined_callbacks(func, method)
+    if not any(fns):
+        return NO_CALLBACKS
+    return FieldCallbacks(fns, flat.unflatten, direction, callback_time_dtype(method, t))
 
 
 def check_backend(backend: str) -> None:
@@ -244,3 +407,9 @@ class CountingFunc(torch.nn.Module):
     def forward(self, t: torch.Tensor, y: State) -> State:
         self.stats.nfe += 1
         return self.func(t, y)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped field's step callbacks (``callback_step`` & co.), for torchdiffeq."""
+        if name.startswith("callback_"):
+            return getattr(self.func, name)
+        return super().__getattr__(name)

@@ -185,11 +185,12 @@ def integrate_implicit(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
                        tab: ImplicitTableau, step_size: float | None = None,
                        stats: SolverStats | None = None, progress: Progress | None = None,
                        callbacks: StepCallbacks = NO_CALLBACKS,
-                       max_iters: int = MAX_ITERS) -> None:
+                       max_iters: int = MAX_ITERS, grid: Sequence[float] | None = None) -> None:
     """Integrate with an implicit method on a fixed grid, emitting at t_out.
 
     Args: as :func:`solvers.integrate.integrate_fixed` (``step_size`` None: one step per
-    output interval), plus ``max_iters``, the Newton iterations allowed per step.
+    output interval), plus ``max_iters``, the Newton iterations allowed per step, and
+    ``grid`` (explicit step times, replacing ``step_size``).
 
     Raises:
         SolverInputError: the stage system would have more than :data:`MAX_UNKNOWNS`
@@ -205,7 +206,7 @@ def integrate_implicit(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
             f"entries = {tab.stages * y0.numel()} unknowns per step, more than {MAX_UNKNOWNS}: "
             "implicit methods are for small states; use an explicit method (for an adjoint's "
             "backward solve, e.g. adjoint_method='dopri5')")
-    grid = fixed_grid(t_out, step_size)
+    grid = fixed_grid(t_out, step_size, grid)
     out = _Outputs(t_out, emit)
     _check_finite(y0, progress.time(grid[0]), "initial state", _INITIAL_CAUSE)
     y, f0 = y0, rhs(grid[0], y0)

@@ -21,15 +21,17 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from solvers.errors import (
     MaxStepsExceededError,
+    MinStepWarning,
     NonFiniteStateError,
     SlowSolveWarning,
     SolverInputError,
@@ -66,12 +68,18 @@ class Progress:
 
     def __init__(self, direction: float = 1.0, name: str = "") -> None:
         self.direction, self.name = direction, name
-        self.steps, self.warned = 0, False
+        self.steps, self.warned, self.min_step_warned = 0, False, False
         self.start = time.monotonic()
 
     def time(self, s: float) -> float:
         """The caller's time at internal time s."""
         return self.direction * s + 0.0  # + 0.0: report t=0, not t=-0
+
+    def accept_min_step(self, s: float, dt: float, ratio: float) -> None:
+        """A step of size min_step at s was accepted with error ratio > 1: warn once."""
+        if not self.min_step_warned:
+            self.min_step_warned = True
+            warnings.warn(MinStepWarning(self.time(s), dt, ratio, self.name), stacklevel=3)
 
     def step(self, s: float, dt: float) -> None:
         """Count one step attempt of size dt at internal time s; warn once if it is slow."""
@@ -83,6 +91,34 @@ class Progress:
             self.warned = True
             warnings.warn(SlowSolveWarning(self.time(s), dt, self.steps, seconds, self.name),
                           stacklevel=3)
+
+
+class SideTime(float):
+    """An internal time at which the field is evaluated one floating-point step before
+    (``side=-1``) or after (``side=+1``) the time itself, in the state's dtype: the two
+    limits of a field that jumps there (torchdiffeq's ``Perturb.PREV`` / ``Perturb.NEXT``).
+
+    It is a float, so a right-hand side that ignores the side simply sees the time;
+    arithmetic on it gives plain floats. Right-hand sides built by :mod:`solvers.flat` and
+    :mod:`solvers.adjoint` read it with :func:`side_of`.
+    """
+
+    side: int
+
+    def __new__(cls, value: float, side: int) -> SideTime:
+        obj = super().__new__(cls, value)
+        obj.side = side
+        return obj
+
+
+def at_side(s: float, side: int) -> float:
+    """s, tagged to be evaluated just before (-1) or after (+1) it; s itself for side 0."""
+    return SideTime(s, side) if side else float(s)
+
+
+def side_of(s: float) -> int:
+    """The side of an internal time made by :func:`at_side` (0 for a plain float)."""
+    return getattr(s, "side", 0)
 
 
 class StepCallbacks:
@@ -104,6 +140,33 @@ class StepCallbacks:
 
 #: The callbacks of a solve that has none.
 NO_CALLBACKS = StepCallbacks()
+
+
+class CallbackChain(StepCallbacks):
+    """Several StepCallbacks called in order."""
+
+    def __init__(self, *callbacks: StepCallbacks) -> None:
+        self.callbacks = [c for c in callbacks if c is not NO_CALLBACKS]
+
+    def step(self, s: float, y: torch.Tensor, dt: float) -> None:
+        for c in self.callbacks:
+            c.step(s, y, dt)
+
+    def accept(self, s: float, y: torch.Tensor, dt: float) -> None:
+        for c in self.callbacks:
+            c.accept(s, y, dt)
+
+    def reject(self, s: float, y: torch.Tensor, dt: float) -> None:
+        for c in self.callbacks:
+            c.reject(s, y, dt)
+
+
+def chain_callbacks(*callbacks: StepCallbacks) -> StepCallbacks:
+    """One StepCallbacks calling each of ``callbacks`` (NO_CALLBACKS when none is left)."""
+    kept = [c for c in callbacks if c is not NO_CALLBACKS]
+    if not kept:
+        return NO_CALLBACKS
+    return kept[0] if len(kept) == 1 else CallbackChain(*kept)
 
 
 @dataclass(frozen=True)
@@ -185,17 +248,24 @@ class _Stages:
 
 
 def rk_step(rhs: Rhs, tab: ButcherTableau, coeffs: tuple, t: float, y: torch.Tensor,
-            dt: float, stages: _Stages) -> torch.Tensor:
+            dt: float, stages: _Stages, t_end: float | None = None,
+            end_side: int = 0) -> torch.Tensor:
     """One explicit Runge-Kutta step; stage 0 must already hold f(t, y).
+
+    Stages with node c = 1 are evaluated at ``t_end`` (default t + dt: a grid point or a
+    stop time is hit exactly), on its side ``end_side`` (-1: just before it, for a field
+    that jumps there; see :class:`SideTime`).
 
     Returns:
         y_new, shape (n,). For FSAL tableaux the last stage is f(t + dt, y_new).
     """
     a_rows, b, _ = coeffs
+    end = at_side(t + dt if t_end is None else t_end, end_side)
     y_new = None
     for i in range(1, tab.stages):
         y_i = stages.combine(y, a_rows[i][:i], dt)
-        stages.set(i, rhs(t + float(tab.c[i]) * dt, y_i))
+        c = float(tab.c[i])
+        stages.set(i, rhs(end if c == 1.0 else t + c * dt, y_i))
         y_new = y_i
     if not tab.fsal or y_new is None:
         y_new = stages.combine(y, b, dt)
@@ -306,8 +376,14 @@ class _Outputs:
 def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                        tab: ButcherTableau, ctl: StepControl, norm: Norm = rms_norm,
                        stats: SolverStats | None = None, progress: Progress | None = None,
-                       callbacks: StepCallbacks = NO_CALLBACKS) -> float:
+                       callbacks: StepCallbacks = NO_CALLBACKS,
+                       stops: Sequence[tuple[float, bool]] = (),
+                       land_on_end: bool = False) -> float:
     """Integrate with an embedded pair and PI/I step control, emitting at each of t_out.
+
+    As torchdiffeq's adaptive solvers, every step evaluates its stages with node 1 just
+    before the step's end (a :class:`SideTime`), so that a field that jumps there is seen
+    from inside the step.
 
     Args:
         rhs: f(t, y) on flat states, y of shape (n,).
@@ -315,58 +391,127 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         t_out: strictly increasing output times (floats); t_out[0] is the start.
         emit: called as emit(j, t_out[j], y) for every j, in order.
         tab: an adaptive FSAL tableau.
-        ctl: tolerances and controller options.
+        ctl: tolerances and controller options. A step of size ``ctl.min_step`` is
+            accepted whatever its error (torchdiffeq's semantics), with a
+            :class:`~solvers.errors.MinStepWarning` the first time its error is too large.
         norm: error norm of the scaled error vector.
         stats: optional counters to increment.
         progress: the caller's time and the slow-solve warning (None: t_out's own time).
         callbacks: called before and after every step attempt.
+        stops: (time, is_jump) pairs, increasing internal times that the solver steps
+            exactly onto (torchdiffeq's ``step_t``; ``jump_t`` when is_jump): a step that
+            would pass one ends on it. The field is discontinuous at a jump: after the step
+            that ends there, f is evaluated again just after it (one more evaluation per
+            jump). Times at or before t_out[0] are ignored.
+        land_on_end: t_out[-1] is a stop too: the last step ends on it instead of passing it
+            (the adjoint's backward intervals, whose state jumps at their ends; by default
+            the last step may pass it and the output is interpolated, as torchdiffeq's).
 
     Returns:
         The controller's next step size: a following solve that continues from the end
-        (the adjoint's next output interval) can start with it instead of a new search.
+        (the adjoint's next output interval) can start with it instead of a new search. When
+        a stop shortened the last step, the larger of the controller's proposal and the step
+        it would have taken.
 
     Raises:
         NonFiniteStateError, StepSizeUnderflowError, MaxStepsExceededError: naming the
             caller's time; a :class:`~solvers.errors.SlowSolveWarning` is given once when the
             solve is slow.
     """
+    out = _Outputs(t_out, emit)
+    stops = list(stops)
+    if land_on_end and not any(s == t_out[-1] for s, _ in stops):
+        stops = sorted([*stops, (t_out[-1], False)])
+    steps = adaptive_steps(rhs, y0, t_out[0], tab, ctl, norm, stats, progress, callbacks, stops)
+    proposal = next(steps).next_dt  # f(t0, y0) and the starting step
+    emit(0, t_out[0], y0)
+    while not out.done:
+        step = next(steps)
+        out.flush(step.t0, step.t1, step.value_at)  # type: ignore[arg-type]
+        proposal = step.next_dt
+    steps.close()
+    return proposal
+
+
+class AcceptedStep(NamedTuple):
+    """An accepted step of :func:`adaptive_steps`, from (t0, y0) to (t1, y1).
+
+    ``value_at(theta)`` is the dense output at t0 + theta * (t1 - t0), valid until the
+    generator resumes; ``next_dt`` the step size a solve that stops here would continue with.
+    """
+
+    t0: float
+    t1: float
+    y0: torch.Tensor
+    y1: torch.Tensor
+    value_at: Callable[[float], torch.Tensor] | None
+    next_dt: float
+
+
+def adaptive_steps(rhs: Rhs, y0: torch.Tensor, t0: float, tab: ButcherTableau,
+                   ctl: StepControl, norm: Norm = rms_norm, stats: SolverStats | None = None,
+                   progress: Progress | None = None, callbacks: StepCallbacks = NO_CALLBACKS,
+                   stops: Sequence[tuple[float, bool]] = ()) -> Generator[AcceptedStep, None, None]:
+    """The accepted steps of an adaptive solve from (t0, y0), without end.
+
+    The first item comes once f(t0, y0) and the starting step are known: a step of length 0
+    at t0 whose ``next_dt`` is the starting step; then every accepted step. Arguments and
+    errors as :func:`integrate_adaptive`, which consumes it (``stops`` as there).
+    """
     stats = stats if stats is not None else SolverStats()
     progress = progress or Progress()
     coeffs = _coefficients(tab, y0.dtype, y0.device)
     graph = torch.is_grad_enabled()
     stages = _Stages(tab.stages, y0, graph)
-    out = _Outputs(t_out, emit)
-    t, y = t_out[0], y0
+    t, y = t0, y0
+    pending = [(s, jump) for s, jump in stops if s > t]
     f0 = _first_derivative(rhs, t, y, progress)
     dt = ctl.first_step or initial_step(rhs, t, y, f0, tab.err_order, ctl, norm, progress)
-    emit(0, t, y)
+    yield AcceptedStep(t, t, y, y, None, min(ctl.max_step, max(ctl.min_step, dt)))
     prev_ratio, ratio, steps = 1.0, 0.0, 0
-    while not out.done:
+    while True:
         dt = min(ctl.max_step, max(ctl.min_step, dt))
         steps += 1
         _check_step(t, dt, ratio, steps, ctl, progress)
         callbacks.step(t, y, dt)
+        t1, jump, wanted = t + dt, False, dt
+        if pending and pending[0][0] <= t1:  # land on the stop time
+            (t1, jump), dt = pending[0], pending[0][0] - t
         stages.set(0, f0)
-        y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages)
+        y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages, t1, -1)
         err = stages.combine(None, coeffs[2], dt).detach()
         ratio = error_ratio(err, y.detach(), y1.detach(), ctl, norm)
-        if ratio <= 1.0:
-            stats.n_accepted += 1
-            callbacks.accept(t, y, dt)
-            out.flush(t, t + dt, _dense(tab, stages, y, dt))
-            # copy: in buffer mode the last row is overwritten by the next attempt, and a
-            # rejected attempt must restart from f(t, y)
-            f_new = stages.get(tab.stages - 1)
-            t, y, f0 = t + dt, y1, f_new if graph else f_new.clone()
-            prev_ratio = max(ratio, 1e-4)
-        else:
+        accept = ratio <= 1.0
+        if not accept and dt <= ctl.min_step:  # torchdiffeq: min_step is always accepted
+            if math.isnan(ratio):
+                raise NonFiniteStateError(progress.time(t), f"state (NaN or inf in a step of "
+                                          f"size min_step={ctl.min_step:g})")
+            progress.accept_min_step(t, dt, ratio)
+            accept = True
+        if not accept:
             stats.n_rejected += 1
             callbacks.reject(t, y, dt)
-            if dt <= ctl.min_step:
-                raise StepSizeUnderflowError(progress.time(t), dt,
-                                             f"rejected at min_step={ctl.min_step:g}")
-        dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
-    return min(ctl.max_step, max(ctl.min_step, dt))
+            dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
+            continue
+        stats.n_accepted += 1
+        callbacks.accept(t, y, dt)
+        prev_ratio = max(ratio, 1e-4)
+        next_dt = next_step(dt, ratio, prev_ratio, tab.err_order, ctl)
+        # when a stop shortened the step, a solve that ends here continues with the larger
+        # of the controller's proposal and the step it wanted
+        proposal = max(next_dt, wanted) if wanted > dt else next_dt
+        yield AcceptedStep(t, t1, y, y1, _dense(tab, stages, y, dt),
+                           min(ctl.max_step, max(ctl.min_step, proposal)))
+        # copy: in buffer mode the last row is overwritten by the next attempt, and a
+        # rejected attempt must restart from f(t, y)
+        f_new = stages.get(tab.stages - 1)
+        t, y, f0 = t1, y1, f_new if graph else f_new.clone()
+        if pending and pending[0][0] <= t:
+            pending.pop(0)
+        if jump:  # the field on the far side of its discontinuity
+            f0 = rhs(at_side(t, 1), y)
+            _check_finite(f0, progress.time(t), "derivative")
+        dt = next_dt
 
 
 def _first_derivative(rhs: Rhs, s: float, y0: torch.Tensor, progress: Progress) -> torch.Tensor:
@@ -399,8 +544,12 @@ def _dense(tab: ButcherTableau, stages: _Stages, y: torch.Tensor,
     return value_at
 
 
-def fixed_grid(t_out: Sequence[float], step_size: float | None) -> list[float]:
-    """Step times of a fixed-step solve: the output times, or t0 + k*step_size up to t_end."""
+def fixed_grid(t_out: Sequence[float], step_size: float | None,
+               grid: Sequence[float] | None = None) -> list[float]:
+    """Step times of a fixed-step solve: ``grid`` when given, else the output times, or
+    t0 + k*step_size up to t_end."""
+    if grid is not None:
+        return list(grid)
     if step_size is None:
         return list(t_out)
     if not step_size > 0:
@@ -413,31 +562,38 @@ def fixed_grid(t_out: Sequence[float], step_size: float | None) -> list[float]:
 def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
                     tab: ButcherTableau, step_size: float | None = None,
                     stats: SolverStats | None = None, progress: Progress | None = None,
-                    callbacks: StepCallbacks = NO_CALLBACKS) -> None:
+                    callbacks: StepCallbacks = NO_CALLBACKS, grid: Sequence[float] | None = None,
+                    perturb: bool = False) -> None:
     """Integrate on a fixed grid, emitting at t_out (cubic Hermite between grid points).
 
     Args: as :func:`integrate_adaptive`, plus ``step_size`` (None: one step per output
-    interval, as torchdiffeq's fixed-grid solvers). A fixed-step solve knows its number of
-    steps in advance and does not warn that it is slow; it accepts every step.
+    interval, as torchdiffeq's fixed-grid solvers), ``grid`` (the step times, increasing,
+    from t_out[0] to t_out[-1]: replaces ``step_size``) and ``perturb`` (torchdiffeq's
+    option: each step evaluates f just after its start and, at the stages with node 1, just
+    before its end, so that a field that jumps at grid points is seen from inside the step;
+    the interpolant between grid points then uses the slope after the jump at its end). A
+    fixed-step solve knows its number of steps in advance and does not warn that it is slow;
+    it accepts every step.
     """
     stats = stats if stats is not None else SolverStats()
     progress = progress or Progress()
     coeffs = _coefficients(tab, y0.dtype, y0.device)
     stages = _Stages(tab.stages, y0, torch.is_grad_enabled())
     out = _Outputs(t_out, emit)
-    grid = fixed_grid(t_out, step_size)
+    grid = fixed_grid(t_out, step_size, grid)
+    start, end = (1, -1) if perturb else (0, 0)
     _check_finite(y0, progress.time(grid[0]), "initial state", _INITIAL_CAUSE)
-    y, f0 = y0, rhs(grid[0], y0)
+    y, f0 = y0, rhs(at_side(grid[0], start), y0)
     emit(0, grid[0], y)
     for k, (t, t1) in enumerate(zip(grid[:-1], grid[1:])):
         _check_finite(f0, progress.time(t), "derivative")
         callbacks.step(t, y, t1 - t)
         stages.set(0, f0)
-        y1 = rk_step(rhs, tab, coeffs, t, y, t1 - t, stages)
+        y1 = rk_step(rhs, tab, coeffs, t, y, t1 - t, stages, t1, end)
         stats.n_accepted += 1
         callbacks.accept(t, y, t1 - t)
         last = k == len(grid) - 2
-        f1 = None if last and not _needs_interior(out, t1) else rhs(t1, y1)
+        f1 = None if last and not _needs_interior(out, t1) else rhs(at_side(t1, start), y1)
         out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t))
         y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
     _check_finite(y, progress.time(grid[-1]), "state")

@@ -25,17 +25,44 @@ from typing import Any, Protocol, TypeGuard
 
 import torch
 
+from solvers.adams import ADAMS_METHODS, SCIPY_METHOD
 from solvers.errors import SolverInputError
+from solvers.implicit import ImplicitTableau
 from solvers.tableau import get_tableau
 
 #: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
 ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
-                              "min_step", "max_step", "max_num_steps", "norm"})
-FIXED_OPTIONS = frozenset({"step_size"})
-TORCHDIFFEQ_ONLY = frozenset({"step_t", "jump_t", "interp", "perturb", "grid_constructor",
-                              "dtype"})
+                              "min_step", "max_step", "max_num_steps", "norm", "step_t",
+                              "jump_t"})
+FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb"})
+IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor"})
+ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
+SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
+TORCHDIFFEQ_ONLY = frozenset({"interp", "dtype"})
+#: The options of each kind of method (see :func:`method_kind`).
+KIND_OPTIONS = {"adaptive": ADAPTIVE_OPTIONS, "fixed": FIXED_OPTIONS,
+                "implicit": IMPLICIT_OPTIONS, "adams": ADAMS_OPTIONS, "scipy": SCIPY_OPTIONS}
+#: Kinds of methods that step on a fixed grid (step_size, grid_constructor).
+GRID_KINDS = frozenset({"fixed", "implicit", "adams"})
+
+
+def method_kind(method: str) -> str:
+    """'adaptive' or 'fixed' (explicit Runge-Kutta), 'implicit', 'adams' (torchdiffeq's
+    multistep methods) or 'scipy' (``scipy_solver``).
+
+    Raises:
+        SolverInputError: for an unknown method name.
+    """
+    if method in ADAMS_METHODS:
+        return "adams"
+    if method == SCIPY_METHOD:
+        return "scipy"
+    tab = get_tableau(method)
+    if isinstance(tab, ImplicitTableau):
+        return "implicit"
+    return "adaptive" if tab.adaptive else "fixed"
 
 
 class Observer(Protocol):
@@ -201,16 +228,26 @@ class SolverSpec:
         if self.adjoint_options is not None:
             if not isinstance(self.adjoint_options, Mapping):
                 raise SolverInputError(_not_a_dict("adjoint_options", self.adjoint_options))
-            if "norm" in self.adjoint_options:
+            norm = self.adjoint_options.get("norm")
+            if norm == "seminorm":
                 raise SolverInputError(
-                    "adjoint_options['norm'] is not supported: the adjoint solve has its own "
-                    "error norm; pass seminorm=True for the seminorm")
-            self._set("adjoint_options", _FrozenOptions(self.adjoint_options))
+                    "adjoint_options['norm']='seminorm': pass seminorm=True for the seminorm")
+            if "norm" in self.adjoint_options and not callable(norm):
+                raise SolverInputError(
+                    "adjoint_options['norm'] must be a callable on the adjoint state "
+                    "(t, y, adj_y, *adj_params), as torchdiffeq's; pass seminorm=True for "
+                    "the seminorm")
+            if norm is not None and self.seminorm:
+                raise SolverInputError("adjoint_options['norm'] and seminorm=True exclude "
+                                       "each other: the norm decides what is controlled")
+            self._set("adjoint_options", _FrozenOptions(_times_as_floats(self.adjoint_options)))
 
     def _check_step_size(self) -> None:
         """Models step with ``step_size``: stepping on the output times only (what plain
         :func:`solvers.odeint` does without it) would be one step over the whole horizon."""
-        if not self.adaptive and self.solve_options().get("step_size") is None:
+        options = self.solve_options()
+        if method_kind(self.method) in GRID_KINDS and options.get("step_size") is None \
+                and options.get("grid_constructor") is None:
             raise SolverInputError(
                 f"{self.method} needs options={{'step_size': ...}} (a fixed-step method), or "
                 "choose an adaptive method such as 'dopri5'")
@@ -242,7 +279,12 @@ class SolverSpec:
     @property
     def adaptive(self) -> bool:
         """Whether the forward method has step-size control."""
-        return get_tableau(self.method).adaptive
+        return method_kind(self.method) in ("adaptive", "scipy")
+
+    @property
+    def adjoint_norm(self) -> Any:
+        """The user's norm of the backward solve (``adjoint_options['norm']``), or None."""
+        return (self.adjoint_options or {}).get("norm")
 
     def solve_options(self) -> dict[str, Any]:
         """The forward solve's options, as a new dict."""
@@ -290,7 +332,7 @@ def _show(value: Any) -> str:
 def _check_method(method: object, name: str) -> None:
     if not isinstance(method, str):
         raise SolverInputError(f"{name} must be a method name such as 'dopri5', got {method!r}")
-    get_tableau(method)
+    method_kind(method)
 
 
 def _is_real(value: object) -> bool:
@@ -320,19 +362,87 @@ def _check_options(method: str, options: Mapping[str, Any] | None) -> dict[str, 
         return {}
     if not isinstance(options, Mapping):
         raise SolverInputError(_not_a_dict("options", options))
-    valid = ADAPTIVE_OPTIONS if get_tableau(method).adaptive else FIXED_OPTIONS
+    kind = method_kind(method)
+    valid = KIND_OPTIONS[kind]
     for key in options:
         if key in TORCHDIFFEQ_ONLY:
             raise SolverInputError(
                 f"option {key!r} is torchdiffeq-specific; pass backend='torchdiffeq' to use it")
+        if key == "perturb" and kind == "implicit":
+            raise SolverInputError(
+                f"option 'perturb' is not supported by the implicit method {method!r}; use an "
+                "explicit fixed-step method, or put a grid point on the discontinuity")
         if key not in valid:
             raise SolverInputError(
                 f"unknown option {key!r} for method {method!r}; valid: {sorted(valid)}")
     _check_option_values(options)
-    return dict(options)
+    return _times_as_floats(options)
+
+
+def _times_as_floats(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` with ``step_t`` and ``jump_t`` as tuples of floats, so that a spec
+    that holds them compares and hashes by value (a tensor of times does neither)."""
+    out = dict(options)
+    for name in ("step_t", "jump_t"):
+        if out.get(name) is not None:
+            out[name] = tuple(stop_times(options, name))
+    return out
+
+
+def stop_times(options: Mapping[str, Any], name: str) -> list[float]:
+    """``options[name]`` (``step_t`` or ``jump_t``: a 1-D tensor, a sequence of finite
+    times or one time, in the caller's time) as floats; [] when absent.
+
+    Raises:
+        SolverInputError: for anything else.
+    """
+    value = options.get(name)
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or not (value.is_floating_point() or value.dtype in (
+                torch.int32, torch.int64)):
+            raise SolverInputError(f"options[{name!r}] must be a 1-D tensor of times, got "
+                                   f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        times = value.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    elif _is_real(value):
+        times = [float(value)]
+    elif isinstance(value, (list, tuple)) and all(_is_real(v) for v in value):
+        times = [float(v) for v in value]
+    else:
+        raise SolverInputError(f"options[{name!r}] must be a 1-D tensor or a list of times, "
+                               f"got {type(value).__name__}")
+    if not all(math.isfinite(v) for v in times):
+        raise SolverInputError(f"options[{name!r}] must be finite, got {times}")
+    return times
 
 
 def _check_option_values(options: Mapping[str, Any]) -> None:
+    step_t, jump_t = stop_times(options, "step_t"), stop_times(options, "jump_t")
+    if len(set(step_t) | set(jump_t)) < len(step_t) + len(jump_t):
+        raise SolverInputError(
+            "options 'step_t' and 'jump_t' must not repeat a time (within or between them)")
+    if options.get("step_size") is not None and options.get("grid_constructor") is not None:
+        raise SolverInputError(
+            "options 'step_size' and 'grid_constructor' exclude each other: pass one")
+    if options.get("grid_constructor") is not None and not callable(
+            options["grid_constructor"]):
+        raise SolverInputError("options['grid_constructor'] must be a callable "
+                               "grid_constructor(func, y0, t) -> 1-D tensor of step times")
+    if "perturb" in options and not isinstance(options["perturb"], bool):
+        raise SolverInputError(f"options['perturb'] must be True or False, got "
+                               f"{options['perturb']!r}")
+    for name, low in (("max_order", 1), ("max_iters", 1)):
+        value = options.get(name)
+        if name in options and not (isinstance(value, numbers.Integral) and not isinstance(
+                value, bool) and low <= int(value) <= (12 if name == "max_order" else 10**6)):
+            bound = " (at most 12)" if name == "max_order" else ""
+            raise SolverInputError(f"options[{name!r}] must be a positive int{bound}, got "
+                                   f"{value!r}")
+    solver = options.get("solver")
+    if "solver" in options and not isinstance(solver, str):
+        raise SolverInputError(f"options['solver'] must be a scipy.integrate.solve_ivp method "
+                               f"name such as 'RK45' or 'LSODA', got {solver!r}")
     steps = options.get("max_num_steps")
     if "max_num_steps" in options and not (
             isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
