@@ -396,10 +396,8 @@ def test_the_memory_budget_counts_the_measured_layer_activations():
     # as much again for their gradients
     per_sample = 2 * 8 * (16 + 20 + 20 + 12)
     obs = ODEObserver(func, [func.l1, func.l2], sums, memory_budget=3.5 * per_sample)
-    assert obs._chunk(x) == int(3.5 * per_sample // x.numel() // 8)  # the state, unmeasured
-    obs(0.5, x, a, 0.1)
-    obs.finish()
-    assert obs.sample_bytes == per_sample and obs._chunk(x) == 3
+    obs(0.5, x, a, 0.1)  # unmeasured: the first sample is evaluated alone, at once
+    assert obs.pending == 0 and obs.sample_bytes == per_sample
     for k in range(3):
         obs(0.1 * k, x, a, 0.1)
     assert obs.pending == 0 and sums.stats[func.l2].uses == 4  # the third filled the chunk
@@ -415,6 +413,8 @@ def test_observer_buffers_until_finish_and_weighs_each_sample_of_a_chunk():
     obs = ODEObserver(func, [func.l2], sums, batched_time=True)
     one = ODEObserver(func, [func.l2], alone, batched_time=True)
     x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    obs(0.9, x, a, 0.1)  # the first sample is evaluated at once: it measures the chunk size
+    assert obs.pending == 0 and sums.pop()[func.l2].uses == 1
     for t, w in ((0.5, 0.1), (0.4, 0.1), (0.2, 0.2)):
         obs(t, x, a, w)
         one(t, x, a, w)

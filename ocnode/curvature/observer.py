@@ -10,7 +10,7 @@ scale B * weight (Liu, Chen, Theodorou 2021, "Second-order Neural ODE Optimizer"
 Samples are buffered (cloned) and evaluated many at a time, in chunks bounded by a memory
 budget; :meth:`ODEObserver.finish` evaluates what is left. The budget counts the bytes a
 sample's evaluation holds: the covered layers' inputs and outputs and their gradients, as
-measured on the first evaluation (until then, the state's bytes).
+measured on the first evaluation (which evaluates one sample alone).
 
 A vector field that accepts a per-row time vector, shape (U * B,), declares it with the class
 attribute ``supports_batched_time = True``; a chunk of U samples is then one call of the field
@@ -133,15 +133,16 @@ class ODEObserver:
         self.loss_batch = (x[0] if isinstance(x, tuple) else x).shape[0]
         self.buffer.append((t, clone(x), clone(a), weight))
         self.samples += 1
-        if len(self.buffer) >= self._chunk(self.buffer[-1][1]):
+        if len(self.buffer) >= self._chunk():
             self.finish()
 
-    def _chunk(self, x) -> int:
-        """Samples per chunk: the budget over a sample's measured bytes (its state's, until
-        the first evaluation has measured them)."""
-        comps = x if isinstance(x, tuple) else (x,)
-        nbytes = self.sample_bytes or sum(c.numel() * c.element_size() for c in comps)
-        return max(1, int(self.memory_budget // max(nbytes, 1)))
+    def _chunk(self) -> int:
+        """Samples per chunk: the budget over a sample's measured bytes; 1 until the first
+        evaluation has measured them (a state's bytes say little of its activations: a
+        64-channel conv field holds about 8 times them)."""
+        if self.sample_bytes is None:
+            return 1
+        return max(1, int(self.memory_budget // max(self.sample_bytes, 1)))
 
     def finish(self) -> None:
         """Evaluate the buffered samples and add their factors to the sink."""
