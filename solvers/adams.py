@@ -205,7 +205,8 @@ def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
 
     Raises:
         SolverInputError: an unknown ``solver``.
-        SolverError: solve_ivp failed (its message, and the time it reached).
+        SolverError: solve_ivp failed (its message, and the last time f was evaluated at);
+            the field's own errors pass unchanged.
     """
     from scipy.integrate import solve_ivp
 
@@ -214,10 +215,17 @@ def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
     if len(t_out) == 1:
         return
     dtype, device = y0.dtype, y0.device
+    last_s = [t_out[0]]  # the latest time f was evaluated at: where a failed solve stopped
+    failed = []  # errors of the field (or of our checks on it), raised through solve_ivp
 
     def fun(s: float, v: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            dv = rhs(float(s), torch.as_tensor(v, dtype=dtype, device=device))
+        last_s[0] = max(last_s[0], float(s))
+        try:
+            with torch.no_grad():
+                dv = rhs(float(s), torch.as_tensor(v, dtype=dtype, device=device))
+        except Exception as err:
+            failed.append(err)
+            raise
         return dv.detach().to("cpu", torch.float64).numpy()
 
     extra = {} if min_step is None else {"min_step": min_step}
@@ -226,10 +234,12 @@ def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
                         method=solver, t_eval=list(t_out), rtol=rtol, atol=atol,
                         max_step=max_step, **extra)
     except ValueError as err:
+        if failed:  # not solve_ivp's complaint about its arguments
+            raise
         raise SolverInputError(f"scipy_solver: {err}") from None
     if sol.status != 0 or sol.y.shape[1] != len(t_out):
-        reached = progress.time(float(sol.t[-1])) if len(sol.t) else progress.time(t_out[0])
-        raise SolverError(f"scipy_solver ({solver}) failed at t={reached:.6g}: {sol.message}")
+        raise SolverError(f"scipy_solver ({solver}) failed at t={progress.time(last_s[0]):.6g}: "
+                          f"{sol.message}")
     ys = torch.as_tensor(sol.y.T, dtype=dtype, device=device)
     for j in range(1, len(t_out)):
         emit(j, t_out[j], ys[j])

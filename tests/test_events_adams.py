@@ -16,6 +16,7 @@ from scipy.integrate import solve_ivp
 import solvers.events
 from solvers import (
     MaxStepsExceededError,
+    SolverError,
     SolverInputError,
     SolverStats,
     odeint,
@@ -60,6 +61,17 @@ class _Field(torch.nn.Module):
 
     def forward(self, t, y):
         return torch.stack([y[..., 1], -y[..., 0]], -1) + torch.tanh(self.lin(y))
+
+
+class _Recording(torch.nn.Module):
+    """A field (``forward`` in subclasses) that records the start of every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[float] = []
+
+    def callback_step(self, t0, y0, dt):
+        self.starts.append(float(t0))
 
 
 def _field_error(method: str, h: float, **options) -> float:
@@ -131,6 +143,38 @@ def test_an_event_zero_at_the_start_ends_the_solve_there(method):
     assert float(event_t) == 0.0 and torch.equal(ys, torch.ones(2, 1, dtype=F64))
 
 
+def test_jump_t_in_event_mode_steps_onto_the_jump_as_torchdiffeq():
+    # y' = 1 before t = 0.5, 3 after: y = 1 at t = 0.5 + 0.5 / 3
+    class Jump(_Recording):
+        def forward(self, t, y):
+            return torch.where(t < 0.5, 1.0, 3.0) * torch.ones_like(y)
+
+    kw = {"event_fn": lambda t, y: y - 1.0, "options": {"jump_t": torch.tensor([0.5])}}
+    ours, theirs = Jump(), Jump()
+    event_t, _ = odeint(ours, torch.zeros(1, dtype=F64), T01, **kw)
+    ref_t, _ = torchdiffeq.odeint(theirs, torch.zeros(1, dtype=F64), T01, **kw)
+    assert float(event_t) == pytest.approx(0.5 + 0.5 / 3, abs=1e-8)
+    assert 0.5 in ours.starts and ours.starts == pytest.approx(theirs.starts, abs=1e-12)
+    assert abs(float(event_t - ref_t)) < 1e-12
+
+
+@pytest.mark.parametrize("interface", [odeint, odeint_adjoint])
+def test_the_event_time_of_an_autonomous_field_moves_with_t0(interface):
+    t0 = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    event_t, _ = odeint_event(_Field(), torch.tensor([1.0, 0.2], dtype=F64), t0,
+                              event_fn=lambda t, y: y[0] + 0.3, odeint_interface=interface,
+                              rtol=1e-10, atol=1e-10)
+    assert float(torch.autograd.grad(event_t, t0)[0]) == pytest.approx(1.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", list(EVENT_METHODS))
+def test_a_float32_state_keeps_its_dtype_in_event_mode(method):
+    event_t, ys = odeint_event(_decay, torch.ones(1), torch.tensor(0.0), event_fn=_half,
+                               method=method, options=EVENT_METHODS[method][0] or None)
+    assert event_t.dtype == ys.dtype == torch.float32
+    assert float(event_t) == pytest.approx(math.log(2), abs=1e-6)
+
+
 # ---- events: parity with torchdiffeq -------------------------------------------------------
 
 @pytest.mark.parametrize("method,tol,agree", [("dopri5", 1e-10, 1e-10), ("rk4", 1e-9, 1e-13)])
@@ -159,16 +203,9 @@ def test_fixed_step_events_bisect_a_cubic_not_torchdiffeqs_linear_interpolant():
 
 
 def test_a_fixed_step_event_solve_steps_on_the_grid_and_calls_callback_step():
-    class Decay(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.starts: list[float] = []
-
+    class Decay(_Recording):
         def forward(self, t, y):
             return -y
-
-        def callback_step(self, t0, y0, dt):
-            self.starts.append(float(t0))
 
     f, stats = Decay(), SolverStats()
     odeint(f, ONE, T01, event_fn=_half, method="rk4", options={"step_size": 0.05}, stats=stats)
@@ -387,6 +424,22 @@ def test_scipy_solver_has_no_gradients_and_says_so():
         ys.sum().backward()
     with torch.no_grad():
         assert not odeint(lambda t, y: -y, y0, T01, method="scipy_solver").requires_grad
+
+
+def test_a_failed_scipy_solve_names_the_time_and_a_field_error_passes_unchanged():
+    # y' = -y^2 from y(0) = 1 backward: y = 1 / (1 + t) blows up at t = -1
+    with pytest.raises(SolverError, match=r"\(RK45\) failed at t=-1\b"):
+        odeint(lambda t, y: -(y**2), ONE, torch.tensor([0.0, -2.0], dtype=F64),
+               method="scipy_solver", options={"solver": "RK45"})
+
+    def broken(t, y):
+        raise ValueError("the field's own bug")
+
+    with pytest.raises(ValueError, match="^the field's own bug$") as info:
+        odeint(broken, ONE, T01, method="scipy_solver")
+    assert not isinstance(info.value, SolverError)
+    with pytest.raises(SolverInputError, match="scipy_solver: `max_step` must be positive"):
+        odeint(_decay, ONE, T01, method="scipy_solver", options={"max_step": -1.0})
 
 
 @IGNORE_MIN_STEP
