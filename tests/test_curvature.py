@@ -161,9 +161,14 @@ def test_factors_equal_brute_force_per_sample_outer_products(field, shape, batch
         [1.0 - DT * k for k in range(11)])
     assert [s[3] for s in samples] == pytest.approx([DT / 2] + [DT] * 9 + [DT / 2])
     tracked = [m for m in modules if not (isinstance(m, nn.Linear) and m.in_features == 1)]
-    a_ref, b_ref = _brute_force(func, tracked, samples, shape[0])
-    for m in tracked:
-        assert stats[m].uses == 11
+    _assert_brute_force(stats, func, tracked, samples, shape[0])
+
+
+def _assert_brute_force(stats, func, modules, samples, batch):
+    """Each module's factors equal :func:`_brute_force`'s, from every sample."""
+    a_ref, b_ref = _brute_force(func, modules, samples, batch)
+    for m in modules:
+        assert stats[m].uses == len(samples)
         assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
         assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
 
@@ -367,11 +372,7 @@ def test_scalar_time_fields_are_batched_with_vmap_and_equal_brute_force():
     # 10 Euler steps forward and 10 backward, then the first sample alone (it measures the
     # layer calls) and the other ten in one vmapped call
     assert len(samples) == 11 and func.calls == 20 + 2
-    a_ref, b_ref = _brute_force(func, modules, samples, 4)
-    for m in modules:
-        assert stats[m].uses == 11
-        assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
-        assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+    _assert_brute_force(stats, func, modules, samples, 4)
 
 
 def test_a_field_vmap_cannot_batch_is_called_per_sample_with_one_warning():
@@ -382,10 +383,7 @@ def test_a_field_vmap_cannot_batch_is_called_per_sample_with_one_warning():
         stats, samples, modules = _collect(func, x0, batched=False, budget=1e9)
     assert len([w for w in record if "vmap" in str(w.message)]) == 1
     assert func.calls == 20 + 1 + 10  # the solves, the first sample, the rest one by one
-    a_ref, b_ref = _brute_force(func, modules, samples, 4)
-    for m in modules:
-        assert torch.allclose(stats[m].a_sum, a_ref[m], rtol=1e-10, atol=1e-12)
-        assert torch.allclose(stats[m].b_sum, b_ref[m], rtol=1e-10, atol=1e-14)
+    _assert_brute_force(stats, func, modules, samples, 4)
 
 
 def test_the_memory_budget_counts_the_measured_layer_activations():
