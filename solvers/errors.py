@@ -82,13 +82,16 @@ class NonFiniteGradientError(NonFiniteStateError):
 
 
 class MaxStepsExceededError(SolverError):
-    """More than ``max_num_steps`` steps were taken."""
+    """More than ``max_num_steps`` steps were taken; ``advice`` replaces the default remedies
+    (those of an adaptive solve)."""
 
-    def __init__(self, t: float, dt: float, max_num_steps: int) -> None:
+    def __init__(self, t: float, dt: float, max_num_steps: int,
+                 advice: str | None = None) -> None:
         super().__init__(
             f"max_num_steps={max_num_steps} exceeded at t={t:.6g} (last dt={dt:.3g}). "
-            "The problem may be stiff or the tolerance too tight: loosen rtol/atol, raise "
-            "options={'max_num_steps': ...}, or regularise the vector field."
+            + (advice or "The problem may be stiff or the tolerance too tight: loosen "
+               "rtol/atol, raise options={'max_num_steps': ...}, or regularise the vector "
+               "field.")
         )
         self.t, self.dt = t, dt
 

@@ -138,8 +138,11 @@ def _fixed_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0:
                         progress, watch, perturb=bool(options.get("perturb")))
     except _EventFound as found:
         return found.s, found.y
-    raise MaxStepsExceededError(progress.time(s0 + MAX_FIXED_EVENT_STEPS * float(h)), float(h),
-                                MAX_FIXED_EVENT_STEPS)
+    raise MaxStepsExceededError(
+        progress.time(s0 + MAX_FIXED_EVENT_STEPS * float(h)), float(h), MAX_FIXED_EVENT_STEPS,
+        f"No event within the {MAX_FIXED_EVENT_STEPS} steps a fixed-step event solve may "
+        "take: check that event_fn changes sign along the solution, or take a larger "
+        "step_size.")
 
 
 class _EventFound(Exception):
