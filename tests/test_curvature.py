@@ -386,6 +386,20 @@ def test_a_field_vmap_cannot_batch_is_called_per_sample_with_one_warning():
     _assert_brute_force(stats, func, modules, samples, 4)
 
 
+def test_a_smaller_batch_keeps_vmap_batching(recwarn):
+    func = ScalarTimeField().double()
+    sums = FactorAccumulator()
+    obs = ODEObserver(func, [func.l1, func.l2], sums, memory_budget=1e9)
+    for rows in (4, 3):  # e.g. an epoch's smaller last batch
+        x, a = torch.randn(rows, 3, dtype=torch.float64), torch.randn(rows, 3, dtype=torch.float64)
+        for k in range(4):
+            obs(0.1 * k, x, a, 0.1)
+        obs.finish()
+    # per batch shape: the first sample alone (evaluated at once), then three in one call
+    assert func.calls == 4 and sums.stats[func.l2].uses == 8
+    assert not [w for w in recwarn if "vmap" in str(w.message)]
+
+
 def test_the_memory_budget_counts_the_measured_layer_activations():
     func = ScalarTimeField().double()
     sums = FactorAccumulator()

@@ -114,6 +114,7 @@ class ODEObserver:
         #: measured; the layer calls of a sample, [(module, output shape)], once seen
         self.sample_bytes: int | None = None
         self._layout: list[tuple[nn.Module, torch.Size]] | None = None
+        self._layout_key: tuple | None = None  # the state shapes the layout was seen with
         self._vmap = True  # False once vmap failed on this field
 
     def close(self) -> None:
@@ -157,7 +158,9 @@ class ODEObserver:
                            for s in samples])
             self._evaluate(t, x, a, len(samples), [s[3] for s in samples])
             return
-        if self._layout is None:  # the first sample alone: it measures the layer calls
+        # the first sample (of each new state shape: a smaller last batch) alone: it finds
+        # the layer calls that vmap will shift
+        if self._layout_key != _shapes(samples[0][1]):
             self._evaluate_one(samples.pop(0))
         if len(samples) > 1 and self._vmap:
             found = self._vmapped(samples)
@@ -178,6 +181,7 @@ class ODEObserver:
 
     def _evaluate_one(self, sample: tuple) -> None:
         t, x, a, weight = sample
+        self._layout_key = _shapes(x)
         ref = x[0] if isinstance(x, tuple) else x
         self._evaluate(torch.tensor(t, dtype=ref.dtype, device=ref.device), x, a, 1, [weight])
 
@@ -253,6 +257,11 @@ def _pairs(out, a) -> list[tuple[torch.Tensor, torch.Tensor]]:
     outs = out if isinstance(out, tuple) else (out,)
     a_t = a if isinstance(a, tuple) else (a,)
     return [(o, g) for o, g in zip(outs, a_t) if o.requires_grad]
+
+
+def _shapes(x) -> tuple:
+    """The shapes of a state's tensors."""
+    return tuple(c.shape for c in x) if isinstance(x, tuple) else (x.shape,)
 
 
 def _per_sample(v, u: int):
