@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from solvers.errors import MaxStepsExceededError, SolverInputError
-from solvers.flat import FlatState, _stops, step_control
+from solvers.flat import FlatState, adaptive_stops, step_control
 from solvers.integrate import (
     NO_CALLBACKS,
     Norm,
@@ -105,7 +105,7 @@ def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
                     flat: FlatState, stats: SolverStats, progress: Progress,
                     callbacks: StepCallbacks, norm: Norm | None) -> tuple[float, torch.Tensor]:
     ctl, default_norm = step_control(spec, flat)
-    stops = _stops(spec.solve_options(), progress.direction)  # step_t and jump_t
+    stops = adaptive_stops(spec.solve_options(), progress.direction)  # step_t and jump_t
     steps = adaptive_steps(rhs, y0, s0, tab, ctl, norm or default_norm, stats, progress,
                            callbacks, stops)
     next(steps)

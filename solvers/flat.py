@@ -268,14 +268,14 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
         return integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
-                                  progress, callbacks, _stops(options, progress.direction),
+                                  progress, callbacks, adaptive_stops(options, progress.direction),
                                   land_on_end)
     integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks, grid,
                     perturb)
     return None
 
 
-def _stops(options: dict, direction: float) -> list[tuple[float, bool]]:
+def adaptive_stops(options: dict, direction: float) -> list[tuple[float, bool]]:
     """options' step_t and jump_t as increasing internal times, tagged whether a jump."""
     tagged = [(direction * t, False) for t in stop_times(options, "step_t")]
     tagged += [(direction * t, True) for t in stop_times(options, "jump_t")]

@@ -146,7 +146,7 @@ class CallbackChain(StepCallbacks):
     """Several StepCallbacks called in order."""
 
     def __init__(self, *callbacks: StepCallbacks) -> None:
-        self.callbacks = [c for c in callbacks if c is not NO_CALLBACKS]
+        self.callbacks = list(callbacks)
 
     def step(self, s: float, y: torch.Tensor, dt: float) -> None:
         for c in self.callbacks:
