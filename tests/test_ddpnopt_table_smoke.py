@@ -11,7 +11,8 @@ from pathlib import Path
 
 from conftest import run_experiment
 
-COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt", "DDPNOpt-Adam", "DDPNOpt-bounded"]
+COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-Adam",
+           "DDPNOpt-bounded"]
 
 
 def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> None:

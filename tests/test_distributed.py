@@ -496,6 +496,8 @@ def test_torchrun_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="newton-cg runs in one process only"):
         TrainConfig(optimizer="newton-cg").validate()
+    with pytest.raises(ValueError, match="emsa runs in one process only"):
+        TrainConfig(optimizer="emsa").validate()
     with pytest.raises(ValueError, match="one device for every process"):
         TrainConfig(device="cuda:1").validate()
     with pytest.raises(ValueError, match="dist_backend"):

@@ -238,7 +238,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of .*digits"),
     ({"optimizer": "lbfgs"},
-     "unknown optimizer 'lbfgs'; choose one of adam, ddpnopt, dgnopt, kfac, newton-cg, sgd, "
+     "unknown optimizer 'lbfgs'; choose one of adam, ddpnopt, dgnopt, emsa, kfac, newton-cg, sgd, "
      "snopt"),
     ({"model": "transformer"}, "unknown model 'transformer'"),
     ({"lr": 0.0}, "lr must be > 0"),

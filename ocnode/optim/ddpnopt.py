@@ -350,6 +350,22 @@ class _Recorder:
         self._handles, self._gen, self.records = [], self._gen + 1, None
 
 
+@contextlib.contextmanager
+def quiet(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
+    """Run extra forwards of ``model``'s modules unrecorded, with its buffers (BatchNorm
+    statistics) restored afterwards."""
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    recorder.paused = True
+    try:
+        yield
+    finally:
+        recorder.paused = False
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+
 # ----------------------------------------------------------------------------- the optimizer
 
 
@@ -691,18 +707,8 @@ class DDPNOpt(torch.optim.Optimizer):
         n = len(self.stages)
         return records[t + 1].gx if t + 1 < n else records[n - 1].gy
 
-    @contextlib.contextmanager
-    def _quiet(self) -> Iterator[None]:
-        """No recording, and the model's buffers (BatchNorm statistics) left as they were."""
-        buffers = list(self.model.buffers())
-        saved = [b.clone() for b in buffers]
-        self._recorder.paused = True
-        try:
-            yield
-        finally:
-            self._recorder.paused = False
-            for b, v in zip(buffers, saved):
-                b.copy_(v)
+    def _quiet(self) -> contextlib.AbstractContextManager[None]:
+        return quiet(self.model, self._recorder)
 
     def _pass_maps(self, records: list[_Record], todo: list[int],
                    scales: dict[Tensor, Tensor | float]

@@ -145,6 +145,10 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
                    help="DGNOpt's game: fne (every layer a player) or gr (a residual block's "
                         "layers cooperate) (default: fne); DGNOpt also trains --model resmlp "
                         "and resnet")
+    g.add_argument("--rho", type=float, default=d.rho,
+                   help="E-MSA's penalty weight: larger is a smaller step (default 0.5)")
+    g.add_argument("--inner-steps", type=int, default=d.inner_steps,
+                   help="E-MSA's L-BFGS iterations per stage and step (default 10)")
 
 
 def _add_horizon_flags(p: argparse.ArgumentParser) -> None:

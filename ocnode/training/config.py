@@ -20,6 +20,7 @@ from typing import Any
 from ocnode.data import DATASETS
 from ocnode.training.distributed import (
     BACKENDS,
+    EMSA_ONE_PROCESS,
     ONE_PROCESS_ONLY,
     active,
     launched,
@@ -36,6 +37,8 @@ CURVATURES = ("stages", "grid")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
 DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
 DGN_MODES = ("fne", "gr")
+#: The optimizers that refuse torchrun, and why.
+ONE_PROCESS = {"newton-cg": ONE_PROCESS_ONLY, "emsa": EMSA_ONE_PROCESS}
 #: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
 #: Fields that may change when a run is resumed; any other change would break bit-identity.
 RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", "progress",
@@ -45,7 +48,7 @@ RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", 
 DIST_FIELDS = ("dist_backend", "dist_timeout")
 HPARAM_FIELDS = ("lr", "momentum", "weight_decay", "eps", "alpha", "update_freq", "full",
                  "damping_mode", "curvature", "observer_dt", "factor_cost", "fisher",
-                 "stats_batch", "ddp_base", "dgn_mode")
+                 "stats_batch", "ddp_base", "dgn_mode", "rho", "inner_steps")
 #: Config fields whose optimizer keyword has another name.
 HPARAM_NAMES = {"ddp_base": "base", "dgn_mode": "mode"}
 
@@ -73,6 +76,8 @@ class TrainConfig:
             ``"adam"``, ``"ekfac"``); None: sgd.
         dgn_mode: DGNOpt's game (``"fne"``: every layer a player; ``"gr"``: a residual
             block's layers cooperate); None: fne.
+        rho, inner_steps: E-MSA's penalty weight and L-BFGS iterations per stage (``lr`` is
+            its L-BFGS step length); None: 0.5 and 10.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``.
         epochs: total epochs of the run (a resumed run continues up to this number).
         batch_size: training batch size; None: the task's default. Under torchrun the global
@@ -123,6 +128,8 @@ class TrainConfig:
     stats_batch: int | None = None
     ddp_base: str | None = None
     dgn_mode: str | None = None
+    rho: float | None = None
+    inner_steps: int | None = None
     lr_decay: float = 0.8
     epochs: int = 15
     batch_size: int | None = None
@@ -211,15 +218,15 @@ class TrainConfig:
             _check_choice("dist_backend", self.dist_backend, BACKENDS)
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.optimizer == "newton-cg":
-            raise ValueError(ONE_PROCESS_ONLY)
+        if self.optimizer in ONE_PROCESS:
+            raise ValueError(ONE_PROCESS[self.optimizer])
         return True
 
     def _validate_numbers(self) -> None:
         positive = {"lr": self.lr, "rtol": self.rtol, "atol": self.atol, "t1": self.t1,
                     "eps": self.eps, "t1_lr": self.t1_lr, "t1_min": self.t1_min,
                     "step_size": self.step_size, "observer_dt": self.observer_dt,
-                    "factor_cost": self.factor_cost}
+                    "factor_cost": self.factor_cost, "rho": self.rho}
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -227,6 +234,7 @@ class TrainConfig:
                   "eval_batch_size": self.eval_batch_size, "t1_update_freq": self.t1_update_freq,
                   "batch_size": self.batch_size, "width": self.width,
                   "update_freq": self.update_freq, "stats_batch": self.stats_batch,
+                  "inner_steps": self.inner_steps,
                   "train_size": self.train_size, "test_size": self.test_size,
                   "threads": self.threads}
         for name, value in counts.items():

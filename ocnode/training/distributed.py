@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from ocnode.curvature import CoveredLayer, LayerStats
-from ocnode.optim import DDPNOpt, NewtonCG, SNOpt
+from ocnode.optim import EMSA, DDPNOpt, NewtonCG, SNOpt
 from ocnode.training.records import seed_everything
 
 #: Choices of ``--dist-backend``: auto = NCCL for CUDA devices, gloo otherwise.
@@ -53,6 +53,10 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 ONE_PROCESS_ONLY = ("newton-cg runs in one process only (each conjugate-gradient iteration would "
                     "need an all-reduce of its Hessian-vector product); run it without torchrun, "
                     "or pick another optimizer")
+#: Why emsa refuses to run on several processes.
+EMSA_ONE_PROCESS = ("emsa runs in one process only (every L-BFGS evaluation of a stage's "
+                    "objective would need an all-reduce); run it without torchrun, or pick "
+                    "another optimizer")
 #: What failed collectives raise (a peer died, the network broke, a timeout).
 _COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(dist, "DistError", None),) if isinstance(e, type))
@@ -505,10 +509,13 @@ def attach(optimizer: torch.optim.Optimizer) -> None:
 
     Raises:
         ValueError: NewtonCG (each conjugate-gradient iteration would need an all-reduce of a
-            Hessian-vector product; it runs in one process).
+            Hessian-vector product; it runs in one process), EMSA (the same for each L-BFGS
+            evaluation).
     """
     if isinstance(optimizer, NewtonCG):
         raise ValueError(ONE_PROCESS_ONLY)
+    if isinstance(optimizer, EMSA):
+        raise ValueError(EMSA_ONE_PROCESS)
     if isinstance(optimizer, SNOpt | DDPNOpt):
         optimizer.sync = FactorSync()
 

@@ -19,6 +19,10 @@ dgnopt      :class:`ocnode.optim.DGNOpt`: DDPNOpt's policies extended    none: c
             over skip states, layers as players of a game (mode fne or   and Residual
             gr); chains with ``ocnode.Residual`` blocks (models resmlp,  blocks
             resnet; also fcn, cnn)
+emsa        :class:`ocnode.optim.EMSA`: the extended method of           none: chains
+            successive approximations (Li et al. 2018), each stage's     (a Residual
+            extended Hamiltonian minimised by L-BFGS (models fcn, cnn,   block is one
+            resmlp, resnet)                                              stage)
 =========== ============================================================ ===============
 
 "SNOpt with alpha 1" (plain K-FAC with eigenvalue damping on adjoint blocks) is
@@ -41,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ocnode.optim import DDPNOpt, DGNOpt, NewtonCG, SNOpt
+from ocnode.optim import EMSA, DDPNOpt, DGNOpt, NewtonCG, SNOpt
 
 Builder = Callable[[nn.Module, list[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
 
@@ -120,6 +124,9 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
                                 through_solver=True, needs_closure=True),
     "ddpnopt": OptimizerEntry(_ddpnopt, _DDPNOPT_DEFAULTS, chains_only=True, residual=False),
     "dgnopt": OptimizerEntry(_dgnopt, _DGNOPT_DEFAULTS, chains_only=True),
+    "emsa": OptimizerEntry(lambda m, p, hp: EMSA(m, params=p, **hp),
+                           {"rho": 0.5, "inner_steps": 10, "lr": 1.0, "weight_decay": 0.0,
+                            "inner_tol": 1e-7}, chains_only=True),
 }
 
 
