@@ -13,8 +13,8 @@ by a few L-BFGS iterations (a fresh solver each step, so E-MSA keeps no state). 
 term is the linearised loss (its gradient at the old parameters is the ordinary gradient);
 the two penalties keep the new stage close to the old forward and backward dynamics, so
 rho plays the role of an inverse step size. The maths are :func:`extended_hamiltonian` and
-:func:`costate_in`; the class keeps the records. docs/ddpnopt.md describes its use as a
-baseline.
+:func:`costate_in`; the class keeps the records. docs/emsa.md explains the method and the
+choices made here.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ class EMSA(torch.optim.Optimizer):
 
     Args:
         model: an ``nn.Sequential`` chain (see :func:`emsa_stages`), not its parameters.
-        rho: the penalty weight (> 0): larger is a smaller step. Li et al. tune it per task;
-            0.03-1 for the DDPNOpt paper's nets.
+        rho: the penalty weight (> 0): larger is a smaller step; tune it per task (the
+            DDPNOpt table's grid picked 0.1 and 1 for its FCNs).
         inner_steps: L-BFGS iterations per stage and step (>= 1).
         lr: L-BFGS's step length (1 with the line search).
         weight_decay: L2 coefficient wd (adds wd/2 |theta|^2 to every stage's objective).
