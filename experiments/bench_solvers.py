@@ -17,7 +17,8 @@ Cases (ids for ``--cases``, which takes comma-separated glob patterns):
     memory:
         peak RSS of forward + backward for t1 in {1, 4, 16} on the MLP field plus a
         rotation (so that the number of steps grows with t1), batch 256, dopri5 at 1e-5: our
-        adjoint, backprop through our solver, and torchdiffeq's adjoint, each in a fresh
+        adjoint, backprop through our solver (plain, and with step checkpoints), and
+        torchdiffeq's adjoint, each in a fresh
         subprocess (VmHWM - VmRSS after set-up, the high-water mark reset in between).
 
 Usage:
@@ -62,7 +63,7 @@ MEMORY_T1S = (1.0, 4.0, 16.0)
 MEMORY_TOL = 1e-5
 MEMORY_GAIN = 3.0  # scales the MLP's first layer so that the flow is not trivially smooth
 MEMORY_OMEGA = math.pi  # half a turn per unit time: forward steps grow ~linearly with t1
-MEMORY_MODES = ("ours-adjoint", "ours-backprop", "torchdiffeq-adjoint")
+MEMORY_MODES = ("ours-adjoint", "ours-backprop", "ours-checkpoint", "torchdiffeq-adjoint")
 SEED = 0
 
 
@@ -218,10 +219,15 @@ def memory_worker(t1: float, mode: str) -> dict[str, Any]:
     def run(horizon: float) -> int:
         func.zero_grad(set_to_none=True)
         func.nfe = 0
-        solve = solve_fn(engine, how == "adjoint")
-        kwargs = {"stats": stats} if engine == "ours" else {}
-        ys = solve(func, y0, torch.tensor([0.0, horizon]), rtol=MEMORY_TOL, atol=MEMORY_TOL,
-                   method=METHOD, **kwargs)
+        t = torch.tensor([0.0, horizon])
+        if how == "checkpoint":  # backprop through replayed steps (SolverSpec.checkpoint)
+            spec = solvers.SolverSpec(METHOD, MEMORY_TOL, MEMORY_TOL, adjoint=False,
+                                      checkpoint=True)
+            ys = solvers.solve(func, y0, t, spec, stats=stats)
+        else:
+            solve = solve_fn(engine, how == "adjoint")
+            kwargs = {"stats": stats} if engine == "ours" else {}
+            ys = solve(func, y0, t, rtol=MEMORY_TOL, atol=MEMORY_TOL, method=METHOD, **kwargs)
         ys[-1].pow(2).mean().backward()
         return func.nfe
 

@@ -490,7 +490,7 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
     if backend == "torchdiffeq":
         return _torchdiffeq_adjoint(func, y0, t, rtol, atol, method, options, event_fn,
                                     adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
-                                    _adjoint_params(func, adjoint_params), observer, stats,
+                                    params_of(func, adjoint_params), observer, stats,
                                     backend)
     check_backend(backend)
     backward_options, seminorm = _split_seminorm(adjoint_options)
@@ -539,7 +539,7 @@ def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
                    observer: Observer | StageObserver | None,
                    observer_dt: float | None, stats: SolverStats, adjoint_stats: SolverStats,
                    label: str | None, event_fn: Callable | None = None) -> Any:
-    params = _adjoint_params(func, adjoint_params)
+    params = params_of(func, adjoint_params)
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
     if event_fn is not None:
@@ -567,13 +567,15 @@ def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     return flat.unflatten(ys) if event_t is None else (event_t, flat.unflatten(ys))
 
 
-def _adjoint_params(func: Callable, adjoint_params: Sequence[torch.Tensor] | None) -> tuple:
+def params_of(func: Callable, adjoint_params: Sequence[torch.Tensor] | None) -> tuple:
+    """The tensors that the adjoint or a checkpointed solve differentiate (neither sees the
+    forward's graph): ``adjoint_params``, or ``func.parameters()``."""
     if adjoint_params is not None:
         return tuple(adjoint_params)
     if not isinstance(func, torch.nn.Module):
         raise SolverInputError(
-            "odeint_adjoint needs func to be an nn.Module, or adjoint_params=(tensors...) "
-            "naming what to differentiate")
+            "the adjoint and checkpointed solves need func to be an nn.Module, or "
+            "adjoint_params=(tensors...) naming what to differentiate")
     return tuple(func.parameters())
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from solvers.adjoint import solve_adjoint
+from solvers.adjoint import params_of, solve_adjoint
+from solvers.checkpoint import make_config, solve_checkpointed
 from solvers.errors import SolverInputError, in_context
 from solvers.events import EventGradient, check_event_times, combine_event_fn, solve_until_event
 from solvers.flat import (
@@ -185,24 +186,30 @@ def solve(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec, *,
         if observer is not None:
             raise SolverInputError("observers run in the adjoint's backward solve; use a spec "
                                    "with adjoint=True")
-        return solve_direct(func, y0, t, spec, stats, label)
+        return solve_direct(func, y0, t, spec, stats, label, adjoint_params, adjoint_stats)
     adjoint_stats = adjoint_stats if adjoint_stats is not None else SolverStats()
     return solve_adjoint(func, y0, t, spec, adjoint_params, observer, observer_dt, stats,
                          adjoint_stats, label)
 
 
 def solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
-                 stats: SolverStats, label: str | None = None) -> State:
+                 stats: SolverStats, label: str | None = None,
+                 params: Sequence[torch.Tensor] | None = None,
+                 backward_stats: SolverStats | None = None) -> State:
     """The solve of :func:`odeint`, differentiable by backpropagation (``t`` included).
 
-    Errors get ``label`` in front of their message.
+    Errors get ``label`` in front of their message. With ``spec.checkpoint`` the steps are
+    replayed in the backward (:mod:`solvers.checkpoint`), which differentiates ``params``
+    (default: ``func.parameters()``) and counts its evaluations in ``backward_stats``.
     """
     with in_context(label):
-        return _solve_direct(func, y0, t, spec, stats, label or "")
+        return _solve_direct(func, y0, t, spec, stats, label or "", params,
+                             backward_stats if backward_stats is not None else SolverStats())
 
 
 def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
-                  stats: SolverStats, label: str) -> State:
+                  stats: SolverStats, label: str, adjoint_params: Sequence[torch.Tensor] | None,
+                  backward_stats: SolverStats) -> State:
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
     times, direction = check_times(t, y0_flat)
@@ -211,11 +218,17 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     if time_grad:
         f0 = direction * rhs(direction * times[0], y0_flat).detach()
         y0_flat = y0_flat - (t[0] - t[0].detach()) * f0
+    s_out = [direction * v for v in times]
+    progress = Progress(direction, label)
+    callbacks = field_callbacks(func, flat, direction, spec.method, t)
     outs: list[torch.Tensor] = []
-    solve_flat(rhs, y0_flat, [direction * v for v in times],
-               lambda j, s, y: outs.append(y), spec, flat, stats,
-               progress=Progress(direction, label),
-               callbacks=field_callbacks(func, flat, direction, spec.method, t))
+    if spec.checkpoint:
+        cfg = make_config(func, flat, s_out, direction, spec, stats, backward_stats,
+                          progress, callbacks)
+        outs = list(solve_checkpointed(cfg, y0_flat, params_of(func, adjoint_params)))
+    else:
+        solve_flat(rhs, y0_flat, s_out, lambda j, s, y: outs.append(y), spec, flat, stats,
+                   progress=progress, callbacks=callbacks)
     outs[0] = flat.flatten(y0)
     if time_grad:
         outs[1:] = [y + (t[j] - t[j].detach()) * direction * rhs(direction * times[j], y).detach()

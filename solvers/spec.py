@@ -186,6 +186,11 @@ class SolverSpec:
             (Kidger, Chen, Lyons 2021, "'Hey, that's not an ODE': Faster ODE Adjoints via
             Seminorms"; adaptive backward methods only). It can save backward steps, and
             the gradients stay within the tolerance.
+        checkpoint: with ``adjoint=False``, backpropagate through the solver with
+            checkpoints (:mod:`solvers.checkpoint`): the forward solve keeps one state per
+            step instead of every stage's graph, and the backward replays each step. The
+            same gradient as plain backpropagation, at memory linear in the steps with a
+            small constant; explicit Runge-Kutta methods only.
 
     The ``adjoint_*`` settings and ``seminorm`` only matter when ``adjoint`` is True.
 
@@ -204,19 +209,33 @@ class SolverSpec:
     adjoint_atol: float | None = None
     adjoint_options: Mapping[str, Any] | None = None
     seminorm: bool = False
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check_method(self.method, "method")
         for name in ("rtol", "atol"):
             self._set(name, _tolerance(name, getattr(self, name)))
         self._set("options", _FrozenOptions(_check_options(self.method, self.options)))
-        _check_flags(adjoint=self.adjoint, seminorm=self.seminorm)
+        _check_flags(adjoint=self.adjoint, seminorm=self.seminorm, checkpoint=self.checkpoint)
+        self._check_checkpoint()
         self._check_adjoint_settings()
         self._check_step_size()
         self._set("_backward", self._make_backward())
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
+
+    def _check_checkpoint(self) -> None:
+        if not self.checkpoint:
+            return
+        if self.adjoint:
+            raise SolverInputError(
+                "checkpoint=True backpropagates through the solver's steps (replayed from "
+                "checkpoints), which excludes the adjoint: pass adjoint=False too")
+        if method_kind(self.method) not in ("adaptive", "fixed"):
+            raise SolverInputError(
+                f"checkpoint=True replays explicit Runge-Kutta steps; {self.method!r} is not "
+                "one: use e.g. 'dopri5' or 'rk4', or checkpoint=False")
 
     def _check_adjoint_settings(self) -> None:
         if self.adjoint_method is not None:
@@ -266,7 +285,7 @@ class SolverSpec:
         try:
             return dataclasses.replace(
                 self, **changes, adjoint_method=None, adjoint_rtol=None, adjoint_atol=None,
-                adjoint_options=None, seminorm=False)
+                adjoint_options=None, seminorm=False, checkpoint=False)
         except SolverInputError as err:
             raise SolverInputError(
                 f"the adjoint solve's settings (adjoint_method, adjoint_options): {err}"

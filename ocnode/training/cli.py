@@ -99,6 +99,10 @@ def _add_solver_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backprop", dest="adjoint", action="store_false", default=argparse.SUPPRESS,
                    help="backpropagate through the solver instead of the adjoint (kfac and "
                         "newton-cg always do)")
+    g.add_argument("--checkpoint-steps", action="store_true", default=d.checkpoint_steps,
+                   help="with --backprop: keep one state per solver step instead of the "
+                        "whole graph, and replay each step in the backward (same gradient, "
+                        "little memory; explicit Runge-Kutta methods)")
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
@@ -276,6 +280,7 @@ def _compare(args: argparse.Namespace) -> int:
                          method=args.method, rtol=args.rtol, atol=args.atol,
                          step_size=args.step_size, t1=args.t1,
                          adjoint=getattr(args, "adjoint", True),
+                         checkpoint_steps=args.checkpoint_steps,
                          train_size=args.train_size, test_size=args.test_size,
                          eval_batch_size=args.eval_batch_size)
     config.validate()

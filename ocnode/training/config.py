@@ -89,6 +89,10 @@ class TrainConfig:
             (``step_size`` is required by fixed-step methods such as rk4).
         adjoint: gradients by the adjoint (True) or by backpropagation through the solver;
             optimizers that need the latter (kfac, newton-cg) always get it.
+        checkpoint_steps: backpropagate through the solver with step checkpoints (each step
+            replayed in the backward from its stored start state: backpropagation's gradient
+            at memory of one state per step); needs ``adjoint=False`` and an explicit
+            Runge-Kutta method, and excludes newton-cg (it differentiates twice).
         t1: the (initial) integration horizon.
         adaptive_t1: ``"off"``, ``"baseline"`` (first-order open loop) or ``"feedback"``
             (SNOpt's second-order policy) optimisation of the horizon t1.
@@ -143,6 +147,7 @@ class TrainConfig:
     atol: float | None = None
     step_size: float | None = None
     adjoint: bool = True
+    checkpoint_steps: bool = False
     t1: float = 1.0
     adaptive_t1: str = "off"
     t1_lr: float = 0.1
@@ -198,6 +203,17 @@ class TrainConfig:
             _check_choice("model", self.model, {m for ms in MODELS.values() for m in ms})
         self._validate_numbers()
         self._validate_rates()
+        self._validate_checkpoint()
+
+    def _validate_checkpoint(self) -> None:
+        if not self.checkpoint_steps:
+            return
+        if self.adjoint:
+            raise ValueError("checkpoint_steps backpropagates through the solver: pass "
+                             "adjoint=False too (--backprop on the command line)")
+        if self.optimizer == "newton-cg":
+            raise ValueError("newton-cg differentiates twice through the solver, which "
+                             "replayed steps cannot: drop checkpoint_steps (--checkpoint-steps)")
         if self._validate_processes():
             process_device(self.device)
         else:
@@ -262,7 +278,7 @@ class TrainConfig:
     def solver_changes(self) -> dict[str, Any]:
         """The solver settings this config sets (the rest keeps the task's default solver)."""
         values = {"method": self.method, "rtol": self.rtol, "atol": self.atol,
-                  "step_size": self.step_size}
+                  "step_size": self.step_size, "checkpoint": self.checkpoint_steps or None}
         return {k: v for k, v in values.items() if v is not None}
 
     def task_settings(self) -> TaskSettings:

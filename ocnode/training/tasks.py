@@ -69,7 +69,8 @@ class TaskSettings:
         batch_size: training batch size.
         solver: the ODE blocks' solver settings (``adjoint`` is set per optimizer); None:
             the task's default.
-        solver_changes: ``method``, ``rtol``, ``atol``, ``step_size`` to change in that
+        solver_changes: ``method``, ``rtol``, ``atol``, ``step_size``, ``checkpoint`` (for
+            the models that backpropagate through the solver) to change in that
             solver (a new method drops the old method's options).
         t1: the integration horizon; trainable_t1: let a horizon optimizer move it.
         test_size: evaluate on a fixed random subset of this many test rows (seed 1234, the
@@ -175,8 +176,13 @@ def _solver(settings: TaskSettings, default: SolverSpec) -> Callable[[bool], Sol
         options = dict(spec.options or {}) if method == spec.method else {}
         if "step_size" in changes:
             options["step_size"] = changes.pop("step_size")
-        spec = replace(spec, method=method, options=options or None, **changes)
-    return lambda adjoint: replace(spec, adjoint=adjoint)
+        checkpoint = changes.pop("checkpoint", spec.checkpoint)
+        spec = replace(spec, method=method, options=options or None, adjoint=False,
+                       checkpoint=False, **changes)
+        spec = replace(spec, checkpoint=checkpoint)
+    # a checkpointed solve is a way of backpropagating: it applies where adjoint is False
+    return lambda adjoint: replace(spec, adjoint=adjoint,
+                                   checkpoint=spec.checkpoint and not adjoint)
 
 
 def _pick_model(task: str, settings: TaskSettings, models: tuple[str, ...]) -> str:
