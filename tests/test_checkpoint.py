@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import solvers.checkpoint as checkpointing
 from ocnode import load_dataset
 from ocnode.training import TaskSettings, TrainConfig, make_task
 from solvers import SolverInputError, SolverSpec, SolverStats, get_tableau, solve
@@ -68,7 +69,12 @@ TIMES = [[0.0, 1.0], [0.0, 0.17, 0.5, 0.51, 1.2], [1.0, 0.3, -0.5]]
 
 @pytest.mark.parametrize("method,options", CASES)
 @pytest.mark.parametrize("times", TIMES)
-def test_replayed_steps_give_backprops_outputs_and_gradients(method, options, times):
+@pytest.mark.parametrize("segment_bytes", [1, 20_000, checkpointing.SEGMENT_BYTES])
+def test_replayed_steps_give_backprops_outputs_and_gradients(method, options, times,
+                                                             segment_bytes, monkeypatch):
+    """Whether the replay backpropagates step by step (1 byte), through a few steps at a time
+    or through the whole solve at once (the default, for this small problem)."""
+    monkeypatch.setattr(checkpointing, "SEGMENT_BYTES", segment_bytes)
     torch.manual_seed(0)
     func, y0 = JumpField(), torch.randn(5, 3, dtype=F64)
     t = torch.tensor(times, dtype=F64)
@@ -77,10 +83,15 @@ def test_replayed_steps_give_backprops_outputs_and_gradients(method, options, ti
     replayed = _grads(func, y0, t, spec.replace(checkpoint=True))
     _assert_same(plain, replayed)
     assert replayed[4] == plain[4]  # the same forward solve
-    # the backward replays each accepted step (rejected ones are not replayed): its stages,
-    # and for a fixed grid with an output inside a step the slope at its end
-    stages = get_tableau(method).stages
-    assert stages * replayed[6] <= replayed[5] <= (stages + 1) * replayed[6]
+    # the backward replays each accepted step (rejected ones are not): its stages but the
+    # first, which the forward kept, except where it was evaluated afresh (the first step,
+    # after a jump); a fixed grid's slope at each step's end too (the next first stage)
+    tab, steps = get_tableau(method), replayed[6]
+    fresh = 1 + len((options or {}).get("jump_t", []))
+    if tab.adaptive:
+        assert replayed[5] == (tab.stages - 1) * steps + fresh
+    else:
+        assert tab.stages * steps <= replayed[5] <= tab.stages * steps + 1
 
 
 def test_time_gradients_and_tuple_states_match_backprop():

@@ -657,3 +657,13 @@ def test_bad_collector_settings_raise_clear_errors():
             CurvatureCollector(model, **kwargs)
     with pytest.raises(TypeError, match="nn.Module"):
         CurvatureCollector(model.parameters())
+
+
+@pytest.mark.parametrize("start", [0, 3, 8, 13, 27])
+@pytest.mark.parametrize("count", [1, 4, 9, 10, 12])
+def test_a_factor_window_takes_consecutive_rows_wrapping_around(start, count):
+    from ocnode.curvature.factors import window
+
+    x = torch.arange(20.0).reshape(10, 2)
+    expected = x if count >= 10 else x[[(start + i) % 10 for i in range(count)]]
+    assert torch.equal(window(x, start, count), expected)

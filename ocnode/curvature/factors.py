@@ -106,8 +106,10 @@ def window(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
     n = x.shape[0]
     if count >= n:
         return x
-    idx = (torch.arange(count, device=x.device) + start) % n
-    return x.index_select(0, idx)
+    start %= n
+    if start + count <= n:  # a view: no copy, one op
+        return x[start:start + count]
+    return torch.cat([x[start:], x[:start + count - n]])
 
 
 @dataclass
