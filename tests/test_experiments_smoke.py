@@ -1,4 +1,5 @@
-"""Smoke test of experiments/bench_solvers.py: the quickest case runs and writes its files."""
+"""Smoke tests of experiments/bench_solvers.py and bench_gradients.py: the quickest cases run
+and write their files."""
 
 from __future__ import annotations
 
@@ -22,3 +23,15 @@ def test_bench_solvers_quick_writes_finite_positive_timings(tmp_path: Path) -> N
     assert all(t > 0 for t in record["ours_ms"] + record["torchdiffeq_ms"])
     assert record["nfe_ours"] > 0 and record["nfe_torchdiffeq"] > 0
     assert result["memory"] == []
+
+
+def test_bench_gradients_quick_writes_the_three_modes(tmp_path: Path) -> None:
+    run_experiment("bench_gradients.py", "--quick", "--cases", "fit-rk4", "--out", str(tmp_path))
+
+    [record] = json.loads((tmp_path / "bench_gradients.json").read_text())["records"]
+    assert (tmp_path / "bench_gradients.md").is_file()
+    assert set(record["ms"]) == {"backprop", "checkpoint", "adjoint"}
+    assert all(math.isfinite(v) and v > 0 for v in record["ms"].values())
+    forward, backward = record["nfe"]["checkpoint"]
+    assert forward > 0 and backward > 0  # the replay evaluates the field again
+    assert record["nfe"]["backprop"][1] == 0
