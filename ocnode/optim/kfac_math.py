@@ -59,17 +59,22 @@ def eigenbasis(factor: torch.Tensor, jitter: float = 1e-10,
         torch.linalg.LinAlgError: if every retry fails or gives non-finite values.
     """
     sym = 0.5 * (factor + factor.t())
-    scale = float(sym.diagonal().abs().mean()) or 1.0
-    eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
     for k in range(max_tries):
-        shift = 0.0 if k == 0 else jitter * scale * 10.0 ** (2 * k)
+        # the first try as it is; the retries (rare) add a growing multiple of the identity
+        shifted, shift = (sym, 0.0) if k == 0 else _jittered(sym, jitter * 10.0 ** (2 * k))
         try:
-            lam, vec = torch.linalg.eigh(sym + shift * eye)
+            lam, vec = torch.linalg.eigh(shifted)
         except torch.linalg.LinAlgError:
             continue
-        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(vec).all()):
+        if all_finite([lam, vec]):
             return (lam - shift).clamp_min(0.0), vec
     raise torch.linalg.LinAlgError("eigh failed on a Kronecker factor even with jitter")
+
+
+def _jittered(sym: torch.Tensor, relative: float) -> tuple[torch.Tensor, float]:
+    """(sym + shift * I, shift) with shift = relative * the mean |diagonal| (1 if zero)."""
+    shift = relative * (float(sym.diagonal().abs().mean()) or 1.0)
+    return sym + shift * torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device), shift
 
 
 class KroneckerBasis(NamedTuple):
