@@ -204,6 +204,10 @@ class TrainConfig:
         self._validate_numbers()
         self._validate_rates()
         self._validate_checkpoint()
+        if self._validate_processes():
+            process_device(self.device)
+        else:
+            resolve_device(self.device)
 
     def _validate_checkpoint(self) -> None:
         if not self.checkpoint_steps:
@@ -214,10 +218,6 @@ class TrainConfig:
         if self.optimizer == "newton-cg":
             raise ValueError("newton-cg differentiates twice through the solver, which "
                              "replayed steps cannot: drop checkpoint_steps (--checkpoint-steps)")
-        if self._validate_processes():
-            process_device(self.device)
-        else:
-            resolve_device(self.device)
 
     def _validate_processes(self) -> bool:
         """Settings that only torchrun runs take, and what such runs cannot do; returns
