@@ -222,7 +222,7 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     progress = Progress(direction, label)
     callbacks = field_callbacks(func, flat, direction, spec.method, t)
     outs: list[torch.Tensor] = []
-    if spec.checkpoint:
+    if spec.checkpoint and torch.is_grad_enabled():  # without grad: nothing to replay
         cfg = make_config(func, flat, s_out, direction, spec, stats, backward_stats,
                           progress, callbacks)
         outs = list(solve_checkpointed(cfg, y0_flat, params_of(func, adjoint_params)))

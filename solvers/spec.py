@@ -186,11 +186,12 @@ class SolverSpec:
             (Kidger, Chen, Lyons 2021, "'Hey, that's not an ODE': Faster ODE Adjoints via
             Seminorms"; adaptive backward methods only). It can save backward steps, and
             the gradients stay within the tolerance.
-        checkpoint: with ``adjoint=False``, backpropagate through the solver with
-            checkpoints (:mod:`solvers.checkpoint`): the forward solve keeps one state per
-            step instead of every stage's graph, and the backward replays each step. The
-            same gradient as plain backpropagation, at memory linear in the steps with a
-            small constant; explicit Runge-Kutta methods only.
+        checkpoint: with ``adjoint=False``, backpropagate through the solver with step
+            checkpoints (:mod:`solvers.checkpoint`): the forward solve keeps each accepted
+            step's start state and first stage instead of every stage's graph, and the
+            backward replays the steps in segments of bounded graph size. The same gradient
+            as plain backpropagation, at one forward solve more; explicit Runge-Kutta
+            methods only.
 
     The ``adjoint_*`` settings and ``seminorm`` only matter when ``adjoint`` is True.
 

@@ -230,3 +230,11 @@ def test_kfac_through_the_solver_sees_the_same_evaluations_as_with_backprop():
     assert states[0].keys() == states[1].keys() and any(k[1] == "b_factor" for k in states[0])
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, rtol=1e-7, atol=1e-7)
+
+
+def test_without_grad_a_checkpointed_spec_solves_plainly():
+    """Evaluation under no_grad has nothing to replay: no parameters are needed."""
+    spec = SolverSpec(adjoint=False, checkpoint=True)
+    with torch.no_grad():
+        ys = solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), spec)
+    torch.testing.assert_close(ys[-1], torch.full((2,), torch.e ** -1), rtol=1e-3, atol=1e-3)
