@@ -121,7 +121,7 @@ def refreshed_basis(a_factor: torch.Tensor, b_factor: torch.Tensor,
                     num_locations: float) -> KroneckerBasis | str:
     """:func:`kronecker_basis`, or why a layer must keep its old basis (non-finite factors,
     a failed eigendecomposition) as a short reason for the caller's warning."""
-    if not (bool(torch.isfinite(a_factor).all()) and bool(torch.isfinite(b_factor).all())):
+    if not all_finite([a_factor, b_factor]):
         return "non-finite factor"
     try:
         return kronecker_basis(a_factor, b_factor, num_locations)
