@@ -52,6 +52,10 @@ from ocnode.nn.ode import ODEBlock, ode_blocks
 
 FISHERS = ("empirical", "true")
 CURVATURES = ("stages", "grid")
+#: Default ``memory_budget`` per curvature mode: the stage rows are flushed into the factor
+#: sums at 8 MB (a refresh's peak memory stays flat in the number of solver steps), a grid
+#: chunk may hold 64 MB of activations (fewer, larger calls of the field).
+MEMORY_BUDGETS = {"stages": 8e6, "grid": 64e6}
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def sampled_logit_gradient(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(fisher: str, curvature: str, observer_dt: float | None, stats_batch: int | None,
-              memory_budget: float, factor_cost: float | None) -> None:
+              memory_budget: float | None, factor_cost: float | None) -> None:
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
     if curvature not in CURVATURES:
@@ -127,7 +131,7 @@ def _validate(fisher: str, curvature: str, observer_dt: float | None, stats_batc
         raise ValueError(f"observer_dt must be > 0 or None, got {observer_dt!r}")
     if stats_batch is not None and not (isinstance(stats_batch, int) and stats_batch >= 1):
         raise ValueError(f"stats_batch must be a positive int or None, got {stats_batch!r}")
-    if not memory_budget > 0:
+    if memory_budget is not None and not memory_budget > 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget!r}")
 
 
@@ -164,7 +168,8 @@ class CurvatureCollector:
             (None: all); the factors stay unbiased.
         memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
             the grid samples evaluated in one call ('grid'), or of factor rows kept before
-            they are multiplied out ('stages').
+            they are multiplied out ('stages'); None: :data:`MEMORY_BUDGETS`' value for the
+            curvature mode.
         exclude: modules left out (with everything inside them): no factors, and no error
             for a layer the factorisation does not support (a grouped convolution).
 
@@ -181,7 +186,7 @@ class CurvatureCollector:
     def __init__(self, model: nn.Module, params: Iterable[torch.Tensor] | None = None,
                  full: bool = False, fisher: str = "empirical",
                  observer_dt: float | None = None, stats_batch: int | None = None,
-                 memory_budget: float = 64e6, exclude: Iterable[nn.Module] = (),
+                 memory_budget: float | None = None, exclude: Iterable[nn.Module] = (),
                  curvature: str = "stages",
                  factor_cost: float | None = DEFAULT_FACTOR_COST) -> None:
         if not isinstance(model, nn.Module):
@@ -190,7 +195,8 @@ class CurvatureCollector:
         self.model, self.full, self.fisher = model, full, fisher
         self.curvature, self.factor_cost = curvature, factor_cost
         self.observer_dt, self.stats_batch = observer_dt, stats_batch
-        self.memory_budget = memory_budget
+        self.memory_budget = MEMORY_BUDGETS.get(curvature, 0.0) if memory_budget is None \
+            else memory_budget
         owned = {id(p) for p in (model.parameters() if params is None else params)}
         self._find(owned, _module_set(exclude))
         self._sums = FactorAccumulator()

@@ -96,7 +96,8 @@ class SNOpt(torch.optim.Optimizer):
             a refresh iteration then runs each adjoint backward solve twice).
         memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
             the grid samples evaluated in one call ('grid'), or of factor rows kept before
-            they are multiplied out ('stages').
+            they are multiplied out ('stages'); None: 64 MB for the grid, 8 MB for the
+            stages (``ocnode.curvature.collection.MEMORY_BUDGETS``).
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all). The refresh cost scales with it; the factors stay unbiased.
         params: parameters or parameter groups (default: ``model.parameters()``).
@@ -121,7 +122,7 @@ class SNOpt(torch.optim.Optimizer):
                  weight_decay: float = 0.0, eps: float = 0.05, alpha: float = 0.75,
                  update_freq: int = 20, full: bool = False, damping_mode: str = "ekfac",
                  observer_dt: float | None = None, fisher: str = "empirical",
-                 memory_budget: float = 64e6, stats_batch: int | None = None,
+                 memory_budget: float | None = None, stats_batch: int | None = None,
                  params: Iterable | None = None, exclude: Iterable[nn.Module] = (),
                  curvature: str = "stages",
                  factor_cost: float | None = DEFAULT_FACTOR_COST) -> None:
