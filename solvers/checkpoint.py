@@ -147,9 +147,9 @@ class _CheckpointFunction(torch.autograd.Function):
         solve_flat(recorder.watch(rhs), y0, cfg.times, emit, cfg.spec, cfg.flat, cfg.stats,
                    progress=cfg.progress, callbacks=chain_callbacks(cfg.callbacks, recorder))
         cfg.steps = recorder.steps
-        if not get_tableau(cfg.spec.method).adaptive:  # a fixed grid ends on the last time
-            cfg.steps[-1].s1 = cfg.times[-1]
-        ctx.cfg, ctx.n_params = cfg, len(params)
+        if cfg.steps and not get_tableau(cfg.spec.method).adaptive:
+            cfg.steps[-1].s1 = cfg.times[-1]  # a fixed grid ends on the last time
+        ctx.cfg = cfg
         ctx.save_for_backward(*params)
         return torch.stack(outs)
 
