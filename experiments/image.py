@@ -11,7 +11,8 @@ solved by dopri5 at rtol = atol = 1e-3 on [0, 1], pooled linear head). Adam, SGD
 use the adjoint; K-FAC and Newton-CG backpropagate through the solver.
 
 Hyperparameters: the SNOpt authors' MNIST settings for SNOpt (lr 0.02, eps 0.05), Adam
-(1e-3) and SGD (0.02, momentum 0.9); SNOpt and K-FAC refresh every 50 iterations with
+(1e-3) and SGD (0.02, momentum 0.9); SNOpt and K-FAC refresh every 20 iterations (50 in
+the runs BENCHMARKS.md reports) with
 ``stats_batch = 32`` samples (the refresh of a conv block is FLOP-bound on a CPU, see
 bench_snopt); Newton-CG: lr 1, damping 1, 5 CG iterations, steps clipped to norm 1 (without
 the clip it blew up the ODE within 10 iterations on Fashion-MNIST).

@@ -10,8 +10,9 @@ model ends that run, not the comparison). Iterations are :func:`ocnode.training.
 the same as ``ocnode train``'s.
 
 Hyperparameters: the registry's defaults (:mod:`ocnode.training.optimizers`), then
-:data:`COMPARE_HPARAMS` (SNOpt and K-FAC refresh every 50 iterations and also precondition
-the layers outside the ODE blocks), then the task's tuned values, then ``--hparams``.
+:data:`COMPARE_HPARAMS` (SNOpt and K-FAC also precondition the layers outside the ODE
+blocks; they refresh at the registry's period, every 20 iterations, unless the task tunes
+it), then the task's tuned values, then ``--hparams``.
 
 Outputs under ``<out>/<task.label>/``: ``runs/<optimizer>_seed<k>.csv`` (one row per
 evaluation: ``step, time_s, train_loss, step_ms, nfe_forward, nfe_backward`` and the task's
@@ -57,9 +58,12 @@ from solvers import SolverError
 
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 #: The harness's choices over the registry defaults (the task's and --hparams come after).
+#: (Runs before 2026-12-03 refreshed every 50 iterations here; with the stage curvature a
+#: refresh costs about one Adam iteration, and 20 learned faster early at the same final
+#: accuracy: BENCHMARKS.md section 3.1.)
 COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
-    "snopt": {"update_freq": 50, "full": True},
-    "kfac": {"update_freq": 50, "full": True},
+    "snopt": {"full": True},
+    "kfac": {"full": True},
 }
 
 
