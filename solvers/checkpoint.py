@@ -100,7 +100,7 @@ class _Recorder(StepCallbacks):
 
 
 @dataclass
-class _Config:
+class CheckpointedSolve:
     """What the backward replay needs of the forward solve."""
 
     func: Callable
@@ -115,26 +115,19 @@ class _Config:
     steps: list[_Step] = field(default_factory=list)
 
 
-def solve_checkpointed(cfg: _Config, y0: torch.Tensor,
+def solve_checkpointed(cfg: CheckpointedSolve, y0: torch.Tensor,
                        params: Sequence[torch.Tensor]) -> torch.Tensor:
     """The solution at cfg.times, shape (T, n), differentiable in y0 and ``params`` by
     replaying each step (row 0 is y0 itself)."""
     return _CheckpointFunction.apply(cfg, y0, *params)
 
 
-def make_config(func: Callable, flat: FlatState, times: list[float], direction: float,
-                spec: SolverSpec, stats: SolverStats, backward_stats: SolverStats,
-                progress: Progress, callbacks: StepCallbacks) -> _Config:
-    """The configuration of one checkpointed solve (see :func:`solve_checkpointed`)."""
-    return _Config(func, flat, times, direction, spec, stats, backward_stats, progress,
-                   callbacks)
-
-
 class _CheckpointFunction(torch.autograd.Function):
     """Forward without graph, keeping step starts; backward by replaying each step."""
 
     @staticmethod
-    def forward(ctx: Any, cfg: _Config, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, cfg: CheckpointedSolve, y0: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
         rhs = make_rhs(cfg.func, cfg.flat, y0.device, cfg.direction, cfg.stats)
         stops = [s for s, _ in adaptive_stops(cfg.spec.solve_options(), cfg.direction)]
         recorder = _Recorder(stops)
@@ -180,7 +173,7 @@ class _Replay:
     totals: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def _replay_backward(cfg: _Config, grad_ys: torch.Tensor,
+def _replay_backward(cfg: CheckpointedSolve, grad_ys: torch.Tensor,
                      params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(dL/dy0 through the steps, dL/dparams): the steps replayed with a graph in segments
     (:data:`SEGMENT_BYTES`), the last segment first; the last step alone measures a step's
@@ -210,7 +203,7 @@ def _replay_backward(cfg: _Config, grad_ys: torch.Tensor,
     return lam, [torch.zeros_like(p) if t is None else t for p, t in zip(params, state.totals)]
 
 
-def _replay_segment(cfg: _Config, rhs: Callable, tab: ButcherTableau,
+def _replay_segment(cfg: CheckpointedSolve, rhs: Callable, tab: ButcherTableau,
                     sides: list[tuple[int, int, bool]], first: int, last: int,
                     grad_ys: torch.Tensor, params: list[torch.Tensor], state: _Replay) -> int:
     """Replay steps first..last with one graph and backpropagate through it, updating
@@ -226,7 +219,7 @@ def _replay_segment(cfg: _Config, rhs: Callable, tab: ButcherTableau,
     roots: list[torch.Tensor] = []
     seeds: list[torch.Tensor] = []
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        y = y_start = step.y0.requires_grad_(True)
+        y = y_start = step.y0.detach().requires_grad_(True)
         f0 = f0_start = _first_stage(rhs, step, sides[first], y)
         for k in range(first, last + 1):
             step, (start, end, fresh) = cfg.steps[k], sides[k]
@@ -247,10 +240,6 @@ def _replay_segment(cfg: _Config, rhs: Callable, tab: ButcherTableau,
     state.lam_f = None if start_fresh else got[-1]
     state.totals = [t if g is None else (g if t is None else t + g)
                     for t, g in zip(state.totals, got[1:1 + len(params)])]
-    for k in range(first, last + 1):
-        step = cfg.steps[k]
-        step.y0 = step.y0.detach()
-        step.f0 = None if step.f0 is None else step.f0.detach()
     return saved[0]
 
 
@@ -262,7 +251,7 @@ def _first_stage(rhs: Callable, step: _Step, sides: tuple[int, int, bool],
     if fresh:
         return rhs(at_side(step.s0, start), y)
     f0 = step.f0 if step.f0 is not None else _value(rhs, step, start, y)
-    return f0.requires_grad_(True)
+    return f0.detach().requires_grad_(True)
 
 
 def _value(rhs: Callable, step: _Step, side: int, y: torch.Tensor) -> torch.Tensor:
@@ -271,7 +260,7 @@ def _value(rhs: Callable, step: _Step, side: int, y: torch.Tensor) -> torch.Tens
         return rhs(at_side(step.s0, side), y)
 
 
-def _start_sides(cfg: _Config, tab: ButcherTableau) -> list[tuple[int, int, bool]]:
+def _start_sides(cfg: CheckpointedSolve, tab: ButcherTableau) -> list[tuple[int, int, bool]]:
     """Per step: the side of its first stage's time and of its node-1 stages' times (see
     :class:`solvers.integrate.SideTime`), and whether the forward solve evaluated its first
     stage afresh (the first step; a step after a jump) rather than at the end of the

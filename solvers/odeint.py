@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from solvers.adjoint import params_of, solve_adjoint
-from solvers.checkpoint import make_config, solve_checkpointed
+from solvers.checkpoint import CheckpointedSolve, solve_checkpointed
 from solvers.errors import SolverInputError, in_context
 from solvers.events import EventGradient, check_event_times, combine_event_fn, solve_until_event
 from solvers.flat import (
@@ -223,7 +223,7 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     callbacks = field_callbacks(func, flat, direction, spec.method, t)
     outs: list[torch.Tensor] = []
     if spec.checkpoint and torch.is_grad_enabled():  # without grad: nothing to replay
-        cfg = make_config(func, flat, s_out, direction, spec, stats, backward_stats,
+        cfg = CheckpointedSolve(func, flat, s_out, direction, spec, stats, backward_stats,
                           progress, callbacks)
         outs = list(solve_checkpointed(cfg, y0_flat, params_of(func, adjoint_params)))
     else:

@@ -195,7 +195,7 @@ class CurvatureCollector:
         self.model, self.full, self.fisher = model, full, fisher
         self.curvature, self.factor_cost = curvature, factor_cost
         self.observer_dt, self.stats_batch = observer_dt, stats_batch
-        self.memory_budget = MEMORY_BUDGETS.get(curvature, 0.0) if memory_budget is None \
+        self.memory_budget = MEMORY_BUDGETS[curvature] if memory_budget is None \
             else memory_budget
         owned = {id(p) for p in (model.parameters() if params is None else params)}
         self._find(owned, _module_set(exclude))

@@ -178,8 +178,7 @@ def _solver(settings: TaskSettings, default: SolverSpec) -> Callable[[bool], Sol
             options["step_size"] = changes.pop("step_size")
         checkpoint = changes.pop("checkpoint", spec.checkpoint)
         spec = replace(spec, method=method, options=options or None, adjoint=False,
-                       checkpoint=False, **changes)
-        spec = replace(spec, checkpoint=checkpoint)
+                       checkpoint=checkpoint, **changes)
     # a checkpointed solve is a way of backpropagating: it applies where adjoint is False
     return lambda adjoint: replace(spec, adjoint=adjoint,
                                    checkpoint=spec.checkpoint and not adjoint)
