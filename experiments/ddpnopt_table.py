@@ -1,8 +1,11 @@
-"""The first rows of Table 3 of the DDPNOpt paper (Liu, Chen, Theodorou, "Differential Dynamic
+"""The rows of Table 3 of the DDPNOpt paper (Liu, Chen, Theodorou, "Differential Dynamic
 Programming Neural Optimizer", ICLR 2021) that run offline: the paper's FCN (model ``fcn``:
-5 Linear layers with tanh) on WINE, DIGITS and MNIST-5k (the paper's MNIST row is full
-MNIST; ours is the 5000-digit subset), trained by SGD-m, RMSprop, Adam, EKFAC, E-MSA and
-DDPNOpt.
+5 Linear layers with tanh) on WINE, DIGITS, MNIST-5k (the paper's MNIST row is full MNIST;
+ours is the 5000-digit subset) and Fashion-MNIST, and the paper's CNN (model ``cnn``: 4 Conv2d
+3x3 with 32 channels and 2 Linear layers) on MNIST-5k (row ``cnn-mnist5k``) and on
+``fmnist32``, Fashion-MNIST padded to 3x32x32 (row ``cnn-fmnist32``: a STAND-IN of the
+paper's SVHN and CIFAR-10 shape, not their task), trained by SGD-m, RMSprop, Adam, EKFAC,
+E-MSA and DDPNOpt.
 
 Every optimizer goes through the training core (:func:`ocnode.training.build_optimizer`):
 
@@ -22,6 +25,11 @@ DDPNOpt     ``ddpnopt`` with ``base="rmsprop"`` (feedback on): the adaptive-diag
 Two columns not in the paper's table: ``DDPNOpt-Adam`` (``base="adam"``) and
 ``DDPNOpt-bounded`` (``base="rmsprop", max_feedback_ratio=1``: each layer's feedback term
 capped at the norm of its base step).
+
+The CNN rows follow the paper's choice of curvature for CNNs: their DDPNOpt columns take
+``base="ekfac"`` (paired with the EKFAC column, and EKFAC's learning-rate grid), they run
+at the paper's batch 128, on 3 seeds, tuned on the middle three rates of each grid with half
+the budget, without E-MSA and DDPNOpt-Adam (per-row settings in :data:`DATASETS`).
 
 Protocol: per dataset, a learning-rate grid on a tuning seed (``TUNE_SEED``, not one of the
 reported seeds), each rate scored by the mean training loss over the last fifth of the run
@@ -92,13 +100,40 @@ PAPER = {
                "E-MSA": 94.87, "DDPNOpt": 95.13},
     "mnist5k": {"SGD-m": 92.65, "RMSprop": 91.89, "Adam": 92.54, "EKFAC": 92.73,
                 "E-MSA": 90.24, "DDPNOpt": 93.30},
+    "fashion-mnist": {"SGD-m": 82.49, "RMSprop": 83.87, "Adam": 84.36, "EKFAC": 84.12,
+                      "E-MSA": 82.04, "DDPNOpt": 84.98},
+    "cnn-mnist5k": {"SGD-m": 97.94, "RMSprop": 98.05, "Adam": 98.04, "EKFAC": 98.02,
+                    "E-MSA": 96.48, "DDPNOpt": 98.09},
+    "cnn-fmnist32": {"SGD-m": 89.00, "RMSprop": 88.41, "Adam": 87.76, "EKFAC": 90.63,
+                     "E-MSA": 79.45, "DDPNOpt": 90.70},
 }
-#: per dataset: iterations per run, batch size, evaluation interval, seeds.
+#: the paper's row each of ours is set beside (the stand-in: its SVHN row; CIFAR-10's in
+#: the docs).
+PAPER_ROW = {"mnist5k": "MNIST", "cnn-mnist5k": "CNN MNIST", "cnn-fmnist32": "CNN SVHN"}
+#: per row: iterations per run, batch size, evaluation interval, seeds; optional: the
+#: ``model`` (default fcn), the ``dataset`` (default the row's name), the ``base`` of the
+#: DDPNOpt columns (default as in :data:`COLUMNS`), the ``columns`` it runs (default all),
+#: ``tune_iterations`` (default ``iterations``) and ``grid`` (a slice of each grid).
+CNN_ROW: dict[str, Any] = {
+    "model": "cnn", "iterations": 400, "batch": 128, "eval_every": 25, "seeds": [0, 1, 2],
+    "base": "ekfac", "tune_iterations": 200, "grid": slice(1, 4),
+    "columns": ["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt", "DDPNOpt-bounded"]}
 DATASETS: dict[str, dict[str, Any]] = {
     "wine": {"iterations": 800, "batch": 32, "eval_every": 20, "seeds": list(range(10))},
     "digits": {"iterations": 1500, "batch": 32, "eval_every": 50, "seeds": list(range(10))},
     "mnist5k": {"iterations": 2000, "batch": 64, "eval_every": 50, "seeds": list(range(10))},
+    "fashion-mnist": {"iterations": 3000, "batch": 64, "eval_every": 100,
+                      "seeds": list(range(10))},
+    "cnn-mnist5k": {**CNN_ROW, "dataset": "mnist5k"},
+    "cnn-fmnist32": {**CNN_ROW, "dataset": "fmnist32"},
 }
+#: the rows the script runs by default (fashion-mnist and cnn-fmnist32 read the system
+#: package's files; the CNN rows take an hour or more each on one core).
+DEFAULT_ROWS = ["wine", "digits", "mnist5k"]
+#: a DDPNOpt base -> the column that is that base alone.
+BASE_COLUMN = {"ekfac": "EKFAC", "rmsprop": "RMSprop", "adam": "Adam", "sgd": "SGD-m"}
+#: the columns whose base a row's ``base`` replaces.
+DDPNOPT_COLUMNS = ("DDPNOpt", "DDPNOpt-bounded")
 WIDTH = 32
 TUNE_SEED = 100
 QUICK = {"iterations": 12, "eval_every": 4, "seeds": [0]}
@@ -130,9 +165,29 @@ def load_wine(seed: int = 0) -> Dataset:
 
 
 def make(name: str, batch: int) -> Task:
-    ds = load_wine(0) if name == "wine" else load_dataset(name, seed=0)
-    return make_task(ds, TaskSettings(model="fcn", width=WIDTH, batch_size=batch,
-                                      label=f"fcn-{name}"))
+    """The task of row ``name`` (a key of :data:`DATASETS`) at this batch size."""
+    cfg = DATASETS[name]
+    data = cfg.get("dataset", name)
+    ds = load_wine(0) if data == "wine" else load_dataset(data, seed=0)
+    model = cfg.get("model", "fcn")
+    return make_task(ds, TaskSettings(model=model, width=WIDTH if model == "fcn" else None,
+                                      batch_size=batch, label=f"{model}-{data}"))
+
+
+def column_specs(cfg: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """:data:`COLUMNS` with the row's ``base`` (if any) in the DDPNOpt columns."""
+    specs = dict(COLUMNS)
+    if "base" in cfg:
+        for col in DDPNOPT_COLUMNS:
+            specs[col] = (specs[col][0], {**specs[col][1], "base": cfg["base"]})
+    return specs
+
+
+def row_grid(cfg: dict[str, Any], columns: list[str]) -> dict[str, list[float]]:
+    """Each column's grid for this row (a DDPNOpt column with a base: that base's grid)."""
+    pick = cfg.get("grid", slice(None))
+    return {c: LR_GRID[BASE_COLUMN[cfg["base"]] if c in DDPNOPT_COLUMNS and "base" in cfg
+                       else c][pick] for c in columns}
 
 
 # ----------------------------------------------------------------------------- training
@@ -146,11 +201,15 @@ def _evaluate(task: Task, model: torch.nn.Module) -> float:
 
 
 def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
-               eval_every: int, columns: list[str]) -> dict[str, dict[str, Any]]:
-    """Every column on one seed: the same initial weights and batches, interleaved."""
+               eval_every: int, columns: list[str],
+               specs: dict[str, tuple[str, dict[str, Any]]] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Every column on one seed: the same initial weights and batches, interleaved
+    (``specs``: the columns' registry names and hyperparameters, default :data:`COLUMNS`)."""
+    specs = COLUMNS if specs is None else specs
     runs = {}
     for col in columns:
-        name, hp = COLUMNS[col]
+        name, hp = specs[col]
         model = build_model(task, name, seed)  # torch.manual_seed(seed), then the model
         opt = build_optimizer(name, model, {**hp, GRID_KEY.get(col, "lr"): lrs[col]})
         runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
@@ -184,7 +243,8 @@ def tune(task: Task, cfg: dict[str, Any], columns: list[str],
     scores: dict[str, dict[float, float]] = {c: {} for c in columns}
     for i in range(max(len(grid[c]) for c in columns)):
         lrs = {c: grid[c][min(i, len(grid[c]) - 1)] for c in columns}
-        res = train_seed(task, TUNE_SEED, lrs, cfg["iterations"], cfg["iterations"], columns)
+        its = cfg.get("tune_iterations", cfg["iterations"])
+        res = train_seed(task, TUNE_SEED, lrs, its, its, columns, column_specs(cfg))
         for c in columns:
             scores[c][lrs[c]] = res[c]["tail_loss"]
     chosen = {c: min(scores[c], key=lambda lr: scores[c][lr]) for c in columns}
@@ -202,7 +262,7 @@ def _cell(values: list[float]) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     cols = summary["columns"]
-    lines = ["# DDPNOpt paper, Table 3 (FCN rows): our runs beside the paper's", "",
+    lines = ["# DDPNOpt paper, Table 3: our runs beside the paper's", "",
              f"Command: `{summary['command']}`  ",
              f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_count']} cores, "
              f"torch {summary['machine']['torch']}, {summary['threads']} thread(s); "
@@ -213,24 +273,31 @@ def markdown(summary: dict[str, Any]) -> str:
              "|---|---|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
         lines.append(f"| {name} (ours) | {len(d['seeds'])} | {d['iterations']} | "
-                     + " | ".join(_cell(d["results"][c]["test_acc"]) for c in cols) + " |")
-        lines.append(f"| {name} (paper) | 10 | – | "
-                     + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name] else "–"
-                                  for c in cols) + " |")
+                     + " | ".join(_cell(d["results"][c]["test_acc"]) if c in d["results"]
+                                  else "–" for c in cols) + " |")
+        lines.append(f"| {name} (paper{': ' + PAPER_ROW[name] if name in PAPER_ROW else ''})"
+                     " | 10 | – | " + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name]
+                                                 else "–" for c in cols) + " |")
     lines += ["", "Chosen learning rates (E-MSA: rho; grid on seed "
               f"{TUNE_SEED}, lowest mean training loss over the last fifth of the run):", "",
               "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{d['lr'][c]:g}" for c in cols) + " |")
-    lines += ["", "Median ms per iteration (all seeds), and over the RMSprop column:", "",
+        lines.append(f"| {name} | " + " | ".join(f"{d['lr'][c]:g}" if c in d["lr"] else "–"
+                                                  for c in cols) + " |")
+    lines += ["", "Median ms per iteration (all seeds), and over the column of the row's "
+              "DDPNOpt base (FCN: RMSprop, CNN: EKFAC):", "",
               "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
-        base = d["results"]["RMSprop"]["step_ms_median"] if "RMSprop" in cols else None
+        res = d["results"]
+        ref = BASE_COLUMN[d["ddpnopt_base"]]
+        base = res[ref]["step_ms_median"] if ref in res else None
         lines.append(f"| {name} | " + " | ".join(
-            f"{d['results'][c]['step_ms_median']:.2f}"
-            + (f" ({d['results'][c]['step_ms_median'] / base:.1f}x)" if base else "")
-            for c in cols) + " |")
-    lines += ["", "Grid: " + "; ".join(f"{c} {summary['grid'][c]}" for c in cols) + "."]
+            f"{res[c]['step_ms_median']:.2f}"
+            + (f" ({res[c]['step_ms_median'] / base:.1f}x)" if base else "")
+            if c in res else "–" for c in cols) + " |")
+    lines += ["", "Grids per row: " + "; ".join(
+        f"{name}: " + ", ".join(f"{c} {g}" for c, g in d["grid"].items())
+        for name, d in summary["datasets"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -243,15 +310,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         d = summary["datasets"][name]
-        for c in summary["columns"]:
+        for c in d["results"]:
             curves = d["results"][c]["curves"]
             steps = [s for s, _ in curves[0]]
             mean = [100 * statistics.fmean(cv[i][1] for cv in curves) for i in range(len(steps))]
             ax.plot(steps, mean, label=c, lw=1.4)
-        ax.set(title=f"FCN on {name} ({len(d['seeds'])} seeds, mean)", xlabel="iteration",
+        ax.set(title=f"{name} ({len(d['seeds'])} seeds, mean)", xlabel="iteration",
                ylabel="test accuracy (%)")
-        lo = min(100 * statistics.fmean(cv[-1][1] for cv in d["results"][c]["curves"])
-                 for c in summary["columns"])
+        lo = min(100 * statistics.fmean(cv[-1][1] for cv in r["curves"])
+                 for r in d["results"].values())
         ax.set_ylim(max(0.0, lo - 15), 100)
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower right")
@@ -260,63 +327,76 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
+            no_tune: bool) -> dict[str, Any]:
+    """One row: tune (unless ``no_tune``/``quick``), then every seed; its summary entry."""
+    cols = [c for c in columns if c in cfg.get("columns", COLUMNS)]
+    grid = row_grid(cfg, cols)
+    specs = column_specs(cfg)
+    task = make(name, cfg["batch"])
+    t0 = time.perf_counter()
+    if no_tune or quick:
+        tuning: dict[str, Any] = {"chosen": {c: grid[c][len(grid[c]) // 2] for c in cols}}
+    else:
+        tuning = tune(task, cfg, cols, grid)
+    print(f"[{name}] lrs {tuning['chosen']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    per_seed = []
+    for seed in cfg["seeds"]:
+        per_seed.append(train_seed(task, seed, tuning["chosen"], cfg["iterations"],
+                                   cfg["eval_every"], cols, specs))
+        print(f"[{name}] seed {seed}: " + ", ".join(
+            f"{c} {100 * per_seed[-1][c]['test_acc']:.1f}" for c in cols), flush=True)
+    return {
+        **{k: cfg[k] for k in ("iterations", "batch", "eval_every", "seeds")},
+        "model": cfg.get("model", "fcn"), "dataset": cfg.get("dataset", name),
+        "ddpnopt_base": specs["DDPNOpt"][1]["base"], "grid": grid,
+        "n_train": task.dataset.n_train, "n_test": task.dataset.n_test,
+        "lr": tuning["chosen"], "tuning": tuning, "wall_s": time.perf_counter() - t0,
+        "results": {c: {"test_acc": [r[c]["test_acc"] for r in per_seed],
+                        "mean": statistics.fmean(r[c]["test_acc"] for r in per_seed),
+                        "sd": statistics.stdev([r[c]["test_acc"] for r in per_seed])
+                        if len(per_seed) > 1 else 0.0,
+                        "step_ms_median": statistics.median(
+                            r[c]["step_ms_median"] for r in per_seed),
+                        "curves": [r[c]["curve"] for r in per_seed]}
+                    for c in cols}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget")
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--datasets", default=",".join(DEFAULT_ROWS),
+                   help="comma-separated rows of " + ",".join(DATASETS))
     p.add_argument("--columns", default=",".join(COLUMNS),
                    help="comma-separated subset of " + ",".join(COLUMNS))
     p.add_argument("--seeds", default=None, help="comma-separated seeds (all datasets)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per run")
     p.add_argument("--no-tune", action="store_true",
-                   help="skip the grid; use the third rate of each grid")
+                   help="skip the grid; use the middle rate of each grid")
     p.add_argument("--out", default="experiments/results/ddpnopt-table")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     columns = [c for c in args.columns.split(",") if c]
-    unknown = sorted(set(columns) - set(COLUMNS))
-    if unknown:
-        raise SystemExit(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
-    grid = {c: LR_GRID[c][2:3] for c in columns} if args.quick else LR_GRID
+    rows = [r for r in args.datasets.split(",") if r]
+    for what, asked, known in [("column", columns, COLUMNS), ("row", rows, DATASETS)]:
+        unknown = sorted(set(asked) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
     start = time.perf_counter()
-    summary: dict[str, Any] = {"columns": columns, "grid": grid, "datasets": {},
-                               "width": WIDTH, "tune_seed": TUNE_SEED,
-                               "threads": args.threads, "quick": args.quick}
-    for name in args.datasets.split(","):
+    summary: dict[str, Any] = {"columns": columns, "datasets": {}, "width": WIDTH,
+                               "tune_seed": TUNE_SEED, "threads": args.threads,
+                               "quick": args.quick}
+    for name in rows:
         cfg = dict(DATASETS[name])
         if args.quick:
-            cfg.update(QUICK)
+            cfg.update(QUICK, grid=slice(2, 3))
         if args.seeds:
             cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
         if args.iterations:
             cfg["iterations"] = args.iterations
-        task = make(name, cfg["batch"])
-        t0 = time.perf_counter()
-        if args.no_tune or args.quick:
-            tuning = {"chosen": {c: grid[c][len(grid[c]) // 2] for c in columns}}
-        else:
-            tuning = tune(task, cfg, columns, grid)
-        print(f"[{name}] lrs {tuning['chosen']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        per_seed = []
-        for seed in cfg["seeds"]:
-            per_seed.append(train_seed(task, seed, tuning["chosen"], cfg["iterations"],
-                                       cfg["eval_every"], columns))
-            print(f"[{name}] seed {seed}: " + ", ".join(
-                f"{c} {100 * per_seed[-1][c]['test_acc']:.1f}" for c in columns), flush=True)
-        summary["datasets"][name] = {
-            **{k: cfg[k] for k in ("iterations", "batch", "eval_every", "seeds")},
-            "n_train": task.dataset.n_train, "n_test": task.dataset.n_test,
-            "lr": tuning["chosen"], "tuning": tuning, "wall_s": time.perf_counter() - t0,
-            "results": {c: {"test_acc": [r[c]["test_acc"] for r in per_seed],
-                            "mean": statistics.fmean(r[c]["test_acc"] for r in per_seed),
-                            "sd": statistics.stdev([r[c]["test_acc"] for r in per_seed])
-                            if len(per_seed) > 1 else 0.0,
-                            "step_ms_median": statistics.median(
-                                r[c]["step_ms_median"] for r in per_seed),
-                            "curves": [r[c]["curve"] for r in per_seed]}
-                        for c in columns}}
-        write(summary, Path(args.out), start)  # after each dataset: a long run keeps its rows
+        summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune)
+        write(summary, Path(args.out), start)  # after each row: a long run keeps its rows
     print(markdown(summary), flush=True)
     return summary
 

@@ -24,7 +24,8 @@ def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> N
     assert summary["columns"] == COLUMNS
     assert sorted(summary["datasets"]) == ["digits", "mnist5k", "wine"]
     for name, d in summary["datasets"].items():
-        assert f"| {name} (ours) |" in md and f"| {name} (paper) |" in md
+        paper = {"mnist5k": "paper: MNIST"}.get(name, "paper")
+        assert f"| {name} (ours) |" in md and f"| {name} ({paper}) |" in md
         for col in COLUMNS:
             r = d["results"][col]
             assert len(r["test_acc"]) == len(d["seeds"]) == 1
@@ -35,3 +36,21 @@ def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> N
             [curve] = r["curves"]
             assert curve[0][0] == 0 and curve[-1][0] == d["iterations"]
             assert all(math.isfinite(acc) for _, acc in curve)
+
+
+def test_ddpnopt_table_cnn_row_runs_its_own_columns_with_the_ekfac_base(tmp_path: Path) -> None:
+    run_experiment("ddpnopt_table.py", "--quick", "--datasets", "cnn-mnist5k", "--iterations",
+                   "2", "--out", str(tmp_path), timeout=120)
+
+    d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["cnn-mnist5k"]
+    assert d["model"] == "cnn" and d["dataset"] == "mnist5k" and d["batch"] == 128
+    assert d["ddpnopt_base"] == "ekfac"
+    # the CNN row leaves out E-MSA and DDPNOpt-Adam; its DDPNOpt columns take EKFAC's grid
+    assert sorted(d["results"]) == sorted(["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt",
+                                           "DDPNOpt-bounded"])
+    assert d["grid"]["DDPNOpt"] == d["grid"]["EKFAC"] != d["grid"]["RMSprop"]
+    for r in d["results"].values():
+        assert [step for step, _ in r["curves"][0]] == [0, 2]
+        assert 0.0 <= r["mean"] <= 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert "| cnn-mnist5k (paper: CNN MNIST) | 10 | – | 97.94 |" in md
