@@ -167,30 +167,34 @@ def _block_fn(res, post, shape):
 
 
 def _transitions(model, x, mode):
-    """[(flat per-sample fn, its layers)] of the augmented chain, in order."""
+    """[(flat per-sample fn, its layers, the slice of the state its layers act on (None:
+    all))] of the augmented chain, in order ('chain' mode: FNE's chain)."""
     prefix, nodes = _nodes(model)
     h, out = nn.Sequential(*prefix)(x), []
     for node in nodes:
         if node[0] == "stage":
-            out.append((_flat_stage(node[1], h.shape[1:]), [node[1][0]]))
+            out.append((_flat_stage(node[1], h.shape[1:]), [node[1][0]], None))
             h = nn.Sequential(*node[1])(h)
             continue
         res, post = node[1], node[2]
         body, short = _branch(res.body), _branch(res.shortcut)
         if mode == "gr":
-            out.append((_block_fn(res, post, h.shape[1:]), [s[0] for s in body + short]))
+            out.append((_block_fn(res, post, h.shape[1:]), [s[0] for s in body + short],
+                        None))
         else:
-            out.append((lambda x, u: torch.cat([x, x]), []))
+            out.append((lambda x, u: torch.cat([x, x]), [], None))
             hb = h
             for mods in body:
-                out.append((_lift(_flat_stage(mods, hb.shape[1:]), hb[0].numel()), [mods[0]]))
+                n = hb[0].numel()
+                out.append((_lift(_flat_stage(mods, hb.shape[1:]), n), [mods[0]], slice(0, n)))
                 hb = nn.Sequential(*mods)(hb)
             hs = h
             for mods in short:
-                out.append((_lift(_flat_stage(mods, hs.shape[1:]), hb[0].numel(), True),
-                            [mods[0]]))
+                n = hb[0].numel()
+                out.append((_lift(_flat_stage(mods, hs.shape[1:]), n, True), [mods[0]],
+                            slice(n, None)))
                 hs = nn.Sequential(*mods)(hs)
-            out.append((_exit(post, hb[0].numel(), hb.shape[1:]), []))
+            out.append((_exit(post, hb[0].numel(), hb.shape[1:]), [], None))
         h = nn.Sequential(*post)(res(h))
     return out
 
@@ -257,7 +261,7 @@ def _dense_oracle(nominal, opt, base, hp, mode, x, y, options, feedback=True):
     index = {id(m): i for i, m in enumerate(_layers(nominal))}
     ref_layers = _layers(ref_model)
     ks, maps = [], []
-    for (_, layers), u in zip(trans, us):
+    for (_, layers, _), u in zip(trans, us):
         moved = [ref_layers[index[id(m)]] for m in layers]
         ks.append(_control(moved) - u)
         maps.append(torch.block_diag(*[_dense_map(base, ref, m, hp) for m in moved])
@@ -268,7 +272,18 @@ def _dense_oracle(nominal, opt, base, hp, mode, x, y, options, feedback=True):
                                   options.get("vxx_correction", False), mixed)
     if not feedback:
         gains = [torch.zeros_like(g) for g in gains]
+    if mode == "chain":  # the skips ignored: a layer's gain acts on its own input only
+        gains = [_own_columns(g, own) for g, (_, _, own) in zip(gains, trans)]
     return torch.cat(dm.dense_update_pass(fns, us, xs, ks, gains))
+
+
+def _own_columns(gain, own):
+    """The gain (B, m, n) with the columns outside ``own`` (a slice of n) zeroed."""
+    if own is None:
+        return gain
+    kept = torch.zeros_like(gain)
+    kept[..., own] = gain[..., own]
+    return kept
 
 
 def _flat(model):
@@ -297,8 +312,8 @@ def _run_oracle(base, mode, options, net=_mlp, make_batch=_batch):
     return _flat(model), expected, base_only
 
 
-ORACLE_CASES = [(b, m, {}) for b in HPARAMS for m in ("fne", "gr")]
-ORACLE_CASES += [(b, m, {k: v}) for m in ("fne", "gr")
+ORACLE_CASES = [(b, m, {}) for b in HPARAMS for m in ("fne", "gr", "chain")]
+ORACLE_CASES += [(b, m, {k: v}) for m in ("fne", "gr", "chain")
                  for b, k, v in (("sgd", "eps_vxx", 0.5), ("adam", "eps_vxx", 0.5),
                                  ("sgd", "vxx_correction", True),
                                  ("ekfac", "vxx_correction", True),
@@ -316,14 +331,16 @@ def test_update_equals_the_dense_augmented_state_oracle(base, mode, options):
 def test_fne_and_gr_are_different_games_and_options_change_the_update():
     fne, _, _ = _run_oracle("sgd", "fne", {})
     gr, _, _ = _run_oracle("sgd", "gr", {})
+    chain, _, _ = _run_oracle("sgd", "chain", {})
     assert (fne - gr).abs().max() > 1e-5
+    assert (fne - chain).abs().max() > 1e-5  # the skip terms matter
     for mode in ("fne", "gr"):
         plain, _, _ = _run_oracle("sgd", mode, {})
         for opts in ({"eps_vxx": 0.5}, {"vxx_correction": True}, {"second_order": True}):
             assert (_run_oracle("sgd", mode, opts)[0] - plain).abs().max() > 1e-7, (mode, opts)
 
 
-@pytest.mark.parametrize("mode", ["fne", "gr"])
+@pytest.mark.parametrize("mode", ["fne", "gr", "chain"])
 def test_conv_net_with_a_strided_projection_equals_the_oracle(mode):
     got, expected, base_only = _run_oracle("sgd", mode, {}, _conv,
                                            lambda s: _batch(s, n=3, d=36))
@@ -352,7 +369,7 @@ CHAIN_CASES = [("fcn", "sgd", {"momentum": 0.9}), ("fcn", "adam", {"eps_vxx": 0.
 
 
 @pytest.mark.parametrize("net,base,opts", CHAIN_CASES)
-@pytest.mark.parametrize("mode", ["fne", "gr"])
+@pytest.mark.parametrize("mode", ["fne", "gr", "chain"])
 def test_without_residual_blocks_dgnopt_is_ddpnopt_bit_for_bit(net, base, opts, mode):
     model = _chains()[net].double()
     twin = copy.deepcopy(model)
@@ -385,7 +402,7 @@ def test_residual_adds_an_identity_or_projected_shortcut():
         Residual(lambda v: v)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mode", ["fne", "gr"])
+@pytest.mark.parametrize("mode", ["fne", "gr", "chain"])
 def test_projection_shortcut_with_batchnorm_gets_feedback_and_keeps_the_statistics(mode):
     model = _bn_net()
     with pytest.warns(UserWarning, match="no feedback policy") as caught:

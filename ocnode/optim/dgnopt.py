@@ -20,8 +20,11 @@ per sample by c_i:
 - ``mode="gr"`` (group rationality: a block's layers cooperate as one player with state x_r):
   c_i = <dL/dx_r, dx_r> for every layer of the block (the total gradient at the block input),
   and the block's update is computed at block entry.
+- ``mode="chain"`` (the baseline that ignores the skips: DDPNOpt's rule on each layer's own
+  input): FNE without the skip terms, c_i = <q_h, dh_{j-1}> (and <q_s, ds_{k-1}> in a
+  projection shortcut).
 
-On a net without :class:`~ocnode.nn.Residual` blocks both modes are DDPNOpt, bit for bit.
+On a net without :class:`~ocnode.nn.Residual` blocks every mode is DDPNOpt, bit for bit.
 The class keeps the records (it extends :class:`~ocnode.optim.DDPNOpt`'s); the net's
 structure and the block function are the pure functions below.
 """
@@ -52,7 +55,7 @@ from ocnode.optim.ddpnopt import (
     group_stages,
 )
 
-MODES = ("fne", "gr")
+MODES = ("fne", "gr", "chain")
 _NOT_A_NET = ("DGNOpt needs the model as an nn.Sequential of stages and ocnode.Residual blocks, "
               "a block's body and shortcut being chains of stages (nested nn.Sequentials are "
               "flattened) whose entries with parameters are single layers (Linear, Conv2d, "
@@ -306,7 +309,9 @@ class DGNOpt(DDPNOpt):
         lr: learning rate.
         base: 'sgd', 'rmsprop', 'adam' or 'ekfac', as DDPNOpt.
         mode: 'fne' (feedback Nash equilibrium: every layer a player, cascading inside a
-            block) or 'gr' (group rationality: a block's layers one player at block entry).
+            block), 'gr' (group rationality: a block's layers one player at block entry) or
+            'chain' (FNE without the skip terms: DDPNOpt's rule on each layer's own input,
+            the skips ignored; a baseline).
         momentum, weight_decay, betas, eps, alpha, eps_ekfac, update_freq, eps_vxx,
             vxx_correction, feedback, second_order, max_feedback_ratio, params: as
             :class:`~ocnode.optim.DDPNOpt` (eps_vxx and second_order act on a layer's own
@@ -315,7 +320,7 @@ class DGNOpt(DDPNOpt):
     Attributes:
         stages: every stage (a block's body, then its shortcut, in run order).
         nodes: the outer stages (indices into ``stages``) and the :class:`Block` s, in order.
-        mode: 'fne' or 'gr'.
+        mode: 'fne', 'gr' or 'chain'.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -333,8 +338,9 @@ class DGNOpt(DDPNOpt):
                  second_order: bool = False, max_feedback_ratio: float | None = None,
                  params: Iterable | None = None) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be 'fne' (feedback Nash: each layer a player) or 'gr' "
-                             f"(group rationality: a block's layers cooperate), got {mode!r}")
+            raise ValueError(f"mode must be 'fne' (feedback Nash: each layer a player), 'gr' "
+                             "(group rationality: a block's layers cooperate) or 'chain' (the "
+                             f"skips ignored), got {mode!r}")
         self.mode = mode
         super().__init__(model, lr, base, momentum, weight_decay, betas, eps, alpha, eps_ekfac,
                          update_freq, eps_vxx, vxx_correction, feedback, second_order,
@@ -367,7 +373,7 @@ class DGNOpt(DDPNOpt):
         return [p for b in self.blocks for p in b.probes()]
 
     def _players(self) -> list[tuple[int, ...]]:
-        if self.mode == "fne":
+        if self.mode != "gr":
             return super()._players()
         return [n.stages if isinstance(n, Block) else (n,) for n in self.nodes]
 
@@ -389,7 +395,8 @@ class DGNOpt(DDPNOpt):
         if self.mode == "gr":
             return self._total_gradient(block, records) is not None
         other = block.probe + 1 if t in block.body else block.probe + 2
-        return records[t].gx is not None or records[other].gx is not None
+        skip = self.mode == "fne" and records[other].gx is not None
+        return records[t].gx is not None or skip
 
     @staticmethod
     def _total_gradient(block: Block, records: list[_Record]) -> Tensor | None:
@@ -434,7 +441,7 @@ class DGNOpt(DDPNOpt):
         with self._quiet():
             for i, node in enumerate(self.nodes[:last + 1]):
                 if isinstance(node, Block):
-                    update = self._fne_block if self.mode == "fne" else self._gr_block
+                    update = self._gr_block if self.mode == "gr" else self._fne_block
                     x_hat = update(node, records, x_hat, ctx)
                 else:
                     x_hat = self._stage_update(node, records, x_hat, ctx, run=i < last)
@@ -451,13 +458,14 @@ class DGNOpt(DDPNOpt):
     def _fne_block(self, block: Block, records: list[_Record], x_hat: Tensor,
                    ctx: Context) -> Tensor:
         """FNE: body layers with the skip term <g_skip, dx_r>, then the shortcut's layers with
-        <g_sum, dh_m>, each on its own cascaded input."""
+        <g_sum, dh_m>, each on its own cascaded input (mode 'chain': without those terms)."""
+        fne = self.mode == "fne"
         d_r = x_hat - cast(Tensor, records[block.probe].x)
-        skip = skip_weights(records[block.probe + 1].gx, d_r)
+        skip = skip_weights(records[block.probe + 1].gx, d_r) if fne else None
         h = self._branch(block.body_prefix, block.body, x_hat,
                          lambda t, x: self._stage_update(t, records, x, ctx, skip))
         out = records[block.probe + 2]
-        join = skip_weights(out.gx, h - cast(Tensor, out.x))
+        join = skip_weights(out.gx, h - cast(Tensor, out.x)) if fne else None
         s = self._branch(block.shortcut_prefix, block.shortcut, x_hat,
                          lambda t, x: self._stage_update(t, records, x, ctx, join))
         return self._post(block, h + s)

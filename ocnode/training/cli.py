@@ -146,8 +146,9 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
                    help="DDPNOpt's and DGNOpt's base optimizer (default: sgd); DDPNOpt trains "
                         "the plain chains --model fcn and cnn")
     g.add_argument("--dgn-mode", default=d.dgn_mode, choices=DGN_MODES,
-                   help="DGNOpt's game: fne (every layer a player) or gr (a residual block's "
-                        "layers cooperate) (default: fne); DGNOpt also trains --model resmlp "
+                   help="DGNOpt's game: fne (every layer a player), gr (a residual block's "
+                        "layers cooperate) or chain (the skips ignored: DDPNOpt's rule per "
+                        "layer, a baseline) (default: fne); DGNOpt also trains --model resmlp "
                         "and resnet")
     g.add_argument("--rho", type=float, default=d.rho,
                    help="E-MSA's penalty weight: larger is a smaller step (default 0.5)")

@@ -36,7 +36,7 @@ FISHERS = ("empirical", "true")
 CURVATURES = ("stages", "grid")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
 DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
-DGN_MODES = ("fne", "gr")
+DGN_MODES = ("fne", "gr", "chain")
 #: The optimizers that refuse torchrun, and why.
 ONE_PROCESS = {"newton-cg": ONE_PROCESS_ONLY, "emsa": EMSA_ONE_PROCESS}
 #: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
@@ -75,7 +75,7 @@ class TrainConfig:
         ddp_base: DDPNOpt's and DGNOpt's base optimizer (``"sgd"``, ``"rmsprop"``,
             ``"adam"``, ``"ekfac"``); None: sgd.
         dgn_mode: DGNOpt's game (``"fne"``: every layer a player; ``"gr"``: a residual
-            block's layers cooperate); None: fne.
+            block's layers cooperate; ``"chain"``: the skips ignored, a baseline); None: fne.
         rho, inner_steps: E-MSA's penalty weight and L-BFGS iterations per stage (``lr`` is
             its L-BFGS step length); None: 0.5 and 10.
         lr_decay: the learning rate of epoch e (from 0) is ``lr * lr_decay**e``.
