@@ -5,7 +5,10 @@ ours is the 5000-digit subset) and Fashion-MNIST, and the paper's CNN (model ``c
 3x3 with 32 channels and 2 Linear layers) on MNIST-5k (row ``cnn-mnist5k``) and on
 ``fmnist32``, Fashion-MNIST padded to 3x32x32 (row ``cnn-fmnist32``: a STAND-IN of the
 paper's SVHN and CIFAR-10 shape, not their task), trained by SGD-m, RMSprop, Adam, EKFAC,
-E-MSA and DDPNOpt.
+E-MSA and DDPNOpt. The same protocol runs the nets of the DGNOpt paper (Liu, Chen,
+Theodorou, "Dynamic Game Theoretic Neural Optimizer", ICML 2021), whose tables we do not
+have: a residual MLP (rows ``resmlp-digits``, ``resmlp-fashion-mnist``) and a small ResNet
+(rows ``resnet-mnist5k``, ``resnet-fmnist32``), with the columns DGNOpt-FNE and DGNOpt-GR.
 
 Every optimizer goes through the training core (:func:`ocnode.training.build_optimizer`):
 
@@ -20,7 +23,15 @@ E-MSA       ``emsa`` (Li et al. 2018; 10 L-BFGS iterations per stage; its grid i
             ``rho``, not a learning rate)
 DDPNOpt     ``ddpnopt`` with ``base="rmsprop"`` (feedback on): the adaptive-diagonal
             base the paper uses for FCNs, paired with the RMSprop column
+DGNOpt-FNE  ``dgnopt`` with ``mode="fne"`` (every layer a player), the row's base
+DGNOpt-GR   ``dgnopt`` with ``mode="gr"`` (a block's layers cooperate), the row's base
 =========== =========================================================================
+
+On the residual rows DDPNOpt refuses the net, so every ``ddpnopt`` column runs as
+``dgnopt`` with ``mode="chain"``: the DDPNOpt column is the net treated as a chain (the
+skips ignored: each layer's feedback from its own input only), and the base columns
+(feedback off) are their base optimizer exactly. The residual MLP rows use the RMSprop base
+(as the FCN rows), the ResNet rows the EKFAC base (as the CNN rows) and leave out E-MSA.
 
 Two columns not in the paper's table: ``DDPNOpt-Adam`` (``base="adam"``) and
 ``DDPNOpt-bounded`` (``base="rmsprop", max_feedback_ratio=1``: each layer's feedback term
@@ -78,7 +89,13 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     # not in the paper's table: the other adaptive-diagonal base, and the feedback bounded
     "DDPNOpt-Adam": ("ddpnopt", {"base": "adam"}),
     "DDPNOpt-bounded": ("ddpnopt", {"base": "rmsprop", "max_feedback_ratio": 1.0}),
+    # the DGNOpt paper's rows (residual nets)
+    "DGNOpt-FNE": ("dgnopt", {"base": "rmsprop", "mode": "fne"}),
+    "DGNOpt-GR": ("dgnopt", {"base": "rmsprop", "mode": "gr"}),
 }
+#: the DDPNOpt paper's columns (the default of a row without its own list).
+PAPER_COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-Adam",
+                 "DDPNOpt-bounded"]
 #: the hyperparameter each column's grid sets (``lr`` where not named here).
 GRID_KEY = {"E-MSA": "rho"}
 #: learning-rate grid per column (DDPNOpt: its base's grid; E-MSA: rho, larger = smaller step).
@@ -91,6 +108,8 @@ LR_GRID: dict[str, list[float]] = {
     "DDPNOpt": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "DDPNOpt-Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "DDPNOpt-bounded": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "DGNOpt-FNE": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "DGNOpt-GR": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
 }
 #: the paper's Table 3 (mean of 10 seeds; its MNIST row is full MNIST).
 PAPER = {
@@ -112,12 +131,16 @@ PAPER = {
 PAPER_ROW = {"mnist5k": "MNIST", "cnn-mnist5k": "CNN MNIST", "cnn-fmnist32": "CNN SVHN"}
 #: per row: iterations per run, batch size, evaluation interval, seeds; optional: the
 #: ``model`` (default fcn), the ``dataset`` (default the row's name), the ``base`` of the
-#: DDPNOpt columns (default as in :data:`COLUMNS`), the ``columns`` it runs (default all),
-#: ``tune_iterations`` (default ``iterations``) and ``grid`` (a slice of each grid).
+#: feedback columns (default as in :data:`COLUMNS`), the ``columns`` it runs (default
+#: :data:`PAPER_COLUMNS`), ``tune_iterations`` (default ``iterations``), ``grid`` (a slice
+#: of each grid) and ``residual`` (a net with skips: see :func:`column_specs`).
 CNN_ROW: dict[str, Any] = {
     "model": "cnn", "iterations": 400, "batch": 128, "eval_every": 25, "seeds": [0, 1, 2],
     "base": "ekfac", "tune_iterations": 200, "grid": slice(1, 4),
     "columns": ["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt", "DDPNOpt-bounded"]}
+RESIDUAL_ROW: dict[str, Any] = {
+    "residual": True,
+    "columns": ["SGD-m", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DGNOpt-FNE", "DGNOpt-GR"]}
 DATASETS: dict[str, dict[str, Any]] = {
     "wine": {"iterations": 800, "batch": 32, "eval_every": 20, "seeds": list(range(10))},
     "digits": {"iterations": 1500, "batch": 32, "eval_every": 50, "seeds": list(range(10))},
@@ -126,6 +149,22 @@ DATASETS: dict[str, dict[str, Any]] = {
                       "seeds": list(range(10))},
     "cnn-mnist5k": {**CNN_ROW, "dataset": "mnist5k"},
     "cnn-fmnist32": {**CNN_ROW, "dataset": "fmnist32"},
+    # the DGNOpt paper's nets: a residual MLP (2 identity blocks, width 32, tanh) and a small
+    # ResNet (3 basic blocks, 16-32-64 channels, BatchNorm); E-MSA is left out of the ResNet
+    # rows (one iteration takes ~18 s there: L-BFGS over each block's weights)
+    "resmlp-digits": {**RESIDUAL_ROW, "model": "resmlp", "dataset": "digits",
+                      "iterations": 1500, "batch": 32, "eval_every": 50,
+                      "seeds": list(range(5)), "base": "rmsprop",
+                      "columns": ["RMSprop", *RESIDUAL_ROW["columns"]]},
+    "resmlp-fashion-mnist": {**RESIDUAL_ROW, "model": "resmlp", "dataset": "fashion-mnist",
+                             "iterations": 3000, "batch": 64, "eval_every": 100,
+                             "seeds": [0, 1, 2], "base": "rmsprop", "grid": slice(1, 4),
+                             "tune_iterations": 1000,
+                             "columns": ["RMSprop", *RESIDUAL_ROW["columns"]]},
+    "resnet-mnist5k": {**CNN_ROW, **RESIDUAL_ROW, "model": "resnet", "dataset": "mnist5k",
+                       "columns": [c for c in RESIDUAL_ROW["columns"] if c != "E-MSA"]},
+    "resnet-fmnist32": {**CNN_ROW, **RESIDUAL_ROW, "model": "resnet", "dataset": "fmnist32",
+                        "columns": [c for c in RESIDUAL_ROW["columns"] if c != "E-MSA"]},
 }
 #: the rows the script runs by default (fashion-mnist and cnn-fmnist32 read the system
 #: package's files; the CNN rows take an hour or more each on one core).
@@ -133,7 +172,7 @@ DEFAULT_ROWS = ["wine", "digits", "mnist5k"]
 #: a DDPNOpt base -> the column that is that base alone.
 BASE_COLUMN = {"ekfac": "EKFAC", "rmsprop": "RMSprop", "adam": "Adam", "sgd": "SGD-m"}
 #: the columns whose base a row's ``base`` replaces.
-DDPNOPT_COLUMNS = ("DDPNOpt", "DDPNOpt-bounded")
+DDPNOPT_COLUMNS = ("DDPNOpt", "DDPNOpt-bounded", "DGNOpt-FNE", "DGNOpt-GR")
 WIDTH = 32
 TUNE_SEED = 100
 QUICK = {"iterations": 12, "eval_every": 4, "seeds": [0]}
@@ -175,11 +214,17 @@ def make(name: str, batch: int) -> Task:
 
 
 def column_specs(cfg: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """:data:`COLUMNS` with the row's ``base`` (if any) in the DDPNOpt columns."""
+    """:data:`COLUMNS` with the row's ``base`` (if any) in the feedback columns. On a
+    residual row every ``ddpnopt`` column goes through DGNOpt with ``mode="chain"`` (DDPNOpt
+    refuses skip connections): the DDPNOpt column is the net treated as a chain, the skips
+    ignored, and the base columns (feedback off) are their base optimizer exactly."""
     specs = dict(COLUMNS)
     if "base" in cfg:
         for col in DDPNOPT_COLUMNS:
             specs[col] = (specs[col][0], {**specs[col][1], "base": cfg["base"]})
+    if cfg.get("residual"):
+        specs.update({col: ("dgnopt", {**hp, "mode": "chain"})
+                      for col, (name, hp) in specs.items() if name == "ddpnopt"})
     return specs
 
 
@@ -262,7 +307,8 @@ def _cell(values: list[float]) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     cols = summary["columns"]
-    lines = ["# DDPNOpt paper, Table 3: our runs beside the paper's", "",
+    lines = ["# The DDP family's tables (DDPNOpt paper Table 3, DGNOpt paper's nets): ours "
+             "beside the papers'", "",
              f"Command: `{summary['command']}`  ",
              f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_count']} cores, "
              f"torch {summary['machine']['torch']}, {summary['threads']} thread(s); "
@@ -275,6 +321,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} (ours) | {len(d['seeds'])} | {d['iterations']} | "
                      + " | ".join(_cell(d["results"][c]["test_acc"]) if c in d["results"]
                                   else "–" for c in cols) + " |")
+        if name not in PAPER:  # the DGNOpt paper's tables were out of reach
+            continue
         lines.append(f"| {name} (paper{': ' + PAPER_ROW[name] if name in PAPER_ROW else ''})"
                      " | 10 | – | " + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name]
                                                  else "–" for c in cols) + " |")
@@ -285,7 +333,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{d['lr'][c]:g}" if c in d["lr"] else "–"
                                                   for c in cols) + " |")
     lines += ["", "Median ms per iteration (all seeds), and over the column of the row's "
-              "DDPNOpt base (FCN: RMSprop, CNN: EKFAC):", "",
+              "DDPNOpt base (RMSprop or EKFAC):", "",
               "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
         res = d["results"]
@@ -330,7 +378,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
             no_tune: bool) -> dict[str, Any]:
     """One row: tune (unless ``no_tune``/``quick``), then every seed; its summary entry."""
-    cols = [c for c in columns if c in cfg.get("columns", COLUMNS)]
+    cols = [c for c in columns if c in cfg.get("columns", PAPER_COLUMNS)]
     grid = row_grid(cfg, cols)
     specs = column_specs(cfg)
     task = make(name, cfg["batch"])

@@ -9,14 +9,14 @@ import json
 import math
 from pathlib import Path
 
-from conftest import run_experiment
+from conftest import experiment_module, run_experiment
 
 COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-Adam",
            "DDPNOpt-bounded"]
 
 
 def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> None:
-    run_experiment("ddpnopt_table.py", "--quick", "--out", str(tmp_path), timeout=60)
+    run_experiment("ddpnopt_table.py", "--quick", "--out", str(tmp_path), timeout=300)
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -40,7 +40,7 @@ def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> N
 
 def test_ddpnopt_table_cnn_row_runs_its_own_columns_with_the_ekfac_base(tmp_path: Path) -> None:
     run_experiment("ddpnopt_table.py", "--quick", "--datasets", "cnn-mnist5k", "--iterations",
-                   "2", "--out", str(tmp_path), timeout=120)
+                   "2", "--out", str(tmp_path), timeout=300)
 
     d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["cnn-mnist5k"]
     assert d["model"] == "cnn" and d["dataset"] == "mnist5k" and d["batch"] == 128
@@ -54,3 +54,22 @@ def test_ddpnopt_table_cnn_row_runs_its_own_columns_with_the_ekfac_base(tmp_path
         assert 0.0 <= r["mean"] <= 1.0
     md = (tmp_path / "results.md").read_text()
     assert "| cnn-mnist5k (paper: CNN MNIST) | 10 | – | 97.94 |" in md
+
+
+def test_ddpnopt_table_residual_row_runs_ddpnopt_as_dgnopt_chain(tmp_path: Path) -> None:
+    table = experiment_module("ddpnopt_table")
+    cfg = table.DATASETS["resmlp-digits"]
+    specs = table.column_specs(cfg)
+    assert specs["DDPNOpt"] == ("dgnopt", {"base": "rmsprop", "mode": "chain"})
+    assert specs["RMSprop"] == ("dgnopt", {"base": "rmsprop", "feedback": False,
+                                           "mode": "chain"})
+    assert specs["DGNOpt-GR"] == ("dgnopt", {"base": "rmsprop", "mode": "gr"})
+    assert table.column_specs(table.DATASETS["digits"])["DDPNOpt"][0] == "ddpnopt"
+
+    run_experiment("ddpnopt_table.py", "--quick", "--datasets", "resmlp-digits",
+                   "--iterations", "2", "--out", str(tmp_path), timeout=300)
+    d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["resmlp-digits"]
+    assert d["model"] == "resmlp" and sorted(d["results"]) == sorted(
+        ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DGNOpt-FNE", "DGNOpt-GR"])
+    assert all(0.0 <= r["mean"] <= 1.0 for r in d["results"].values())
+    assert "resmlp-digits (paper" not in (tmp_path / "results.md").read_text()
