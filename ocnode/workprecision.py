@@ -21,8 +21,15 @@ no-grad mode (the mode under test), and are cross-checked against torchdiffeq's 
 same tolerance: the largest difference is reported as the reference's uncertainty and drawn
 as a dotted line on the plots (errors below it are not resolved).
 
-For each problem, method and engine (ours, and torchdiffeq where it has the method; "rk4" is
-Kutta's 3/8 rule in both, torchdiffeq has no tsit5 and no classic rk4, our "rk4_classic"):
+Methods (``--methods``, default all): the explicit Runge-Kutta methods (adaptive_heun,
+fehlberg2, bosh3, dopri5, tsit5, dopri8; euler, midpoint, heun2, heun3, rk4, rk4_classic),
+the implicit Runge-Kutta methods on a fixed grid with a Newton solve per step
+(implicit_euler, implicit_midpoint, trapezoid, sdirk2, trbdf2, radauIIA3, radauIIA5, gl4,
+gl6), the Adams multistep methods (explicit_adams, implicit_adams, fixed_adams: fixed grid)
+and scipy_solver (scipy's LSODA, no gradients; swept like an adaptive method). For each
+problem, method and engine (ours, and torchdiffeq where it has the method: "rk4" is Kutta's
+3/8 rule in both; torchdiffeq has no tsit5, no classic rk4 (our "rk4_classic") and, in the
+version we test, no implicit Runge-Kutta methods):
     adaptive methods: a sweep over rtol = atol (1e-2 ... 1e-9);
     fixed-step methods: a sweep over step sizes h = (output spacing) / 2^k, so that the
         output times lie on both engines' grids (no interpolation error from either).
@@ -37,8 +44,10 @@ previous point and the method's order) is skipped, and so are the tighter ones a
 
 Output (in ``--out``, default ``experiments/results`` under the working directory):
 solver_comparison.json (every point, settings, machine), solver_comparison.md (tables and
-summary) and solver_comparison_<problem>.png (error vs NFE and error vs wall time, log-log;
-our engine solid, torchdiffeq dashed; x = failed solve).
+summary), solver_comparison_<problem>.png (the explicit Runge-Kutta methods) and
+solver_comparison_<problem>_implicit.png (the implicit, multistep and scipy methods): error
+vs NFE and error vs wall time, log-log; our engine solid, torchdiffeq dashed; x = failed
+solve.
 With ``--grad`` (every solve with autograd on, the parameters frozen so no graph is
 recorded: our engine then keeps its stages as a list instead of the reused no-grad buffer)
 the files are named solver_comparison_grad*, so both modes can be kept side by side.
@@ -79,12 +88,20 @@ from ocnode.nn import MLPODEFunc, ODEBlock
 from ocnode.training.optimizers import build_optimizer
 from ocnode.training.records import machine_info
 from ocnode.training.step import NFECounter, train_step
+from solvers.spec import method_kind
 
 # ---- configuration (CLI flags override the first ones) ----------------------------------
 OUT_DIR = Path("experiments/results")  # relative to the working directory
 PROBLEMS = ("linear", "neural", "vdp")
 ADAPTIVE = ("adaptive_heun", "bosh3", "dopri5", "tsit5")
 FIXED = ("euler", "midpoint", "rk4", "rk4_classic")
+#: the other methods of torchdiffeq's API, by figure: explicit Runge-Kutta (with the ones
+#: above), and implicit Runge-Kutta, multistep and scipy (their own figure)
+MORE_RK = ("fehlberg2", "dopri8", "heun2", "heun3")
+IMPLICIT_ETC = ("implicit_euler", "implicit_midpoint", "trapezoid", "sdirk2", "trbdf2",
+                "radauIIA3", "radauIIA5", "gl4", "gl6", "explicit_adams", "implicit_adams",
+                "fixed_adams", "scipy_solver")
+METHODS = ADAPTIVE + FIXED + MORE_RK + IMPLICIT_ETC
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)
 QUICK_TOLS = (1e-3, 1e-6, 1e-9)
 HALVINGS = tuple(range(0, 11))  # fixed step h = spacing / 2**k
@@ -103,8 +120,9 @@ REF_METHOD = "dopri5"
 TARGET_ERROR = 1e-6  # the summary's "cost to reach this error"
 PLOT_ERROR_MAX = 1e2  # the plots' error axis stops here (larger: diverged, off the top)
 # torchdiffeq's name for each of our methods it also has
-TORCHDIFFEQ_NAME = {"adaptive_heun": "adaptive_heun", "bosh3": "bosh3", "dopri5": "dopri5",
-                    "euler": "euler", "midpoint": "midpoint", "rk4": "rk4"}
+TORCHDIFFEQ_NAME = {m: m for m in (
+    "adaptive_heun", "bosh3", "dopri5", "euler", "midpoint", "rk4", "fehlberg2", "dopri8",
+    "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")}
 ENGINES = ("ocnode", "torchdiffeq")
 # what a failed solve raises: ours raises SolverError; torchdiffeq asserts ("underflow in dt",
 # "max_num_steps exceeded") or raises RuntimeError
@@ -287,12 +305,25 @@ class Run:
     error: BaseException | None
 
 
+def is_adaptive(method: str) -> bool:
+    """Whether the method controls its step size (swept over tolerances, not steps)."""
+    return method_kind(method) in ("adaptive", "scipy")
+
+
+def error_order(method: str) -> int:
+    """The order of an adaptive method's error estimate (scipy's LSODA: taken as 5)."""
+    tab = solvers.get_tableau(method) if method_kind(method) == "adaptive" else None
+    return tab.err_order if isinstance(tab, solvers.ButcherTableau) else 5
+
+
 def solve_once(problem: Problem, method: str, engine: str, setting: float,
                grad: bool) -> Run:
     """Solve ``problem`` once; ``setting`` is rtol = atol (adaptive) or the step size."""
-    adaptive = solvers.get_tableau(method).adaptive
+    adaptive = is_adaptive(method)
     name = method if engine == "ocnode" else TORCHDIFFEQ_NAME[method]
-    options = {"max_num_steps": MAX_NUM_STEPS} if adaptive else {"step_size": setting}
+    kind = method_kind(method)
+    options = ({"max_num_steps": MAX_NUM_STEPS} if kind == "adaptive" else {} if kind == "scipy"
+               else {"step_size": setting})
     tol = setting if adaptive else 1e-6  # fixed-step methods ignore tolerances
     stats = solvers.SolverStats()
     ys, failure = None, None
@@ -310,7 +341,7 @@ def point_record(problem: Problem, method: str, engine: str, setting: float,
                  runs: list[Run]) -> dict[str, Any]:
     """The JSON record of one (method, engine, setting) from its runs (all alike but time)."""
     first = runs[0]
-    adaptive = solvers.get_tableau(method).adaptive
+    adaptive = is_adaptive(method)
     rec: dict[str, Any] = {
         "problem": problem.name, "method": method, "engine": engine,
         "kind": "adaptive" if adaptive else "fixed",
@@ -339,7 +370,7 @@ def point_record(problem: Problem, method: str, engine: str, setting: float,
 
 def skipped_record(problem: Problem, method: str, engine: str, setting: float,
                    why: str) -> dict[str, Any]:
-    adaptive = solvers.get_tableau(method).adaptive
+    adaptive = is_adaptive(method)
     return {"problem": problem.name, "method": method, "engine": engine,
             "kind": "adaptive" if adaptive else "fixed",
             "tol": setting if adaptive else None, "step_size": None if adaptive else setting,
@@ -359,9 +390,8 @@ class Budget:
         """Seconds the next solve should take, from the last one and the method's order."""
         if self.setting is None:
             return 0.0
-        tab = solvers.get_tableau(method)
-        if tab.adaptive:
-            return self.seconds * (self.setting / setting) ** (1.0 / tab.err_order)
+        if is_adaptive(method):
+            return self.seconds * (self.setting / setting) ** (1.0 / error_order(method))
         return self.seconds * self.setting / setting
 
 
@@ -408,9 +438,9 @@ def sweep(problem: Problem, methods: list[str], tols: tuple[float, ...],
           halvings: tuple[int, ...], repeats: int, grad: bool) -> list[dict[str, Any]]:
     """Every selected method over its settings; prints one line per point."""
     records: list[dict[str, Any]] = []
-    warm_up(problem)
     for method in methods:
-        adaptive = solvers.get_tableau(method).adaptive
+        warm_up(problem, method)
+        adaptive = is_adaptive(method)
         settings = tols if adaptive else tuple(problem.spacing / 2**k for k in halvings)
         budgets = {e: Budget() for e in engines_for(method)}
         for setting in settings:
@@ -420,13 +450,14 @@ def sweep(problem: Problem, methods: list[str], tols: tuple[float, ...],
     return records
 
 
-def warm_up(problem: Problem) -> None:
-    """One short solve per engine, so that first-call costs (imports, caches) stay out."""
+def warm_up(problem: Problem, method: str) -> None:
+    """One short solve of the method per engine, so that first-call costs (imports, caches,
+    the first batched Jacobian of an implicit method: seconds) stay out of the timings."""
     short = Problem(problem.name, "", problem.func, problem.y0,
                     problem.t[:2] * 0.05, problem.reference[:2])
-    for engine in ENGINES:
-        for method, setting in (("dopri5", 1e-3), ("rk4", short.spacing / 4)):
-            solve_once(short, method, engine, setting, grad=False)
+    setting = 1e-3 if is_adaptive(method) else short.spacing / 4
+    for engine in engines_for(method):
+        solve_once(short, method, engine, setting, grad=False)
 
 
 def point_line(rec: dict[str, Any]) -> str:
@@ -499,6 +530,15 @@ def per_nfe_ratios(records: list[dict[str, Any]], methods: list[str]) -> dict[st
 
 
 # ---- plots ------------------------------------------------------------------------------
+def figures(methods: list[str]) -> dict[str, list[str]]:
+    """The methods of each figure: '' (explicit Runge-Kutta) and '_implicit' (implicit
+    Runge-Kutta, multistep and scipy), the suffix of the figure's file name; empty ones
+    left out."""
+    groups = {"": [m for m in methods if m not in IMPLICIT_ETC],
+              "_implicit": [m for m in methods if m in IMPLICIT_ETC]}
+    return {suffix: group for suffix, group in groups.items() if group}
+
+
 def plot_problem(problem: Problem, records: list[dict[str, Any]], methods: list[str],
                  path: Path) -> None:
     """Error vs NFE and error vs wall time, one line per (method, engine)."""
@@ -508,9 +548,10 @@ def plot_problem(problem: Problem, records: list[dict[str, Any]], methods: list[
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.6))
-    finite = [r["error"] for r in records if r["status"] == "ok"]
+    finite = [r["error"] for r in records if r["status"] == "ok" and r["method"] in methods]
     top = min(10 ** math.ceil(math.log10(max(finite))), PLOT_ERROR_MAX) if finite else 1.0
-    colors = {m: f"C{i}" for i, m in enumerate(ADAPTIVE + FIXED)}
+    palette = matplotlib.colormaps["tab20"]
+    colors = {m: palette(i % 20) for i, m in enumerate(methods)}
     for method in methods:
         for engine in engines_for(method):
             draw_line(axes, records, method, engine, colors[method], top)
@@ -539,13 +580,13 @@ def plot_problem(problem: Problem, records: list[dict[str, Any]], methods: list[
 
 
 def draw_line(axes: Any, records: list[dict[str, Any]], method: str, engine: str,
-              color: str, top: float) -> None:
+              color: Any, top: float) -> None:
     """One (method, engine) on both panels; failed points as x at the top."""
     pts = sorted(ok_points(records, method, engine), key=lambda r: r["nfe"])
     failed = [r for r in records if r["method"] == method and r["engine"] == engine
               and r["status"] == "failed"]
     style = {"color": color, "ls": "-" if engine == "ocnode" else "--",
-             "marker": "o" if solvers.get_tableau(method).adaptive else "s",
+             "marker": "o" if is_adaptive(method) else "s",
              "ms": 4, "lw": 1.4, "mfc": "none" if engine == "torchdiffeq" else color}
     for ax, key in zip(axes, ("nfe", "wall_s")):
         ax.plot([p[key] for p in pts], [min(p["error"], 3 * top) for p in pts],
@@ -563,7 +604,7 @@ def fmt(x: float | None, spec: str = ".1e") -> str:
 def pivot_table(records: list[dict[str, Any]], methods: list[str], kind: str) -> list[str]:
     """Rows (method, engine), columns settings; cells 'error (NFE)' and wall ms."""
     key = "tol" if kind == "adaptive" else "step_size"
-    chosen = [m for m in methods if (solvers.get_tableau(m).adaptive) == (kind == "adaptive")]
+    chosen = [m for m in methods if is_adaptive(m) == (kind == "adaptive")]
     settings = sorted({r[key] for r in records if r["method"] in chosen}, reverse=True)
     if not settings:
         return []
@@ -621,7 +662,9 @@ def problem_markdown(name: str, block: dict[str, Any]) -> list[str]:
     facts = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                       for k, v in info.items())
     stem = block["stem"]
-    lines = [f"## {block['title']}", "", f"![{name}]({stem}_{name}.png)", "",
+    pictures = [f"![{name}{suffix}]({stem}_{name}{suffix}.png)"
+                for suffix in figures(block["methods"])]
+    lines = [f"## {block['title']}", "", *pictures, "",
              f"Facts: {facts}.", "",
              "Cells: max abs error over batch, components and output times (NFE, median wall "
              "time). 'skip' = over the time budget or already at round-off.", "",
@@ -742,8 +785,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the result files")
     p.add_argument("--problems", default=",".join(PROBLEMS),
                    help=f"comma-separated subset of {','.join(PROBLEMS)}")
-    p.add_argument("--methods", default=",".join(ADAPTIVE + FIXED),
-                   help="comma-separated subset of the methods")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of the methods (default: all: "
+                        + ",".join(METHODS) + ")")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed repeats per point (default {REPEATS}, {QUICK_REPEATS} quick)")
     p.add_argument("--grad", action="store_true",
@@ -754,7 +798,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.problems = [s.strip() for s in args.problems.split(",") if s.strip()]
     args.methods = [s.strip() for s in args.methods.split(",") if s.strip()]
     bad = [x for x in args.problems if x not in PROBLEMS] + [
-        x for x in args.methods if x not in ADAPTIVE + FIXED]
+        x for x in args.methods if x not in METHODS]
     if bad or not args.problems or not args.methods:
         p.error(f"unknown or empty selection: {bad}")
     if args.repeats is None:
@@ -776,7 +820,8 @@ def run_problem(name: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"{problem.title}: {json.dumps(problem.info)}", flush=True)
     records = sweep(problem, args.methods, QUICK_TOLS if args.quick else TOLS,
                     QUICK_HALVINGS if args.quick else HALVINGS, args.repeats, args.grad)
-    plot_problem(problem, records, args.methods, args.out / f"{stem(args)}_{name}.png")
+    for suffix, group in figures(args.methods).items():
+        plot_problem(problem, records, group, args.out / f"{stem(args)}_{name}{suffix}.png")
     return {"title": problem.title, "info": problem.info, "methods": args.methods,
             "stem": stem(args),
             "t": problem.t.tolist(), "batch": problem.y0.shape[0],
