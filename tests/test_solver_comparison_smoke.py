@@ -35,11 +35,15 @@ def test_solver_comparison_quick_linear_writes_a_consistent_study(tmp_path: Path
     for engine in ("ocnode", "torchdiffeq"):
         sweep = sorted((p for p in points if p["method"] == "dopri5" and p["engine"] == engine),
                        key=lambda p: -p["tol"])
-        assert len(sweep) >= 3 and all(p["status"] == "ok" for p in sweep)
-        errors, nfes = [p["error"] for p in sweep], [p["nfe"] for p in sweep]
+        # a point predicted to take over MAX_SOLVE_S is skipped (a slow burst of the machine
+        # can do that to the tightest one); none fails
+        assert len(sweep) == 3 and all(p["status"] in ("ok", "skipped") for p in sweep)
+        ok = [p for p in sweep if p["status"] == "ok"]
+        assert len(ok) >= 2 and ok == sweep[:len(ok)]
+        errors, nfes = [p["error"] for p in ok], [p["nfe"] for p in ok]
         assert all(a > b for a, b in zip(errors, errors[1:])), errors
         assert all(a < b for a, b in zip(nfes, nfes[1:])), nfes
-        assert all(p["wall_s"] > 0 for p in sweep)
+        assert all(p["wall_s"] > 0 for p in ok)
     rk4 = [p for p in points if p["method"] == "rk4_classic"]
     assert rk4 and {p["engine"] for p in rk4} == {"ocnode"}  # torchdiffeq has no classic rk4
     assert all(p["status"] == "ok" and p["error"] >= 0 for p in rk4)
