@@ -69,15 +69,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ocnode.data import load_dataset
 from ocnode.data.types import Dataset
+from ocnode.optim import vanilla_ddp_step
 from ocnode.training import TaskSettings, build_optimizer, make_task, train_step
 from ocnode.training.compare import build_model
 from ocnode.training.records import command_line, machine_info
 from ocnode.training.tasks import Task
 
+VANILLA = "vanilla-ddp"  # not a registry optimizer: :class:`VanillaDDP` below
 #: column -> (registry name, fixed hyperparameters); the learning rate comes from the grid.
 COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "SGD-m": ("sgd", {"momentum": 0.9}),
@@ -92,12 +95,15 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     # the DGNOpt paper's rows (residual nets)
     "DGNOpt-FNE": ("dgnopt", {"base": "rmsprop", "mode": "fne"}),
     "DGNOpt-GR": ("dgnopt", {"base": "rmsprop", "mode": "gr"}),
+    # dense per-sample Q matrices (ocnode.optim.vanilla_ddp_step): WINE and DIGITS only, and
+    # only when asked for (--columns): a DIGITS iteration at batch 32 takes ~2 s
+    "vanilla DDP": (VANILLA, {"lr": 1.0}),
 }
 #: the DDPNOpt paper's columns (the default of a row without its own list).
 PAPER_COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-Adam",
                  "DDPNOpt-bounded"]
 #: the hyperparameter each column's grid sets (``lr`` where not named here).
-GRID_KEY = {"E-MSA": "rho"}
+GRID_KEY = {"E-MSA": "rho", "vanilla DDP": "damping"}
 #: learning-rate grid per column (DDPNOpt: its base's grid; E-MSA: rho, larger = smaller step).
 LR_GRID: dict[str, list[float]] = {
     "SGD-m": [0.003, 0.01, 0.03, 0.1, 0.3],
@@ -110,6 +116,7 @@ LR_GRID: dict[str, list[float]] = {
     "DDPNOpt-bounded": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "DGNOpt-FNE": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "DGNOpt-GR": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "vanilla DDP": [0.1, 0.3, 1.0, 3.0, 10.0],  # damping of Q_uu (larger = smaller step)
 }
 #: the paper's Table 3 (mean of 10 seeds; its MNIST row is full MNIST).
 PAPER = {
@@ -166,6 +173,8 @@ DATASETS: dict[str, dict[str, Any]] = {
     "resnet-fmnist32": {**CNN_ROW, **RESIDUAL_ROW, "model": "resnet", "dataset": "fmnist32",
                         "columns": [c for c in RESIDUAL_ROW["columns"] if c != "E-MSA"]},
 }
+#: the rows that may run the vanilla DDP column (its memory grows as (batch x width)^2).
+VANILLA_ROWS = ("wine", "digits")
 #: the rows the script runs by default (fashion-mnist and cnn-fmnist32 read the system
 #: package's files; the CNN rows take an hour or more each on one core).
 DEFAULT_ROWS = ["wine", "digits", "mnist5k"]
@@ -237,6 +246,23 @@ def row_grid(cfg: dict[str, Any], columns: list[str]) -> dict[str, list[float]]:
 
 # ----------------------------------------------------------------------------- training
 
+class VanillaDDP:
+    """Vanilla DDP (:func:`ocnode.optim.vanilla_ddp_step`) as a column: one dense DDP
+    iteration per batch, cross-entropy with its exact per-sample Hessians."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, damping: float) -> None:
+        self.model, self.lr, self.damping = model, lr, damping
+
+    def step_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """One iteration on (x, y); the mean loss before it."""
+        x, y = batch
+        return vanilla_ddp_step(self.model, x, y, _per_sample_ce, self.damping, self.lr)
+
+
+def _per_sample_ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, target, reduction="none")
+
+
 def _evaluate(task: Task, model: torch.nn.Module) -> float:
     model.eval()
     with torch.no_grad():
@@ -255,8 +281,11 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
     runs = {}
     for col in columns:
         name, hp = specs[col]
-        model = build_model(task, name, seed)  # torch.manual_seed(seed), then the model
-        opt = build_optimizer(name, model, {**hp, GRID_KEY.get(col, "lr"): lrs[col]})
+        hp = {**hp, GRID_KEY.get(col, "lr"): lrs[col]}
+        # torch.manual_seed(seed), then the model (the chains have no ODE block: any
+        # registry name builds the same one)
+        model = build_model(task, "adam" if name == VANILLA else name, seed)
+        opt = VanillaDDP(model, **hp) if name == VANILLA else build_optimizer(name, model, hp)
         runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
                      "loss": [], "curve": [(0, _evaluate(task, model))]}
     for it in range(iterations):
@@ -265,7 +294,8 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
             r = runs[col]
             batch = next(r["batches"])
             start = time.perf_counter()
-            loss = train_step(r["model"], r["opt"], task.loss, batch)
+            loss = (r["opt"].step_batch(batch) if isinstance(r["opt"], VanillaDDP)
+                    else train_step(r["model"], r["opt"], task.loss, batch))
             r["ms"].append((time.perf_counter() - start) * 1e3)
             r["loss"].append(loss if math.isfinite(loss) else math.inf)
             if (it + 1) % eval_every == 0 or it + 1 == iterations:
@@ -378,7 +408,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
             no_tune: bool) -> dict[str, Any]:
     """One row: tune (unless ``no_tune``/``quick``), then every seed; its summary entry."""
-    cols = [c for c in columns if c in cfg.get("columns", PAPER_COLUMNS)]
+    allowed = cfg.get("columns", PAPER_COLUMNS) + (["vanilla DDP"] if name in VANILLA_ROWS
+                                                   else [])
+    cols = [c for c in columns if c in allowed]
     grid = row_grid(cfg, cols)
     specs = column_specs(cfg)
     task = make(name, cfg["batch"])
@@ -415,8 +447,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget")
     p.add_argument("--datasets", default=",".join(DEFAULT_ROWS),
                    help="comma-separated rows of " + ",".join(DATASETS))
-    p.add_argument("--columns", default=",".join(COLUMNS),
-                   help="comma-separated subset of " + ",".join(COLUMNS))
+    p.add_argument("--columns", default=",".join(c for c in COLUMNS if c != "vanilla DDP"),
+                   help="comma-separated subset of " + ",".join(COLUMNS) + " (default: all "
+                        "but vanilla DDP; each row runs those of its own list)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (all datasets)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per run")
     p.add_argument("--no-tune", action="store_true",

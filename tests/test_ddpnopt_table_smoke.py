@@ -73,3 +73,14 @@ def test_ddpnopt_table_residual_row_runs_ddpnopt_as_dgnopt_chain(tmp_path: Path)
         ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DGNOpt-FNE", "DGNOpt-GR"])
     assert all(0.0 <= r["mean"] <= 1.0 for r in d["results"].values())
     assert "resmlp-digits (paper" not in (tmp_path / "results.md").read_text()
+
+
+def test_ddpnopt_table_vanilla_ddp_column_runs_on_wine_only_when_asked(tmp_path: Path) -> None:
+    run_experiment("ddpnopt_table.py", "--quick", "--datasets", "wine,mnist5k", "--iterations",
+                   "2", "--columns", "Adam,vanilla DDP", "--out", str(tmp_path), timeout=300)
+    rows = json.loads((tmp_path / "summary.json").read_text())["datasets"]
+    assert sorted(rows["wine"]["results"]) == ["Adam", "vanilla DDP"]
+    assert sorted(rows["mnist5k"]["results"]) == ["Adam"]  # too large for dense DDP
+    vanilla = rows["wine"]["results"]["vanilla DDP"]
+    assert 0.0 <= vanilla["mean"] <= 1.0 and vanilla["step_ms_median"] > 0
+    assert rows["wine"]["lr"]["vanilla DDP"] == 1.0  # the middle of its damping grid
