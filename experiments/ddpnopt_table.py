@@ -287,17 +287,15 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
         model = build_model(task, "adam" if name == VANILLA else name, seed)
         opt = VanillaDDP(model, **hp) if name == VANILLA else build_optimizer(name, model, hp)
         runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
-                     "loss": [], "curve": [(0, _evaluate(task, model))]}
+                     "loss": [], "curve": [(0, _evaluate(task, model))], "diverged_at": None}
     for it in range(iterations):
         k = it % len(columns)
         for col in columns[k:] + columns[:k]:
             r = runs[col]
-            batch = next(r["batches"])
-            start = time.perf_counter()
-            loss = (r["opt"].step_batch(batch) if isinstance(r["opt"], VanillaDDP)
-                    else train_step(r["model"], r["opt"], task.loss, batch))
-            r["ms"].append((time.perf_counter() - start) * 1e3)
-            r["loss"].append(loss if math.isfinite(loss) else math.inf)
+            if r["diverged_at"] is None:
+                _advance(task, r, it)
+            else:  # a diverged run stays where it stopped: its loss counts as infinite
+                r["loss"].append(math.inf)
             if (it + 1) % eval_every == 0 or it + 1 == iterations:
                 r["curve"].append((it + 1, _evaluate(task, r["model"])))
     out = {}
@@ -306,9 +304,27 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
             r["opt"].close()
         tail = r["loss"][-max(1, iterations // 5):]
         out[col] = {"test_acc": r["curve"][-1][1], "curve": r["curve"],
-                    "tail_loss": statistics.fmean(tail), "step_ms_median":
-                    statistics.median(r["ms"])}
+                    "tail_loss": statistics.fmean(tail), "diverged_at": r["diverged_at"],
+                    "step_ms_median": statistics.median(r["ms"]) if r["ms"] else math.nan}
     return out
+
+
+def _advance(task: Task, run: dict[str, Any], it: int) -> None:
+    """One timed iteration of a column; a non-finite loss (the training core raises before
+    any step) marks the run diverged at ``it`` and stops it, with its weights untouched."""
+    batch = next(run["batches"])
+    start = time.perf_counter()
+    try:
+        loss = (run["opt"].step_batch(batch) if isinstance(run["opt"], VanillaDDP)
+                else train_step(run["model"], run["opt"], task.loss, batch))
+    except FloatingPointError:
+        loss = math.inf
+    if math.isfinite(loss):
+        run["ms"].append((time.perf_counter() - start) * 1e3)
+        run["loss"].append(loss)
+    else:
+        run["diverged_at"] = it
+        run["loss"].append(math.inf)
 
 
 def tune(task: Task, cfg: dict[str, Any], columns: list[str],
@@ -433,6 +449,7 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
         "n_train": task.dataset.n_train, "n_test": task.dataset.n_test,
         "lr": tuning["chosen"], "tuning": tuning, "wall_s": time.perf_counter() - t0,
         "results": {c: {"test_acc": [r[c]["test_acc"] for r in per_seed],
+                        "diverged_at": [r[c]["diverged_at"] for r in per_seed],
                         "mean": statistics.fmean(r[c]["test_acc"] for r in per_seed),
                         "sd": statistics.stdev([r[c]["test_acc"] for r in per_seed])
                         if len(per_seed) > 1 else 0.0,

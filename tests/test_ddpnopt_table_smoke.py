@@ -84,3 +84,17 @@ def test_ddpnopt_table_vanilla_ddp_column_runs_on_wine_only_when_asked(tmp_path:
     vanilla = rows["wine"]["results"]["vanilla DDP"]
     assert 0.0 <= vanilla["mean"] <= 1.0 and vanilla["step_ms_median"] > 0
     assert rows["wine"]["lr"]["vanilla DDP"] == 1.0  # the middle of its damping grid
+
+
+def test_ddpnopt_table_a_diverging_column_stops_without_ending_the_run() -> None:
+    table = experiment_module("ddpnopt_table")
+    task = table.make("wine", 32)
+    # SGD with a NaN rate makes the weights NaN at its first step; Adam beside it goes on
+    res = table.train_seed(task, 0, {"SGD-m": float("nan"), "Adam": 1e-3}, 12, 4,
+                           ["SGD-m", "Adam"])
+    sgd, adam = res["SGD-m"], res["Adam"]
+    assert sgd["diverged_at"] is not None and sgd["diverged_at"] < 12
+    assert sgd["tail_loss"] == float("inf")
+    assert adam["diverged_at"] is None and adam["tail_loss"] < float("inf")
+    assert [step for step, _ in adam["curve"]] == [0, 4, 8, 12]
+    assert [step for step, _ in sgd["curve"]] == [0, 4, 8, 12]  # still evaluated
