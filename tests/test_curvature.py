@@ -667,3 +667,41 @@ def test_a_factor_window_takes_consecutive_rows_wrapping_around(start, count):
     x = torch.arange(20.0).reshape(10, 2)
     expected = x if count >= 10 else x[[(start + i) % 10 for i in range(count)]]
     assert torch.equal(window(x, start, count), expected)
+
+
+def test_output_gradients_kept_as_their_product_give_the_same_factors_as_rows():
+    from ocnode.curvature.factors import GRAM_RATIO, Rows
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    # two uses of 2 samples x 36 locations: 72 rows of width 4 (>= GRAM_RATIO x 4) -> product
+    # one use of a Linear-like narrow window: 3 rows of width 4 (< GRAM_RATIO x 4) -> rows
+    xs = [torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
+    gs = [torch.randn(2, 4, 6, 6, dtype=torch.float64) for _ in range(3)]
+    weights = [0.25, 0.5, 0.125]
+
+    def use(k: int, narrow: bool) -> Rows:
+        rows = Rows(conv, input_rows(conv, xs[k]), batch=2, locations=36, weight=weights[k])
+        g = output_rows(conv, gs[k])
+        rows.fill(g[:3] if narrow else g)
+        return rows
+
+    uses = [use(0, False), use(1, False), use(2, True)]
+    assert 72 >= GRAM_RATIO * 4 > 3
+    assert uses[0].g is None and uses[0].g_gram is not None and uses[0].g_count == 72
+    assert uses[2].g is not None and uses[2].g_gram is None
+    assert uses[0].nbytes == (72 * 27 + 4 * 4) * 8
+    acc = FactorAccumulator()
+    acc.add_rows(uses)
+    stats = acc.pop()[conv]
+
+    # brute force: B_u = mean over its rows of (B w_u g)(B w_u g)^T
+    expected_b = torch.zeros(4, 4, dtype=torch.float64)
+    for k, u in enumerate(uses):
+        g = output_rows(conv, gs[k])[:3] if k == 2 else output_rows(conv, gs[k])
+        expected_b += (2 * weights[k]) ** 2 * g.T @ g / g.shape[0]
+    assert torch.allclose(stats.b_sum, expected_b, rtol=1e-12, atol=0)
+    z = [torch.cat([input_rows(conv, x), torch.ones(72, 1, dtype=torch.float64)], 1)
+         for x in xs]
+    assert torch.allclose(stats.a_sum, sum(zz.T @ zz / 72 for zz in z), rtol=1e-12, atol=0)
+    assert stats.uses == 3

@@ -53,6 +53,25 @@ def factor_sums(z: torch.Tensor, g: torch.Tensor, rows_per_use: int, scale: floa
     return a_sum, gs.t() @ gs / rows_per_use
 
 
+def weighted_gram(z: torch.Tensor, weight: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """sum_r w_r z_r z_r^T in one matrix product.
+
+    Args:
+        z: rows, (M, d); weight: (M,) their weights (>= 0).
+        bias: append the constant input 1 of a bias (a last row and column).
+
+    Returns:
+        (d [+1], d [+1]).
+    """
+    zs = z * weight.sqrt().unsqueeze(1)
+    gram = zs.t() @ zs
+    if bias:
+        col = (weight.unsqueeze(1) * z).sum(0, keepdim=True)
+        corner = weight.sum().reshape(1, 1)
+        gram = torch.cat([torch.cat([gram, col.t()], 1), torch.cat([col, corner], 1)], 0)
+    return gram
+
+
 def weighted_factor_sums(z: torch.Tensor, a_weight: torch.Tensor, g: torch.Tensor,
                          b_weight: torch.Tensor,
                          bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,20 +86,18 @@ def weighted_factor_sums(z: torch.Tensor, a_weight: torch.Tensor, g: torch.Tenso
         (sum_r a_r z_r z_r^T, sum_r b_r g_r g_r^T), shapes (d_in [+1], d_in [+1]) and
         (d_out, d_out).
     """
-    zs = z * a_weight.sqrt().unsqueeze(1)
-    a_sum = zs.t() @ zs
-    if bias:
-        col = (a_weight.unsqueeze(1) * z).sum(0, keepdim=True)
-        corner = a_weight.sum().reshape(1, 1)
-        a_sum = torch.cat([torch.cat([a_sum, col.t()], 1), torch.cat([col, corner], 1)], 0)
-    gs = g * b_weight.sqrt().unsqueeze(1)
-    return a_sum, gs.t() @ gs
+    return weighted_gram(z, a_weight, bias), weighted_gram(g, b_weight)
 
 
 #: Fewest samples a sampled factor of one use is formed from.
 MIN_SAMPLES = 4
 #: Default cost of each factor product relative to the layer's own product, per use.
 DEFAULT_FACTOR_COST = 0.25
+#: A use's output-gradient rows are kept as their product g^T g (d_out, d_out) instead, once
+#: they outnumber its d_out rows this many times: a conv layer of an ODE block sees
+#: B * H' * W' rows per solver evaluation, and a refresh keeps every evaluation of a step
+#: until the solver accepts it.
+GRAM_RATIO = 4
 
 
 def sample_counts(module: nn.Module, batch: int, factor_cost: float | None) -> tuple[int, int]:
@@ -122,8 +139,12 @@ class Rows:
         z: input rows, (k_a * locations, d_in), without the bias's 1.
         batch: B, the samples of the use (the loss's batch as the layer sees it).
         locations: rows per sample (conv: output positions).
-        g: output-gradient rows (k_b * locations, d_out), once the backward has passed.
+        g: output-gradient rows (k_b * locations, d_out), once the backward has passed;
+            None while it has not, or when they are kept as ``g_gram``.
         weight: quadrature weight of the use (1 outside ODE blocks).
+        g_gram: sum of g_r g_r^T over the ``g_count`` output-gradient rows, (d_out, d_out),
+            in place of g when that is smaller (:data:`GRAM_RATIO`).
+        g_count: the rows behind ``g_gram``.
     """
 
     module: nn.Module
@@ -132,6 +153,27 @@ class Rows:
     locations: int
     g: torch.Tensor | None = None
     weight: float = 1.0
+    g_gram: torch.Tensor | None = None
+    g_count: int = 0
+
+    @property
+    def filled(self) -> bool:
+        """Whether the backward has passed (g or g_gram is set)."""
+        return self.g is not None or self.g_gram is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: z and g (or g_gram)."""
+        g = self.g if self.g is not None else self.g_gram
+        return sum(t.numel() * t.element_size() for t in (self.z, g) if t is not None)
+
+    def fill(self, g_rows: torch.Tensor) -> None:
+        """Set the output-gradient rows (M_b, d_out): as they are, or as their product."""
+        if g_rows.shape[0] >= GRAM_RATIO * g_rows.shape[1]:
+            g = _full_precision(g_rows)
+            self.g_gram, self.g_count = g.t() @ g, g_rows.shape[0]
+        else:
+            self.g = g_rows
 
 
 def sampled_rows(module: nn.Module, x: torch.Tensor, start: int, factor_cost: float | None,
@@ -149,7 +191,7 @@ def sampled_rows(module: nn.Module, x: torch.Tensor, start: int, factor_cost: fl
     rows = Rows(module, z, batch, max(1, z.shape[0] // max(1, xa.shape[0])))
 
     def fill(g: torch.Tensor) -> None:
-        rows.g = output_rows(module, window(g[:pool].detach(), start * k_b, k_b))
+        rows.fill(output_rows(module, window(g[:pool].detach(), start * k_b, k_b)))
     return rows, fill
 
 
@@ -185,6 +227,23 @@ class LayerStats:
     def num_locations(self) -> float:
         """N * locations: the multiplier of mean(A) (x) mean(B) in the curvature."""
         return self.uses * self.locations
+
+
+def _b_sum(uses: Sequence[Rows]) -> torch.Tensor:
+    """sum over the uses of (B_u w_u)^2 / rows_u * sum_r g_r g_r^T, the uses holding rows in
+    one weighted product, those holding products added (all filled)."""
+    total: torch.Tensor | None = None
+    with_rows = [u for u in uses if u.g is not None]
+    if with_rows:
+        gs = [_full_precision(cast(torch.Tensor, u.g)) for u in with_rows]
+        b_w = torch.cat([g.new_full((g.shape[0],), (u.batch * u.weight) ** 2 / g.shape[0])
+                         for g, u in zip(gs, with_rows)])
+        total = weighted_gram(torch.cat(gs), b_w)
+    for u in uses:
+        if u.g_gram is not None:
+            term = u.g_gram * ((u.batch * u.weight) ** 2 / u.g_count)
+            total = term if total is None else total + term
+    return cast(torch.Tensor, total)
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -243,20 +302,18 @@ class FactorAccumulator:
         """Add uses of one layer given as :class:`Rows`: one weighted product per factor.
 
         A row of use u weighs 1 / rows_u in A and (B_u w_u)^2 / rows_u in B, so each use adds
-        the mean over its rows, B with the per-sample scale B * weight (as :meth:`add`).
+        the mean over its rows, B with the per-sample scale B * weight (as :meth:`add`); a
+        use whose g is kept as its product adds that product with the same weight.
         """
-        uses = [u for u in uses if u.g is not None]
+        uses = [u for u in uses if u.filled]
         if not uses:
             return
         zs = [_full_precision(u.z) for u in uses]
-        gs = [_full_precision(cast(torch.Tensor, u.g)) for u in uses]
         a_w = torch.cat([z.new_full((z.shape[0],), 1.0 / z.shape[0]) for z in zs])
-        b_w = torch.cat([g.new_full((g.shape[0],), (u.batch * u.weight) ** 2 / g.shape[0])
-                         for g, u in zip(gs, uses)])
         module = uses[0].module
-        a_sum, b_sum = weighted_factor_sums(torch.cat(zs), a_w, torch.cat(gs), b_w,
-                                            bias=has_bias(module))
-        self.add_sums(module, a_sum, b_sum, len(uses), uses[0].locations, uses[0].batch)
+        a_sum = weighted_gram(torch.cat(zs), a_w, bias=has_bias(module))
+        self.add_sums(module, a_sum, _b_sum(uses), len(uses), uses[0].locations,
+                      uses[0].batch)
 
     def add_sums(self, module: nn.Module, a_sum: torch.Tensor, b_sum: torch.Tensor,
                  uses: float, locations: float, batch: int) -> None:

@@ -114,7 +114,7 @@ class ODEStageObserver:
             for rows in records:
                 rows.weight = w
                 self._accepted.setdefault(rows.module, []).append(rows)
-                self._accepted_bytes += _nbytes(rows)
+                self._accepted_bytes += rows.nbytes
         if self._accepted_bytes > self.memory_budget:
             self._flush()
 
@@ -144,7 +144,3 @@ class ODEStageObserver:
         self._pending, self._accepted, self._accepted_bytes = [], {}, 0
         self.evaluations = 0
 
-
-def _nbytes(rows: Rows) -> int:
-    g = rows.g if rows.g is not None else rows.z
-    return rows.z.numel() * rows.z.element_size() + g.numel() * g.element_size()
