@@ -6,18 +6,25 @@ about 2x Adam and 1x EKFAC per iteration, memory far below vanilla DDP's).
 Nets and data, all through the training core (:func:`ocnode.training.make_task`):
 
 - ``fcn``: the paper's FCN (5 Linear layers with tanh, width 32) on DIGITS (64 inputs);
-- ``cnn``: the paper's CNN (4 Conv2d 3x3, 32 channels, 2 Linear) on MNIST-5k (1x28x28).
+- ``cnn``: the paper's CNN (4 Conv2d 3x3, 32 channels, 2 Linear) on MNIST-5k (1x28x28);
+- ``resmlp``, ``resnet`` (``--nets resmlp,resnet``, not run by default): the DGNOpt rows'
+  residual MLP on DIGITS and small ResNet on MNIST-5k.
 
 Columns (``build_optimizer`` names and hyperparameters; EKFAC-based columns refresh every
 ``K`` = 20 iterations, so the mean includes two refreshes in 40):
 
 ============== =================================================================
 Adam           ``adam``
-EKFAC          ``ddpnopt``, ``base="ekfac", feedback=False`` (K-FAC factors, eigenbasis)
+EKFAC          ``ddpnopt``, ``base="ekfac", feedback=False`` (K-FAC factors, eigenbasis;
+               on a residual net ``dgnopt`` with ``mode="chain"``: the same base step)
 DDPNOpt-RMS    ``ddpnopt``, ``base="rmsprop"`` (the FCN rows' DDPNOpt)
 DDPNOpt-EKFAC  ``ddpnopt``, ``base="ekfac"`` (the paper's curvature for CNNs)
 vanilla DDP    :func:`ocnode.optim.vanilla_ddp_step` (dense per-sample Q matrices; FCN,
                batches up to ``VANILLA_MAX_BATCH`` only: its memory grows as (B n)^2)
+DDPNOpt-chain  ``dgnopt``, ``base="rmsprop", mode="chain"`` (residual nets only, as the
+               two below; the DDPNOpt columns above run on the chains only)
+DGNOpt-FNE     ``dgnopt``, ``base="rmsprop", mode="fne"``
+DGNOpt-GR      ``dgnopt``, ``base="rmsprop", mode="gr"``
 ============== =================================================================
 
 Time: per (net, batch) every column is built from the same initial weights and sees the
@@ -51,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ocnode import Residual
 from ocnode.data import load_dataset
 from ocnode.optim import vanilla_ddp_step
 from ocnode.training import TaskSettings, build_optimizer, make_task, train_step
@@ -66,9 +74,21 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "DDPNOpt-RMS": ("ddpnopt", {"lr": 1e-4, "base": "rmsprop"}),
     "DDPNOpt-EKFAC": ("ddpnopt", {"lr": 0.01, "base": "ekfac", "update_freq": K}),
     "vanilla DDP": None,
+    # residual nets only (DDPNOpt refuses a net with skips): DDPNOpt treating the net as a
+    # chain, and the two DGNOpt policies, all on the RMSprop base as in the tables' rows
+    "DDPNOpt-chain": ("dgnopt", {"lr": 1e-4, "base": "rmsprop", "mode": "chain"}),
+    "DGNOpt-FNE": ("dgnopt", {"lr": 1e-4, "base": "rmsprop", "mode": "fne"}),
+    "DGNOpt-GR": ("dgnopt", {"lr": 1e-4, "base": "rmsprop", "mode": "gr"}),
 }
+#: the columns that need a net with skips (and the one a net with skips cannot run).
+RESIDUAL_COLUMNS = ("DDPNOpt-chain", "DGNOpt-FNE", "DGNOpt-GR")
 NETS = {"fcn": ("digits", {"model": "fcn", "width": 32}),
-        "cnn": ("mnist5k", {"model": "cnn"})}
+        "cnn": ("mnist5k", {"model": "cnn"}),
+        "resmlp": ("digits", {"model": "resmlp"}),
+        "resnet": ("mnist5k", {"model": "resnet"})}
+RESIDUAL_NETS = ("resmlp", "resnet")
+#: what runs by default (the residual nets: ``--nets resmlp,resnet``).
+DEFAULT_NETS = ["fcn", "cnn"]
 BATCHES = [8, 32, 128, 256]
 VANILLA_MAX_BATCH = 32
 QUICK = {"batches": [8], "rounds": 3, "memory_iterations": 2}
@@ -91,7 +111,10 @@ def make_step(task: Task, column: str, seed: int = 0) -> Step:
             x, y = next(batches)
             vanilla_ddp_step(model, x, y, _per_sample_ce, damping=1.0, lr=1.0)
         return vanilla
-    opt = build_optimizer(spec[0], model, spec[1])
+    name, hp = spec
+    if name == "ddpnopt" and any(isinstance(m, Residual) for m in model.modules()):
+        name, hp = "dgnopt", {**hp, "mode": "chain"}  # DDPNOpt refuses skips; EKFAC alone
+    opt = build_optimizer(name, model, hp)
 
     def step() -> None:
         train_step(model, opt, task.loss, next(batches))
@@ -99,9 +122,17 @@ def make_step(task: Task, column: str, seed: int = 0) -> Step:
 
 
 def columns_for(net: str, batch: int, columns: list[str]) -> list[str]:
-    """The columns that run at this net and batch (vanilla DDP: FCN, small batches)."""
-    return [c for c in columns if c != "vanilla DDP"
-            or (net == "fcn" and batch <= VANILLA_MAX_BATCH)]
+    """The columns that run at this net and batch (vanilla DDP: FCN, small batches; the
+    residual columns on the residual nets, DDPNOpt-RMS and -EKFAC on the chains)."""
+    residual = net in RESIDUAL_NETS
+
+    def runs(c: str) -> bool:
+        if c == "vanilla DDP":
+            return net == "fcn" and batch <= VANILLA_MAX_BATCH
+        if c.startswith("DDPNOpt-") and c != "DDPNOpt-chain":
+            return not residual
+        return residual or c not in RESIDUAL_COLUMNS
+    return [c for c in columns if runs(c)]
 
 
 def time_columns(task: Task, columns: list[str], rounds: int) -> dict[str, list[float]]:
@@ -172,14 +203,16 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {case['net']} ({case['dataset']}) | {case['batch']} | "
                          + " | ".join(_ratio(case, c, "Adam", key) for c in cols) + " |")
         lines.append("")
-    lines.append(f"vanilla DDP runs on the FCN up to batch {VANILLA_MAX_BATCH} only (–).")
+    lines.append(f"vanilla DDP runs on the FCN up to batch {VANILLA_MAX_BATCH} only; the "
+                 "DDPNOpt-chain and DGNOpt columns on the residual nets only (–).")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 3 rounds")
-    p.add_argument("--nets", default=",".join(NETS))
+    p.add_argument("--nets", default=",".join(DEFAULT_NETS), help="comma-separated subset of "
+                   + ",".join(NETS))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--columns", default=",".join(COLUMNS))
     p.add_argument("--rounds", type=int, default=2 * K)
@@ -190,13 +223,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise SystemExit(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
+    nets = [n for n in args.nets.split(",") if n]
+    if sorted(set(nets) - set(NETS)):
+        raise SystemExit(f"unknown net(s) {sorted(set(nets) - set(NETS))}; choose from "
+                         f"{', '.join(NETS)}")
     batches = [int(b) for b in args.batches.split(",")]
     rounds, mem_its = args.rounds, K
     if args.quick:
         batches, rounds, mem_its = QUICK["batches"], QUICK["rounds"], QUICK["memory_iterations"]
     start = time.perf_counter()
     cases = []
-    for net in args.nets.split(","):
+    for net in nets:
         for batch in batches:
             cases.append(run_case(net, batch, columns, rounds, mem_its))
             medians = {c: round(v["ms_median"], 2) for c, v in cases[-1]["columns"].items()}
