@@ -697,7 +697,7 @@ def test_output_gradients_kept_as_their_product_give_the_same_factors_as_rows():
 
     # brute force: B_u = mean over its rows of (B w_u g)(B w_u g)^T
     expected_b = torch.zeros(4, 4, dtype=torch.float64)
-    for k, u in enumerate(uses):
+    for k in range(len(uses)):
         g = output_rows(conv, gs[k])[:3] if k == 2 else output_rows(conv, gs[k])
         expected_b += (2 * weights[k]) ** 2 * g.T @ g / g.shape[0]
     assert torch.allclose(stats.b_sum, expected_b, rtol=1e-12, atol=0)
