@@ -400,13 +400,16 @@ def test_a_smaller_batch_keeps_vmap_batching(recwarn):
     assert not [w for w in recwarn if "vmap" in str(w.message)]
 
 
-def test_the_memory_budget_counts_the_measured_layer_activations():
+def test_the_memory_budget_counts_what_an_evaluation_holds():
     func = ScalarTimeField().double()
     sums = FactorAccumulator()
     x, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    # layer inputs and outputs of one sample: l1 4x4 and 4x5, l2 4x5 and 4x3 (float64), and
-    # as much again for their gradients
-    per_sample = 2 * 8 * (16 + 20 + 20 + 12)
+    # float64 bytes of one sample: the graph saves l1's input (4x4) and tanh's output (4x5,
+    # which l2 saves as its input too: counted once; the weights are parameters: not
+    # counted); the factor rows are each layer's input rows (l1 4x4, l2 4x5) and its output
+    # gradient twice (l1 4x5, l2 4x3); the buffer holds x and a (4x3 each)
+    saved, rows, buffered = 16 + 20, (16 + 2 * 20) + (20 + 2 * 12), 2 * 12
+    per_sample = 8 * (saved + rows + buffered)
     obs = ODEObserver(func, [func.l1, func.l2], sums, memory_budget=3.5 * per_sample)
     obs(0.5, x, a, 0.1)  # unmeasured: the first sample is evaluated alone, at once
     assert obs.pending == 0 and obs.sample_bytes == per_sample
@@ -705,3 +708,18 @@ def test_output_gradients_kept_as_their_product_give_the_same_factors_as_rows():
          for x in xs]
     assert torch.allclose(stats.a_sum, sum(zz.T @ zz / 72 for zz in z), rtol=1e-12, atol=0)
     assert stats.uses == 3
+
+
+def test_the_memory_budget_counts_a_conv_fields_unfolded_patches_and_graph():
+    from ocnode.curvature.observer import _factor_row_bytes
+
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(5, 2, 4, 4)
+    out = conv(x)
+    # 5 samples x 16 locations rows of 2*3*3 = 18 inputs, the output gradient (5x3x4x4) twice
+    assert _factor_row_bytes([(conv, x, out)]) == 4 * (80 * 18 + 2 * 240)
+    field = ConcatConv2d(2, 2, 3, padding=1)
+    obs = ODEObserver(field, [field._layer], FactorAccumulator())
+    obs(0.5, x, torch.randn_like(x), 0.1)
+    # more than the layer's own input and output: the unfolded patches are 9x the input
+    assert obs.sample_bytes > 4 * 5 * 16 * (3 * 9 + 2 * 2)

@@ -166,9 +166,10 @@ class CurvatureCollector:
             every sample.
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all); the factors stay unbiased.
-        memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
-            the grid samples evaluated in one call ('grid'), or of factor rows kept before
-            they are multiplied out ('stages'); None: :data:`MEMORY_BUDGETS`' value for the
+        memory_budget: bytes an evaluation of the grid samples in one call may hold
+            ('grid': the field's saved activations, the factor rows, the buffered samples,
+            measured on the first sample), or of factor rows kept before they are multiplied
+            out ('stages'); None: :data:`MEMORY_BUDGETS`' value for the
             curvature mode.
         exclude: modules left out (with everything inside them): no factors, and no error
             for a layer the factorisation does not support (a grouped convolution).

@@ -110,8 +110,8 @@ class ODEObserver:
         self.buffer: list[tuple] = []
         self.samples = 0
         self._listening = listening
-        #: per-sample bytes of an evaluation (layer inputs, outputs, their gradients), once
-        #: measured; the layer calls of a sample, [(module, output shape)], once seen
+        #: per-sample bytes of an evaluation (see :meth:`_chunk`), once measured; the layer
+        #: calls of a sample, [(module, output shape)], once seen
         self.sample_bytes: int | None = None
         self._layout: list[tuple[nn.Module, torch.Size]] | None = None
         self._layout_key: tuple | None = None  # the state shapes the layout was seen with
@@ -139,8 +139,11 @@ class ODEObserver:
 
     def _chunk(self) -> int:
         """Samples per chunk: the budget over a sample's measured bytes; 1 until the first
-        evaluation has measured them (a state's bytes say little of its activations: a
-        64-channel conv field holds about 8 times them)."""
+        evaluation has measured them. A sample's bytes are what its evaluation holds at once:
+        the tensors the field's graph saves for the VJP (its parameters excluded), the
+        covered layers' factor rows (a conv layer's unfolded patches, its output gradients and
+        their row copy) and the buffered state and adjoint. A state's bytes alone say little:
+        a 64-channel conv field holds tens of times them."""
         if self.sample_bytes is None:
             return 1
         return max(1, int(self.memory_budget // max(self.sample_bytes, 1)))
@@ -188,11 +191,13 @@ class ODEObserver:
     def _evaluate(self, t: torch.Tensor, x, a, uses: int, weight: list[float]) -> None:
         """One call of the field on (t, x): its layers' factors, and the layout and bytes
         of its layer calls (per sample) for the chunks that follow."""
-        with torch.enable_grad(), _Capture(self.modules) as cap:
+        saved = _SavedBytes(self.func)
+        with torch.enable_grad(), _Capture(self.modules) as cap, saved:
             out = self.func(t, x)
-            self._layout = [(m, o.shape) for m, _, o in cap.records]
-            self.sample_bytes = 2 * sum((i.numel() + o.numel()) * o.element_size()
-                                        for _, i, o in cap.records) // uses
+        self._layout = [(m, o.shape) for m, _, o in cap.records]
+        self.sample_bytes = (saved.bytes + _factor_row_bytes(cap.records)
+                             + 2 * _nbytes(x)) // uses
+        with torch.enable_grad():
             pairs = _pairs(out, a)
             if not pairs or not cap.records:
                 return
@@ -250,6 +255,48 @@ class ODEObserver:
             if g is not None:
                 self.sink.add(module, inp, g, uses,
                               weight[0] if len(set(weight)) == 1 else weight, self.loss_batch)
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the tensors autograd saves for the backward while active, each
+    storage once, the module's own parameters and buffers left out (they are not per sample)."""
+
+    def __init__(self, module: Callable) -> None:
+        own = module.parameters() if isinstance(module, nn.Module) else ()
+        own_buffers = module.buffers() if isinstance(module, nn.Module) else ()
+        self._skip = {t.untyped_storage().data_ptr() for t in (*own, *own_buffers)}
+        self._seen: set[int] = set()
+        self.bytes = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self._skip and ptr not in self._seen:
+                self._seen.add(ptr)
+                self.bytes += storage.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def _factor_row_bytes(records: Sequence[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of the factor rows the accumulator forms from these layer calls: the inputs as
+    rows (rows x d_in: a conv's unfolded patches), and the output gradient twice (itself and
+    its row layout)."""
+    total = 0
+    for module, _, out in records:
+        weight = getattr(module, "weight", None)
+        d_out = int(weight.shape[0]) if weight is not None else 1
+        d_in = weight[0].numel() if weight is not None else 1
+        rows = out.numel() // max(d_out, 1)
+        total += (rows * d_in + 2 * out.numel()) * out.element_size()
+    return total
+
+
+def _nbytes(v) -> int:
+    """Bytes of a tensor or a tuple of them."""
+    parts = v if isinstance(v, tuple) else (v,)
+    return sum(c.numel() * c.element_size() for c in parts)
 
 
 def _pairs(out, a) -> list[tuple[torch.Tensor, torch.Tensor]]:

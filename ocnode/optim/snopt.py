@@ -94,9 +94,10 @@ class SNOpt(torch.optim.Optimizer):
         fisher: 'empirical' (y = grad of the loss) or 'true' (y = softmax - onehot(y_hat) with
             y_hat sampled from the model; the model's output must be cross-entropy logits;
             a refresh iteration then runs each adjoint backward solve twice).
-        memory_budget: bytes of layer activations (inputs, outputs, their gradients) of
-            the grid samples evaluated in one call ('grid'), or of factor rows kept before
-            they are multiplied out ('stages'); None: 64 MB for the grid, 8 MB for the
+        memory_budget: bytes an evaluation of the grid samples in one call may hold
+            ('grid': the field's saved activations, the factor rows, the buffered samples,
+            measured on the first sample), or of factor rows kept before they are multiplied
+            out ('stages'); None: 64 MB for the grid, 8 MB for the
             stages (``ocnode.curvature.collection.MEMORY_BUDGETS``).
         stats_batch: use only this many samples of each batch for the ODE-block statistics
             (None: all). The refresh cost scales with it; the factors stay unbiased.
