@@ -80,8 +80,9 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "DGNOpt-FNE": ("dgnopt", {"lr": 1e-4, "base": "rmsprop", "mode": "fne"}),
     "DGNOpt-GR": ("dgnopt", {"lr": 1e-4, "base": "rmsprop", "mode": "gr"}),
 }
-#: the columns that need a net with skips (and the one a net with skips cannot run).
+#: the columns that need a net with skips, and those that need a chain (DDPNOpt's own).
 RESIDUAL_COLUMNS = ("DDPNOpt-chain", "DGNOpt-FNE", "DGNOpt-GR")
+CHAIN_COLUMNS = ("DDPNOpt-RMS", "DDPNOpt-EKFAC")
 NETS = {"fcn": ("digits", {"model": "fcn", "width": 32}),
         "cnn": ("mnist5k", {"model": "cnn"}),
         "resmlp": ("digits", {"model": "resmlp"}),
@@ -124,15 +125,9 @@ def make_step(task: Task, column: str, seed: int = 0) -> Step:
 def columns_for(net: str, batch: int, columns: list[str]) -> list[str]:
     """The columns that run at this net and batch (vanilla DDP: FCN, small batches; the
     residual columns on the residual nets, DDPNOpt-RMS and -EKFAC on the chains)."""
-    residual = net in RESIDUAL_NETS
-
-    def runs(c: str) -> bool:
-        if c == "vanilla DDP":
-            return net == "fcn" and batch <= VANILLA_MAX_BATCH
-        if c.startswith("DDPNOpt-") and c != "DDPNOpt-chain":
-            return not residual
-        return residual or c not in RESIDUAL_COLUMNS
-    return [c for c in columns if runs(c)]
+    excluded = CHAIN_COLUMNS if net in RESIDUAL_NETS else RESIDUAL_COLUMNS
+    return [c for c in columns if c not in excluded and (
+        c != "vanilla DDP" or (net == "fcn" and batch <= VANILLA_MAX_BATCH))]
 
 
 def time_columns(task: Task, columns: list[str], rounds: int) -> dict[str, list[float]]:
