@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import torch
 
+from solvers.compiled import TracedField, compile_arguments
 from solvers.errors import (
     BACKWARD_SOLVE,
     NonFiniteGradientError,
@@ -57,6 +58,7 @@ from solvers.flat import (
     flat_state,
     make_rhs,
     solve_flat,
+    traced_field,
     user_state_norm,
 )
 from solvers.integrate import (
@@ -227,6 +229,41 @@ def _aug_rhs(cfg: _Config, params: tuple[torch.Tensor, ...], device: torch.devic
     return rhs
 
 
+def _traced_aug(cfg: _Config, params: tuple[torch.Tensor, ...], direction: float,
+                steps: _StageSteps | None) -> TracedField | None:
+    """The augmented field of :func:`_aug_rhs` in traceable form, for a compiled backward
+    solve: the vector-Jacobian products by :func:`torch.func.vjp` over ``func``'s parameters
+    (called by name, as :func:`torch.func.functional_call`). None with a stage observer,
+    which hooks every evaluation (that solve runs eagerly), or without ``options['compile']``.
+
+    Raises:
+        SolverInputError: a differentiated tensor is not one of ``func``'s parameters.
+    """
+    if steps is not None or compile_arguments(
+            cfg.spec.backward().solve_options().get("compile")) is None:
+        return None
+    grad_params = tuple(p for p in params if p.requires_grad)
+    names_of = {id(p): name for name, p in getattr(cfg.func, "named_parameters", list)()}
+    if any(id(p) not in names_of for p in grad_params):
+        raise SolverInputError(
+            "options['compile'] with odeint_adjoint differentiates func's own parameters: "
+            "func must be an nn.Module and adjoint_params among func.parameters()")
+    names = tuple(names_of[id(p)] for p in grad_params)
+    n, flat = sum(math.prod(s) for s in cfg.flat.shapes), cfg.flat
+    func = cast(torch.nn.Module, cfg.func)
+
+    def field(t: torch.Tensor, z: torch.Tensor, *theta: torch.Tensor) -> torch.Tensor:
+        def f(x: torch.Tensor, p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            values = dict(zip(names, p))
+            return flat.flatten(torch.func.functional_call(func, values, (t, flat.unflatten(x))))
+        fx, vjp = torch.func.vjp(f, z[:n], theta)[:2]
+        gx, g_theta = vjp(-z[n:2 * n])
+        out = torch.cat([fx, gx, *(g.reshape(-1) for g in g_theta)])
+        return out if direction > 0 else -out
+    return TracedField(field, grad_params, func, ("adjoint", flat.shapes, flat.is_tuple, names),
+                       direction)
+
+
 def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
@@ -247,7 +284,8 @@ class _AdjointFunction(torch.autograd.Function):
                            lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats,
                            progress=Progress(cfg.direction, cfg.label or ""),
                            callbacks=field_callbacks(cfg.func, cfg.flat, cfg.direction,
-                                                     cfg.spec.method, t))
+                                                     cfg.spec.method, t),
+                           traced=traced_field(cfg.func, cfg.flat, cfg.direction))
                 ys = torch.stack(outs)
         ctx.cfg = cfg
         ctx.save_for_backward(ys, t, *params)
@@ -286,6 +324,7 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     observer = cfg.observer
     steps = _StageSteps(observer) if is_stage_observer(observer) else None
     rhs = _aug_rhs(cfg, params, ys.device, direction, steps)
+    traced = _traced_aug(cfg, params, direction, steps)
     grad_params = [p for p in params if p.requires_grad]
     norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm, cfg.spec.adjoint_norm,
                          grad_params, cfg.spec.solve_options().get("norm"))
@@ -300,9 +339,9 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     first_step: float | None = None  # each interval starts with the last one's step size
     for i in range(len(times) - 1, 0, -1):
         try:
-            z, first_step = _solve_interval(cfg, rhs, z, times[i], times[i - 1], grid, norm,
-                                            direction, n, progress, first_step, steps,
-                                            callbacks)
+            z, first_step = _solve_interval(cfg, (rhs, traced), z, times[i], times[i - 1],
+                                            grid, norm, direction, n, progress, first_step,
+                                            steps, callbacks)
         except SolverError as err:
             _blame_the_gradient(err, times, grad_ys, i)
             raise
@@ -347,15 +386,17 @@ def _interval_outputs(t_from: float, t_to: float, grid: list[tuple[float, float]
     return [s_from, *s_grid, s_to], [w for _, w in inside], on_start
 
 
-def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float, t_to: float,
+def _solve_interval(cfg: _Config, field: tuple[Callable, TracedField | None], z: torch.Tensor,
+                    t_from: float, t_to: float,
                     grid: list[tuple[float, float]], norm: Norm, direction: float, n: int,
                     progress: Progress, first_step: float | None,
                     steps: _StageSteps | None,
                     callbacks: StepCallbacks = NO_CALLBACKS) -> tuple[torch.Tensor, float | None]:
     """Backward solve over one output interval, streaming grid samples to the observer.
 
-    Returns the adjoint state at ``t_to`` and the solver's next step size (None: let the
-    next interval search for one)."""
+    ``field``: the augmented rhs and its traceable form (None: eager only). Returns the
+    adjoint state at ``t_to`` and the solver's next step size (None: let the next interval
+    search for one)."""
     s_out, weights, on_start = _interval_outputs(t_from, t_to, grid, direction)
     result: list[torch.Tensor] = []
     if steps is not None:
@@ -367,9 +408,10 @@ def _solve_interval(cfg: _Config, rhs: Callable, z: torch.Tensor, t_from: float,
         elif j > 0 or on_start:
             _observe(cfg, direction * s, zj, n, weights[j - 1 + int(on_start)])
 
-    next_step = solve_flat(rhs, z, s_out, emit, cfg.spec.backward(), cfg.flat,
+    next_step = solve_flat(field[0], z, s_out, emit, cfg.spec.backward(), cfg.flat,
                            cfg.adjoint_stats, norm=norm, progress=progress,
-                           first_step=first_step, callbacks=callbacks, land_on_end=True)
+                           first_step=first_step, callbacks=callbacks, land_on_end=True,
+                           traced=field[1])
     return result[0], next_step
 
 

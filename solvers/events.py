@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from solvers.compiled import compile_arguments
 from solvers.errors import MaxStepsExceededError, SolverInputError
 from solvers.flat import FlatState, adaptive_stops, step_control
 from solvers.integrate import (
@@ -87,6 +88,9 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
         raise SolverInputError(
             f"event_fn is not supported by method {spec.method!r} on our engine; use an "
             "explicit Runge-Kutta method (e.g. 'dopri5'), or backend='torchdiffeq'")
+    if compile_arguments(spec.solve_options().get("compile")) is not None:
+        raise SolverInputError("options['compile'] is not supported with event_fn (the event "
+                               "search runs eagerly): drop one of them")
     with torch.no_grad():
         g0 = event(s0, y0)
     if bool(g0 == 0):

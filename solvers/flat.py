@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from solvers.adams import ADAMS_METHODS, MAX_ITERS, MAX_ORDER, integrate_adams, integrate_scipy
+from solvers.compiled import TracedField, compile_arguments, compiled_attempt, next_time
 from solvers.errors import SolverInputError
 from solvers.implicit import ImplicitTableau, integrate_implicit
 from solvers.integrate import (
@@ -166,6 +166,15 @@ def make_rhs(func: Callable, flat: FlatState, device: torch.device, direction: f
     return rhs
 
 
+def traced_field(func: Callable, flat: FlatState, direction: float) -> TracedField:
+    """func as a traceable field on flat states at internal time s (for a compiled attempt;
+    the checks of :func:`make_rhs` are made by its first, eager, evaluation)."""
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dy = flat.flatten(func(t, flat.unflatten(y)))
+        return dy if direction > 0 else -dy
+    return TracedField(field, (), func, ("forward", flat.shapes, flat.is_tuple), direction)
+
+
 def field_time(t: float, y: torch.Tensor, side: float = 0) -> torch.Tensor:
     """The time handed to a vector field at state y: a 0-dim tensor in y's (real) dtype;
     with ``side`` -1 or +1 the neighbouring representable time below or above t in that
@@ -174,14 +183,8 @@ def field_time(t: float, y: torch.Tensor, side: float = 0) -> torch.Tensor:
     dtype = y.dtype if y.dtype.is_floating_point else torch.float64
     if not side:
         return torch.tensor(t, dtype=dtype, device=y.device)
-    towards = math.copysign(math.inf, side)
-    if dtype == torch.float64:  # on the host: no extra kernel per evaluation
-        return torch.tensor(math.nextafter(t, towards), dtype=dtype, device=y.device)
-    if dtype == torch.float32:
-        return torch.tensor(float(np.nextafter(np.float32(t), np.float32(towards))),
-                            dtype=dtype, device=y.device)
-    tt = torch.tensor(t, dtype=dtype, device=y.device)
-    return torch.nextafter(tt, torch.tensor(towards, dtype=dtype, device=y.device))
+    # on the host: no extra kernel per evaluation
+    return torch.tensor(next_time(t, dtype, side), dtype=dtype, device=y.device)
 
 
 def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
@@ -202,7 +205,8 @@ def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
 def step_control(spec: SolverSpec, flat: FlatState) -> tuple[StepControl, Norm]:
     """Adaptive options -> (StepControl, error norm). Tuple states use the max of RMS norms."""
     options = spec.solve_options()
-    kw = {k: v for k, v in options.items() if k not in ("norm", "step_t", "jump_t", "perturb")}
+    kw = {k: v for k, v in options.items()
+          if k not in ("norm", "step_t", "jump_t", "perturb", "compile")}
     for key in ("max_step", "min_step", "first_step"):
         if key in kw and kw[key] is not None:
             kw[key] = abs(float(kw[key]))
@@ -223,7 +227,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                norm: Norm | None = None, progress: Progress | None = None,
                first_step: float | None = None,
                callbacks: StepCallbacks = NO_CALLBACKS,
-               land_on_end: bool = False) -> float | None:
+               land_on_end: bool = False, traced: TracedField | None = None) -> float | None:
     """Run the engine on a flat state at increasing internal times s_out.
 
     Uses ``spec``'s method, tolerances and options (those of the forward solve: pass
@@ -233,7 +237,8 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     of a ``grid_constructor`` (None: the same); ``first_step`` (adaptive methods) replaces
     the starting step search or option; ``callbacks`` are called around every step;
     ``land_on_end``: an adaptive solve's last step ends on s_out[-1] (see
-    :func:`~solvers.integrate.integrate_adaptive`). y0 is
+    :func:`~solvers.integrate.integrate_adaptive`); ``traced``: rhs as a traceable field,
+    which ``options['compile']`` compiles (None: the solve runs eagerly). y0 is
     the flat state of ``flat``, or any flat vector (the adjoint's augmented state), which a
     ``grid_constructor`` then receives as it is.
 
@@ -267,9 +272,12 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
         ctl, default_norm = step_control(spec, flat)
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
+        compile_kw = compile_arguments(options.get("compile"))
+        attempt = None if compile_kw is None or traced is None else \
+            compiled_attempt(traced, tab, ctl.rtol, ctl.atol, compile_kw)
         return integrate_adaptive(rhs, y0, s_out, emit, tab, ctl, norm or default_norm, stats,
                                   progress, callbacks, adaptive_stops(options, progress.direction),
-                                  land_on_end)
+                                  land_on_end, attempt)
     integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks, grid,
                     perturb)
     return None

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -226,6 +226,13 @@ class _Stages:
         self.ks: list[torch.Tensor] = [y] * s
         self.buf = None if graph else torch.empty((s, y.numel()), dtype=y.dtype, device=y.device)
 
+    @classmethod
+    def holding(cls, ks: torch.Tensor) -> _Stages:
+        """Stages already computed, shape (S, n) (a compiled attempt's), read-only."""
+        stages = cls.__new__(cls)
+        stages.graph, stages.ks, stages.buf = False, [], ks
+        return stages
+
     def set(self, i: int, k: torch.Tensor) -> None:
         if self.graph:
             self.ks[i] = k
@@ -272,12 +279,42 @@ def rk_step(rhs: Rhs, tab: ButcherTableau, coeffs: tuple, t: float, y: torch.Ten
     return y_new
 
 
-def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: StepControl,
-                norm: Norm) -> float:
-    """norm(err / (atol + rtol * max(|y0|, |y1|))); NaN when anything is non-finite."""
-    with torch.no_grad():
-        scale = torch.maximum(y0.abs(), y1.abs()).mul_(ctl.rtol).add_(ctl.atol)
-        ratio = norm(err.div_(scale))
+class Attempt(Protocol):
+    """One step attempt of an embedded pair from (t, y), stage 0 f0 = f(t, y), of size dt
+    ending at t_end: (y1, err / (atol + rtol * max(|y|, |y1|)) (detached), the stages)."""
+
+    #: field evaluations it makes that the rhs does not count itself
+    nfe: int
+
+    def __call__(self, t: float, dt: float, t_end: float, y: torch.Tensor,
+                 f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Stages]: ...
+
+
+class _EagerAttempt:
+    """The engine's own attempt: stages in a reused buffer, evaluated by ``rhs``."""
+
+    nfe = 0  # the rhs counts its evaluations
+
+    def __init__(self, rhs: Rhs, tab: ButcherTableau, y0: torch.Tensor, ctl: StepControl,
+                 graph: bool) -> None:
+        self.rhs, self.tab, self.ctl = rhs, tab, ctl
+        self.coeffs = _coefficients(tab, y0.dtype, y0.device)
+        self.stages = _Stages(tab.stages, y0, graph)
+
+    def __call__(self, t: float, dt: float, t_end: float, y: torch.Tensor,
+                 f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Stages]:
+        stages, ctl = self.stages, self.ctl
+        stages.set(0, f0)
+        y1 = rk_step(self.rhs, self.tab, self.coeffs, t, y, dt, stages, t_end, -1)
+        with torch.no_grad():
+            err = stages.combine(None, self.coeffs[2], dt).detach()
+            scale = torch.maximum(y.detach().abs(), y1.detach().abs()).mul_(ctl.rtol)
+            return y1, err.div_(scale.add_(ctl.atol)), stages
+
+
+def _ratio(norm: Norm, scaled_err: torch.Tensor) -> float:
+    """The error ratio norm(scaled_err); NaN when anything is non-finite."""
+    ratio = norm(scaled_err)
     return ratio if math.isfinite(ratio) else math.nan
 
 
@@ -378,7 +415,7 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
                        stats: SolverStats | None = None, progress: Progress | None = None,
                        callbacks: StepCallbacks = NO_CALLBACKS,
                        stops: Sequence[tuple[float, bool]] = (),
-                       land_on_end: bool = False) -> float:
+                       land_on_end: bool = False, attempt: Attempt | None = None) -> float:
     """Integrate with an embedded pair and PI/I step control, emitting at each of t_out.
 
     As torchdiffeq's adaptive solvers, every step evaluates its stages with node 1 just
@@ -406,6 +443,8 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         land_on_end: t_out[-1] is a stop too: the last step ends on it instead of passing it
             (the adjoint's backward intervals, whose state jumps at their ends; by default
             the last step may pass it and the output is interpolated, as torchdiffeq's).
+        attempt: how a step is attempted (None: the eager engine on ``rhs``; see
+            :mod:`solvers.compiled`).
 
     Returns:
         The controller's next step size: a following solve that continues from the end
@@ -422,7 +461,8 @@ def integrate_adaptive(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
     stops = list(stops)
     if land_on_end and not any(s == t_out[-1] for s, _ in stops):
         stops = sorted([*stops, (t_out[-1], False)])
-    steps = adaptive_steps(rhs, y0, t_out[0], tab, ctl, norm, stats, progress, callbacks, stops)
+    steps = adaptive_steps(rhs, y0, t_out[0], tab, ctl, norm, stats, progress, callbacks, stops,
+                           attempt)
     proposal = next(steps).next_dt  # f(t0, y0) and the starting step
     emit(0, t_out[0], y0)
     while not out.done:
@@ -451,18 +491,18 @@ class AcceptedStep(NamedTuple):
 def adaptive_steps(rhs: Rhs, y0: torch.Tensor, t0: float, tab: ButcherTableau,
                    ctl: StepControl, norm: Norm = rms_norm, stats: SolverStats | None = None,
                    progress: Progress | None = None, callbacks: StepCallbacks = NO_CALLBACKS,
-                   stops: Sequence[tuple[float, bool]] = ()) -> Generator[AcceptedStep, None, None]:
+                   stops: Sequence[tuple[float, bool]] = (),
+                   attempt: Attempt | None = None) -> Generator[AcceptedStep, None, None]:
     """The accepted steps of an adaptive solve from (t0, y0), without end.
 
     The first item comes once f(t0, y0) and the starting step are known: a step of length 0
     at t0 whose ``next_dt`` is the starting step; then every accepted step. Arguments and
-    errors as :func:`integrate_adaptive`, which consumes it (``stops`` as there).
+    errors as :func:`integrate_adaptive`, which consumes it (``stops``, ``attempt`` as there).
     """
     stats = stats if stats is not None else SolverStats()
     progress = progress or Progress()
-    coeffs = _coefficients(tab, y0.dtype, y0.device)
     graph = torch.is_grad_enabled()
-    stages = _Stages(tab.stages, y0, graph)
+    attempt = attempt or _EagerAttempt(rhs, tab, y0, ctl, graph)
     t, y = t0, y0
     pending = [(s, jump) for s, jump in stops if s > t]
     f0 = _first_derivative(rhs, t, y, progress)
@@ -477,10 +517,9 @@ def adaptive_steps(rhs: Rhs, y0: torch.Tensor, t0: float, tab: ButcherTableau,
         t1, jump, wanted = t + dt, False, dt
         if pending and pending[0][0] <= t1:  # land on the stop time
             (t1, jump), dt = pending[0], pending[0][0] - t
-        stages.set(0, f0)
-        y1 = rk_step(rhs, tab, coeffs, t, y, dt, stages, t1, -1)
-        err = stages.combine(None, coeffs[2], dt).detach()
-        ratio = error_ratio(err, y.detach(), y1.detach(), ctl, norm)
+        y1, scaled_err, stages = attempt(t, dt, t1, y, f0)
+        stats.nfe += attempt.nfe
+        ratio = _ratio(norm, scaled_err)
         accept = ratio <= 1.0
         if not accept and dt <= ctl.min_step:  # torchdiffeq: min_step is always accepted
             if math.isnan(ratio):

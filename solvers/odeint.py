@@ -26,6 +26,7 @@ from solvers.flat import (
     flat_state,
     make_rhs,
     solve_flat,
+    traced_field,
 )
 from solvers.integrate import Progress
 from solvers.spec import Observer, SolverSpec, StageObserver, State, call_spec, method_kind
@@ -50,7 +51,8 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
             ``solvers.implicit.IMPLICIT_METHODS`` (implicit, fixed grid). The names are
             torchdiffeq's: 'rk4' is Kutta's 3/8 rule ('rk4_classic': the classic one).
         options: adaptive: first_step, min_step, max_step, max_num_steps, safety, ifactor,
-            dfactor, icoeff, pcoeff (PI control), norm, step_t, jump_t; fixed: step_size
+            dfactor, icoeff, pcoeff (PI control), norm, step_t, jump_t, compile (a step
+            attempt compiled with torch.compile: see :mod:`solvers.compiled`); fixed: step_size
             (None: one step per output interval, as torchdiffeq), grid_constructor, perturb
             (not for implicit methods); Adams methods also max_order, max_iters;
             scipy_solver: solver, min_step, max_step. See docs/torchdiffeq.md.
@@ -228,7 +230,8 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
         outs = list(solve_checkpointed(cfg, y0_flat, params_of(func, adjoint_params)))
     else:
         solve_flat(rhs, y0_flat, s_out, lambda j, s, y: outs.append(y), spec, flat, stats,
-                   progress=progress, callbacks=callbacks)
+                   progress=progress, callbacks=callbacks,
+                   traced=traced_field(func, flat, direction))
     outs[0] = flat.flatten(y0)
     if time_grad:
         outs[1:] = [y + (t[j] - t[j].detach()) * direction * rhs(direction * times[j], y).detach()

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeGuard
 import torch
 
 from solvers.adams import ADAMS_METHODS, SCIPY_METHOD
+from solvers.compiled import compile_arguments
 from solvers.errors import SolverInputError
 from solvers.implicit import ImplicitTableau
 from solvers.tableau import get_tableau
@@ -35,7 +36,7 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 
 ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
                               "min_step", "max_step", "max_num_steps", "norm", "step_t",
-                              "jump_t"})
+                              "jump_t", "compile"})
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb"})
 IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor"})
 ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
@@ -237,6 +238,9 @@ class SolverSpec:
             raise SolverInputError(
                 f"checkpoint=True replays explicit Runge-Kutta steps; {self.method!r} is not "
                 "one: use e.g. 'dopri5' or 'rk4', or checkpoint=False")
+        if compile_arguments(self.solve_options().get("compile")) is not None:
+            raise SolverInputError("options['compile'] is not supported with checkpoint=True "
+                                   "(the replayed steps run eagerly): drop one of them")
 
     def _check_adjoint_settings(self) -> None:
         if self.adjoint_method is not None:
@@ -471,6 +475,7 @@ def _check_option_values(options: Mapping[str, Any]) -> None:
     size = options.get("step_size")
     if size is not None and not (_is_real(size) and 0 < size < math.inf):
         raise SolverInputError(f"options['step_size'] must be a positive float, got {size!r}")
+    compile_arguments(options.get("compile"))
     norm = options.get("norm")
     if norm is not None and not callable(norm):
         raise SolverInputError("options['norm'] must be a callable: norm(error_state) -> scalar")

@@ -1,5 +1,6 @@
-"""Shared fixtures, the helpers of the experiment smoke tests, and the opt-in marker
-``system_data`` (tests that read dataset files installed on the system)."""
+"""Shared fixtures, the helpers of the experiment smoke tests, and the opt-in markers
+``system_data`` (tests that read dataset files installed on the system) and ``compiler``
+(tests that compile with torch.compile's inductor, which needs a C++ compiler)."""
 
 from __future__ import annotations
 
@@ -30,36 +31,46 @@ def one_thread() -> Iterator[None]:
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Set to 1 to run the tests marked ``system_data``; CI sets it after installing the files.
-SYSTEM_DATA_ENV = "OCNODE_SYSTEM_DATA"
+#: The opt-in markers: the variable that switches each on ("1"), and what its tests need.
+#: CI sets both, after installing what they need.
+OPT_IN = {
+    "system_data": ("OCNODE_SYSTEM_DATA", "dataset files installed on the system (e.g. "
+                    "`apt-get install dataset-fashion-mnist`)"),
+    "compiler": ("OCNODE_COMPILER", "a C++ compiler for torch.compile's inductor (e.g. "
+                 "`apt-get install g++`)"),
+}
+SYSTEM_DATA_ENV = OPT_IN["system_data"][0]
 
 
-def system_data_enabled() -> bool:
-    """Whether :data:`SYSTEM_DATA_ENV` switches the ``system_data`` tests on ("1") or off.
+def opt_in_enabled(marker: str) -> bool:
+    """Whether the variable of ``marker`` in :data:`OPT_IN` switches its tests on ("1").
 
     Raises:
         pytest.UsageError: any other value than unset, "", "0" or "1".
     """
-    value = os.environ.get(SYSTEM_DATA_ENV, "").strip()
+    env = OPT_IN[marker][0]
+    value = os.environ.get(env, "").strip()
     if value not in ("", "0", "1"):
-        raise pytest.UsageError(f"{SYSTEM_DATA_ENV} must be 1 (run the system_data tests) or "
-                                f"0/unset (skip them), got {value!r}")
+        raise pytest.UsageError(f"{env} must be 1 (run the {marker} tests) or 0/unset (skip "
+                                f"them), got {value!r}")
     return value == "1"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the ``system_data`` tests, with a reason saying how to run them, unless enabled.
+def system_data_enabled() -> bool:
+    """Whether the ``system_data`` tests run (see :func:`opt_in_enabled`)."""
+    return opt_in_enabled("system_data")
 
-    Enabled, they run as usual: a missing file fails them, it does not skip them.
-    """
-    if system_data_enabled():
-        return
-    skip = pytest.mark.skip(reason=f"needs dataset files installed on the system (e.g. `apt-get "
-                                   f"install dataset-fashion-mnist`); set {SYSTEM_DATA_ENV}=1 "
-                                   "to run it")
-    for item in items:
-        if item.get_closest_marker("system_data"):
-            item.add_marker(skip)
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests of each opt-in marker, with a reason saying how to run them, unless
+    enabled. Enabled, they run as usual: a missing file or compiler fails them."""
+    for marker, (env, needs) in OPT_IN.items():
+        if opt_in_enabled(marker):
+            continue
+        skip = pytest.mark.skip(reason=f"needs {needs}; set {env}=1 to run it")
+        for item in items:
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)
 
 
 def experiment_module(name: str) -> ModuleType:
