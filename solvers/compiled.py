@@ -129,8 +129,10 @@ def compiled_attempt(traced: TracedField, tab: ButcherTableau, rtol: float, atol
     is traced on its first call)."""
     key = (traced.key, tab.name, rtol, atol, traced.direction,
            repr(sorted(compile_kw.items())))
+    owner = getattr(traced.owner, "__self__", traced.owner)  # a bound method: its object
+    key += (getattr(traced.owner, "__func__", None),)
     try:
-        per_owner = _CACHE.setdefault(traced.owner, {})
+        per_owner = _CACHE.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: compiled for this solve alone
         per_owner = {}
     fn = per_owner.get(key)

@@ -127,6 +127,10 @@ def test_a_compiled_attempt_is_traced_once_and_reused_across_solves() -> None:
             solvers.odeint(func, _y0(), t, options={"compile": {"backend": counting}})
     assert len(graphs) == 1 and graphs[0] > 20  # one graph of the whole attempt
     assert len(compiled._CACHE[func]) == 1
+    with torch.no_grad():  # a bound method is cached on its object
+        for _ in range(2):
+            solvers.odeint(func.forward, _y0(), t, options={"compile": {"backend": counting}})
+    assert len(graphs) == 2 and len(compiled._CACHE[func]) == 2
 
 
 @pytest.mark.parametrize("value, match", [
