@@ -8,6 +8,8 @@ marked ``compiler`` use inductor itself.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -131,6 +133,62 @@ def test_a_compiled_attempt_is_traced_once_and_reused_across_solves() -> None:
         for _ in range(2):
             solvers.odeint(func.forward, _y0(), t, options={"compile": {"backend": counting}})
     assert len(graphs) == 2 and len(compiled._CACHE[func]) == 2
+
+
+def test_a_compiled_solve_lands_on_jump_times_as_the_eager_one() -> None:
+    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(t < 0.5, -y, 2.0 * y)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    runs = []
+    for compile_ in (AOT, False):
+        stats = SolverStats()
+        ys = solvers.odeint(field, _y0(), t, rtol=1e-8, atol=1e-8, stats=stats,
+                            options={"compile": compile_, "jump_t": [0.5]})
+        runs.append((ys, stats))
+    (fast, stats_c), (eager, stats_e) = runs
+    assert stats_c == stats_e
+    torch.testing.assert_close(fast, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[-1], _y0() * math.exp(0.5), rtol=1e-6, atol=0)
+
+
+class _CountingStageObserver:
+    """A stage observer that counts the evaluations it is shown and the accepted ones."""
+
+    def __init__(self) -> None:
+        self.seen, self.pending, self.kept = 0, 0, 0
+
+    @contextlib.contextmanager
+    def evaluation(self, t: float) -> Iterator[None]:
+        self.seen += 1
+        self.pending += 1
+        yield
+
+    def accept_step(self, weights: list[float]) -> None:
+        self.kept += self.pending
+        self.pending = 0
+
+    def reject_step(self) -> None:
+        self.pending = 0
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_stage_observer_sees_every_evaluation_of_a_compiled_adjoint() -> None:
+    """The observer hooks each evaluation: with it, the backward solve runs eagerly (the
+    forward one stays compiled) and gives the eager gradients."""
+    grads, observers = [], []
+    for options in (None, {"compile": AOT}):
+        func, observer, stats = TimeMLP(), _CountingStageObserver(), SolverStats()
+        ys = solvers.odeint_adjoint(func, _y0(), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                                    rtol=1e-7, atol=1e-7, options=options, observer=observer,
+                                    adjoint_stats=stats)
+        ys[-1].pow(2).sum().backward()
+        grads.append([p.grad for p in func.parameters()])
+        observers.append((observer.seen, observer.kept, stats.nfe))
+    assert observers[0] == observers[1] and observers[0][0] == observers[0][2] > 10
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("value, match", [
