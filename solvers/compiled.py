@@ -127,10 +127,9 @@ def compiled_attempt(traced: TracedField, tab: ButcherTableau, rtol: float, atol
                      compile_kw: dict[str, Any]) -> CompiledAttempt:
     """The cached :class:`CompiledAttempt` of a traced field with these settings (the graph
     is traced on its first call)."""
-    key = (traced.key, tab.name, rtol, atol, traced.direction,
-           repr(sorted(compile_kw.items())))
     owner = getattr(traced.owner, "__self__", traced.owner)  # a bound method: its object
-    key += (getattr(traced.owner, "__func__", None),)
+    key = (traced.key, getattr(traced.owner, "__func__", None), tab.name, rtol, atol,
+           traced.direction, repr(sorted(compile_kw.items())))
     try:
         per_owner = _CACHE.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: compiled for this solve alone
