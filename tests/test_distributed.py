@@ -1,6 +1,7 @@
 """Data-parallel training (ocnode.training.distributed): 2 CPU processes over gloo.
 
-- step level, every optimizer: 2 ranks x batch b give the parameters of 1 process x batch 2b
+- step level, every optimizer (NewtonCG and E-MSA averaging inside their step): 2 ranks x
+  batch b give the parameters of 1 process x batch 2b
   (1e-5 relative, float32) and bitwise equal parameters on both ranks; ranks whose adaptive
   solvers take different numbers of steps do not hang; an unused parameter is a clear error;
 - loop level: ``torchrun -m ocnode train`` on 2 ranks reproduces the single-process run; a
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocnode.nn import MLPODEClassifier, ode_blocks
-from ocnode.optim import DDPNOpt, HorizonOptimizer, SNOpt
+from ocnode.optim import EMSA, DDPNOpt, HorizonOptimizer, NewtonCG, SNOpt
 from ocnode.training import TrainConfig, distributed, make_task, train, train_step
 from ocnode.training.cli import main
 from ocnode.training.loop import CHECKPOINT
@@ -162,9 +163,20 @@ def _ddpnopt_ekfac() -> Built:  # EKFAC refreshes at steps 0 and 3
     return m, DDPNOpt(m, lr=0.05, base="ekfac", update_freq=3), []
 
 
+def _newton_cg() -> Built:  # its own averaging: gradient, HVPs, losses (damping adapts)
+    m = _chain()
+    return m, NewtonCG(m.parameters(), lr=0.5, damping=0.1, cg_iters=5,
+                       adapt_damping=True), []
+
+
+def _emsa() -> Built:  # every L-BFGS evaluation of a stage objective averaged
+    m = _chain()
+    return m, EMSA(m, rho=1.0, inner_steps=3), []
+
+
 SCENARIOS: dict[str, Callable[[], Built]] = {
     "adam": _adam, "sgd": _sgd, "snopt": _snopt, "horizon": _horizon, "ddpnopt": _ddpnopt,
-    "ddpnopt-ekfac": _ddpnopt_ekfac}
+    "ddpnopt-ekfac": _ddpnopt_ekfac, "newton-cg": _newton_cg, "emsa": _emsa}
 
 
 def _flat(model: nn.Module) -> np.ndarray:
@@ -177,7 +189,9 @@ def _run(name: str, rank: int | None) -> dict[str, Any]:
     loss: Callable[[nn.Module, Any], Tensor] = _loss
     if rank is not None:
         distributed.attach(optimizer)
-        loss = distributed.parallel_loss(model, _loss, torch.device("cpu"))
+        loss = distributed.parallel_loss(
+            model, _loss, torch.device("cpu"),
+            reduce_gradients=not distributed.averages_its_own_gradients(optimizer))
     rows = slice(None) if rank is None else slice(rank * BATCH // WORLD,
                                                   (rank + 1) * BATCH // WORLD)
     xs, ys = _data()
@@ -386,6 +400,21 @@ def test_torchrun_reproduces_the_single_process_run(torchrun_run: Path, tmp_path
     assert last["t1"] == pytest.approx(one["t1"], rel=1e-5) and last["t1"] != 1.0
 
 
+#: NewtonCG's loop: its gradient and Hessian-vector products averaged by the optimizer, the
+#: model not wrapped in DDP (rank 0's weights broadcast at the start).
+NEWTON = dict(width=16, method="rk4", step_size=0.5, batch_size=128, train_size=512,
+              test_size=100, log_every=2, epochs=2, optimizer="newton-cg", lr=0.5,
+              device="cpu", progress=False)
+
+
+def test_torchrun_runs_newton_cg_as_the_single_process_does(tmp_path: Path) -> None:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in NEWTON.items() if k != "progress"]
+    done = _torchrun(["--out", str(tmp_path / "two"), "--no-progress", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(TrainConfig(out=str(tmp_path / "one"), **NEWTON))  # type: ignore[arg-type]
+    assert _max_relative(_model(tmp_path / "two"), _model(tmp_path / "one")) < 1e-5
+
+
 def _launch(out: Path, port: int, extra: list[str]) -> list[subprocess.Popen]:
     """2 ranks of ``ocnode train`` with torchrun's environment, without torchrun's agent
     (which would stop the other rank itself)."""
@@ -494,10 +523,8 @@ def test_process_flags_without_torchrun_are_refused(capsys: pytest.CaptureFixtur
 def test_torchrun_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="newton-cg runs in one process only"):
-        TrainConfig(optimizer="newton-cg").validate()
-    with pytest.raises(ValueError, match="emsa runs in one process only"):
-        TrainConfig(optimizer="emsa").validate()
+    for name in ("newton-cg", "emsa"):  # they average inside their step
+        TrainConfig(optimizer=name).validate()
     with pytest.raises(ValueError, match="one device for every process"):
         TrainConfig(device="cuda:1").validate()
     with pytest.raises(ValueError, match="dist_backend"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -153,8 +153,14 @@ class EMSA(torch.optim.Optimizer):
         params: parameters or parameter groups (default ``model.parameters()``); a stage
             uses the hyperparameters of the group of its first trained parameter.
 
+    Data-parallel runs set :attr:`sync` (``ocnode.training.distributed`` does): each rank's
+    costates come from its own rows, and every evaluation of a stage's objective averages
+    the objective and its gradient over the ranks (one all-reduce), so every rank's L-BFGS
+    takes the same iterations on the global batch's objective.
+
     Attributes:
         stages: the model's stages. stage_names: their names in the model.
+        sync: an object with ``mean(tensor)`` (the mean over the ranks), or None (one process).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -182,6 +188,7 @@ class EMSA(torch.optim.Optimizer):
                          for s in self.stages]
         self._recorder = _Recorder(model, self.stages, set(range(1, len(self.stages))),
                                    True, lambda: True)
+        self.sync: Any = None
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -200,7 +207,10 @@ class EMSA(torch.optim.Optimizer):
                 loss = closure()
         records, forwards = self._recorder.take()
         costates = self._costates(records, forwards)
-        if not kfac_math.all_finite([z for z in costates if z is not None]):
+        finite = kfac_math.all_finite([z for z in costates if z is not None])
+        if self.sync is not None:  # every rank skips, or none
+            finite = bool(self.sync.mean(torch.tensor([float(finite)])) == 1.0)
+        if not finite:
             warnings.warn("EMSA: non-finite gradient, step skipped (parameters unchanged); "
                           "raise rho or check the loss", RuntimeWarning, stacklevel=2)
             return loss
@@ -264,7 +274,14 @@ class EMSA(torch.optim.Optimizer):
                 value = value + 0.5 * group["weight_decay"] * sum(p.pow(2).sum()
                                                                   for p in params)
             value.backward()
-            return value
+            if self.sync is None:
+                return value
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = self.sync.mean(torch.cat([value.detach().reshape(1),
+                                             *(g.reshape(-1) for g in grads)]))
+            for p, g in zip(params, flat[1:].split([p.numel() for p in params])):
+                p.grad = g.view_as(p)
+            return flat[0]
 
         inner.step(objective)  # type: ignore[arg-type]
         if not kfac_math.all_finite(params):

@@ -107,7 +107,15 @@ class NewtonCG(torch.optim.Optimizer):
             rho > 3/4 (kept in [1e-6, 1e6]); an update that raises the loss is undone. Costs
             one more forward pass per step; recommended on non-convex losses.
 
+    Data-parallel runs set :attr:`sync` (``ocnode.training.distributed`` does; the model is
+    then not wrapped in DistributedDataParallel, whose hooks do not see double backward):
+    each rank differentiates its own loss, and the loss, the gradient and every
+    Hessian-vector product are averaged over the ranks (one all-reduce each), so every rank
+    runs the same CG iterations on the global batch's Hessian and takes the same step; with
+    ``adapt_damping`` the new loss is averaged too.
+
     Attributes:
+        sync: an object with ``mean(tensor)`` (the mean over the ranks), or None (one process).
         state["newton_cg"]: ``step`` (updates taken), ``cg_iterations``, ``cg_residual`` and
             ``negative_curvature`` of the last solve (residual NaN before the first step),
             ``step_norm`` of the last update, and with ``adapt_damping`` the last ``rho`` and
@@ -127,6 +135,7 @@ class NewtonCG(torch.optim.Optimizer):
                   "negative_curvature": False, "step_norm": 0.0, "rho": math.nan,
                   "rejected": 0}
         self.state[_GLOBAL] = record  # type: ignore[index]
+        self.sync: Any = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated: ``lr`` > 0, ``damping`` >= 0)."""
@@ -166,21 +175,25 @@ class NewtonCG(torch.optim.Optimizer):
             raise TypeError("NewtonCG needs step(closure); the closure returns the loss "
                             "without calling backward")
         with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            local = closure()
+            if not isinstance(local, torch.Tensor) or local.numel() != 1:
                 raise ValueError("the closure must return the loss as a one-element tensor")
+            loss = self._mean([local.detach().reshape(1)])[0].reshape(local.shape)
             if not bool(torch.isfinite(loss)):
                 return self._skip("non-finite loss", loss)
-            params, grads = self._gradients(loss)
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
+            params, grads = self._gradients(local)
+            mean_grads = self._mean([g.detach() for g in grads])
+            if not all(bool(torch.isfinite(g).all()) for g in mean_grads):
                 return self._skip("non-finite gradient", loss)
-            direction, info = self._solve(params, grads)
+            for p, g in zip(params, mean_grads):
+                p.grad = g
+            direction, info = self._solve(params, grads, mean_grads)
         if not math.isfinite(info.residual):
             return self._skip("non-finite Hessian-vector product", loss)
         steps = self._steps(params, direction)
         self._apply(params, steps, sign=-1.0)
         if self.adapt_damping:
-            self._levenberg_marquardt(closure, float(loss.detach()), params, steps, grads,
+            self._levenberg_marquardt(closure, float(loss), params, steps, mean_grads,
                                       direction, info)
         self.counters.update(step=self.counters["step"] + 1, cg_iterations=info.iterations,
                              cg_residual=info.residual,
@@ -195,13 +208,13 @@ class NewtonCG(torch.optim.Optimizer):
         """Rate the update by rho = actual / predicted reduction; adapt damping; undo the
         update if the loss rose. Steps are s = -c * d per group (c = lr times the clip)."""
         with torch.no_grad():
-            new_loss = float(closure())
+            new_loss = float(self._mean([closure().reshape(1)])[0])
         # q(s) = g^T s + 1/2 s^T (H + lambda) s for s = -c d with one common c: exact when
         # all groups share lr; otherwise a first-order estimate of the scale
         d_norm2 = sum(float(d.square().sum()) for d in direction)
         c = sum(float((s * d).sum()) for s, d in zip(steps, direction)) / d_norm2 \
             if d_norm2 > 0 else 0.0
-        g_dot_d = sum(float((g.detach() * d).sum()) for g, d in zip(grads, direction))
+        g_dot_d = sum(float((g * d).sum()) for g, d in zip(grads, direction))
         predicted = -c * g_dot_d + 0.5 * c * c * info.curvature
         rho = (new_loss - loss) / predicted if predicted < 0 else -math.inf
         if not math.isfinite(new_loss) or new_loss > loss:
@@ -213,13 +226,22 @@ class NewtonCG(torch.optim.Optimizer):
                                    LM_MAX_DAMPING)
         self.counters["rho"] = rho
 
+    def _mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors averaged over the ranks (one all-reduce; as they are in one process)."""
+        if self.sync is None or not tensors:
+            return tensors
+        flat = self.sync.mean(torch.cat([t.reshape(-1) for t in tensors]))
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
+                                                    tensors)]
+
     def _skip(self, why: str, loss: torch.Tensor) -> torch.Tensor:
         warnings.warn(f"NewtonCG: {why}; update skipped, parameters and state unchanged",
                       RuntimeWarning, stacklevel=3)
         return loss.detach()
 
     def _gradients(self, loss: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """g = dL/dtheta with a graph, for the used trainable parameters; also into ``.grad``."""
+        """g = dL/dtheta with a graph, for the used trainable parameters; also into ``.grad``
+        (this process's; :meth:`step` replaces it by the mean over the ranks)."""
         if not loss.requires_grad:
             raise ValueError("the closure's loss has no autograd graph: compute it with grad "
                              "enabled from the parameters, without detaching it")
@@ -238,16 +260,16 @@ class NewtonCG(torch.optim.Optimizer):
         by_id = {id(p): group[key] for group in self.param_groups for p in group["params"]}
         return [float(by_id[id(p)]) for p in params]
 
-    def _solve(self, params: list[torch.Tensor],
-               grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], cg.CGInfo]:
-        """d = (H + damping I)^-1 g by CG, H v by double backward through the loss's graph."""
+    def _solve(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+               b: list[torch.Tensor]) -> tuple[list[torch.Tensor], cg.CGInfo]:
+        """d = (H + damping I)^-1 b by CG, H v by double backward through this process's
+        gradient ``grads`` (averaged over the ranks); b: the (averaged) gradient."""
         dampings = self._group_values(params, "damping")
 
         def matvec(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            hv = cg.hessian_vector_product(grads, params, v)
+            hv = self._mean(cg.hessian_vector_product(grads, params, v))
             return [h + lam * u for h, u, lam in zip(hv, v, dampings)]
 
-        b = [g.detach() for g in grads]
         return cg.conjugate_gradient(matvec, b, self.cg_iters, self.cg_tol)
 
     @torch.no_grad()

@@ -20,8 +20,6 @@ from typing import Any
 from ocnode.data import DATASETS
 from ocnode.training.distributed import (
     BACKENDS,
-    EMSA_ONE_PROCESS,
-    ONE_PROCESS_ONLY,
     active,
     launched,
     process_device,
@@ -37,8 +35,6 @@ CURVATURES = ("stages", "grid")
 ADAPTIVE_T1 = ("off", "baseline", "feedback")
 DDP_BASES = ("sgd", "rmsprop", "adam", "ekfac")
 DGN_MODES = ("fne", "gr", "chain")
-#: The optimizers that refuse torchrun, and why.
-ONE_PROCESS = {"newton-cg": ONE_PROCESS_ONLY, "emsa": EMSA_ONE_PROCESS}
 #: Optimizer hyperparameters a config can set (each optimizer takes the ones it knows).
 #: Fields that may change when a run is resumed; any other change would break bit-identity.
 RESUMABLE_FIELDS = frozenset({"epochs", "out", "resume", "overwrite", "device", "progress",
@@ -234,8 +230,6 @@ class TrainConfig:
             _check_choice("dist_backend", self.dist_backend, BACKENDS)
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.optimizer in ONE_PROCESS:
-            raise ValueError(ONE_PROCESS[self.optimizer])
         return True
 
     def _validate_numbers(self) -> None:

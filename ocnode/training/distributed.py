@@ -12,10 +12,12 @@ because every update is made from quantities that are the same on every rank:
   batches and takes its slice, B / N rows (:func:`rank_loader`), so the ranks' batches of a
   step together are the single-process batch of that step;
 - the gradients are averaged by ``DistributedDataParallel`` around a module that computes the
-  task's loss (:func:`parallel_loss`);
+  task's loss (:func:`parallel_loss`), except for NewtonCG, which averages its gradient and
+  every Hessian-vector product itself (DDP's hooks do not see a double backward);
 - curvature (SNOpt, DDPNOpt's EKFAC base) is gathered locally and averaged once per refresh
-  inside the optimizer's ``step`` (:class:`FactorSync`), and DDPNOpt's feedback directions are
-  averaged stage by stage in its update pass.
+  inside the optimizer's ``step`` (:class:`FactorSync`), DDPNOpt's feedback directions are
+  averaged stage by stage in its update pass, and E-MSA averages every evaluation of a stage's
+  objective (value and gradient), so every rank's L-BFGS takes the same path.
 
 Nothing here runs unless ``torch.distributed`` is initialised: a plain ``ocnode train``
 behaves exactly as before. README.md, "Multiple processes and machines", has the commands,
@@ -49,14 +51,6 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT = 1800.0
 #: The environment torchrun gives every process.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-#: Why newton-cg refuses to run on several processes.
-ONE_PROCESS_ONLY = ("newton-cg runs in one process only (each conjugate-gradient iteration would "
-                    "need an all-reduce of its Hessian-vector product); run it without torchrun, "
-                    "or pick another optimizer")
-#: Why emsa refuses to run on several processes.
-EMSA_ONE_PROCESS = ("emsa runs in one process only (every L-BFGS evaluation of a stage's "
-                    "objective would need an all-reduce); run it without torchrun, or pick "
-                    "another optimizer")
 #: What failed collectives raise (a peer died, the network broke, a timeout).
 _COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(dist, "DistError", None),) if isinstance(e, type))
@@ -354,15 +348,23 @@ def _ddp_options() -> dict[str, Any]:
 
 
 def parallel_loss(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
-                  device: torch.device) -> Callable[[nn.Module, Any], Tensor]:
+                  device: torch.device,
+                  reduce_gradients: bool = True) -> Callable[[nn.Module, Any], Tensor]:
     """The loss of a model wrapped in ``DistributedDataParallel``, as ``loss(model, batch)``.
 
     DDP wraps a module whose forward is ``loss_fn(model, batch)``: every task's loss (it may
     call ``model.nll`` or ``model.loss`` rather than the forward) is then one DDP forward, and
     the backward averages the gradients of every parameter over the ranks, the horizons t1
     included. The returned function ignores its ``model`` argument. Construction broadcasts
-    rank 0's parameters.
+    rank 0's parameters. With ``reduce_gradients=False`` (an optimizer that averages them
+    itself, see :func:`averages_its_own_gradients`) rank 0's parameters and buffers are
+    broadcast and ``loss_fn`` is returned unwrapped.
     """
+    if not reduce_gradients:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return loss_fn
     ids = [device.index] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel(_LossModule(model, loss_fn), device_ids=ids,
                                               **_ddp_options())
@@ -504,20 +506,17 @@ def _digest(t: Tensor | None) -> int:
 
 
 def attach(optimizer: torch.optim.Optimizer) -> None:
-    """Give a curvature optimizer its :class:`FactorSync`; refuse one that cannot run on
-    several processes.
-
-    Raises:
-        ValueError: NewtonCG (each conjugate-gradient iteration would need an all-reduce of a
-            Hessian-vector product; it runs in one process), EMSA (the same for each L-BFGS
-            evaluation).
-    """
-    if isinstance(optimizer, NewtonCG):
-        raise ValueError(ONE_PROCESS_ONLY)
-    if isinstance(optimizer, EMSA):
-        raise ValueError(EMSA_ONE_PROCESS)
-    if isinstance(optimizer, SNOpt | DDPNOpt):
+    """Give an optimizer that averages inside its ``step`` its :class:`FactorSync`: SNOpt and
+    DDPNOpt (curvature, feedback), NewtonCG (loss, gradient, Hessian-vector products), EMSA
+    (every stage objective's value and gradient)."""
+    if isinstance(optimizer, SNOpt | DDPNOpt | NewtonCG | EMSA):
         optimizer.sync = FactorSync()
+
+
+def averages_its_own_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` averages the gradients itself (NewtonCG: its double backward is
+    invisible to DistributedDataParallel's hooks), so the loss must not be DDP-wrapped."""
+    return isinstance(optimizer, NewtonCG)
 
 
 def per_process_hparams(hparams: dict[str, Any], processes: int) -> dict[str, Any]:

@@ -167,7 +167,9 @@ class _Run:
         self.train_loader = distributed.rank_loader(self.task.dataset.train,
                                                     self.task.batch_size, self.generator)
         distributed.attach(self.optimizer)
-        self.loss = distributed.parallel_loss(self.model, self.task.loss, self.device)
+        self.loss = distributed.parallel_loss(
+            self.model, self.task.loss, self.device,
+            reduce_gradients=not distributed.averages_its_own_gradients(self.optimizer))
         distributed.seed_process(self.config.seed)
 
     def save_checkpoint(self) -> None:
