@@ -23,6 +23,7 @@ from solvers import (
     odeint_adjoint,
     odeint_event,
 )
+from solvers.adams import MAX_ORDER, bashforth
 
 F64 = torch.float64
 T01 = torch.tensor([0.0, 1.0], dtype=F64)
@@ -456,3 +457,31 @@ def test_scipy_solver_keeps_a_float32_dtype_and_a_tuple_structure():
     assert xs.dtype == s.dtype == torch.float32 and xs.shape == (3, 2) and s.shape == (3,)
     assert torch.allclose(xs[-1], torch.full((2,), math.exp(-1)), atol=1e-5)
     assert float((xs - rx).abs().max()) < 1e-6 and float((s - rs).abs().max()) < 1e-6
+
+
+def _ab_stability_boundary(k: int) -> float:
+    """The left end of Adams-Bashforth-k's real stability interval [z*, 0]: the first z < 0
+    at which a root of zeta^k - zeta^(k-1) - z sum_j b_j zeta^(k-1-j) leaves the unit disc
+    (bisection between a stable and an unstable z)."""
+    b = bashforth(k)
+
+    def stable(z: float) -> bool:
+        coeffs = [1.0, -1.0 - z * b[0], *(-z * bj for bj in b[1:])]
+        return bool(np.max(np.abs(np.roots(coeffs))) <= 1.0 + 1e-12)
+
+    lo, hi = -3.0, -1e-9  # unstable, stable
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if stable(mid) else (mid, hi)
+    return hi
+
+
+def test_adams_bashforth_weights_have_the_textbook_stability_intervals() -> None:
+    """AB1-AB4: [-2, 0], [-1, 0], [-6/11, 0], [-3/10, 0] (Hairer-Wanner II, section V.1); the
+    interval then shrinks so fast that explicit_adams at its default max_order (12, as
+    torchdiffeq's: Adams-Bashforth of order 11) is stable only for h * |lambda| below 0.0034."""
+    for k, edge in ((1, -2.0), (2, -1.0), (3, -6.0 / 11.0), (4, -0.3)):
+        assert _ab_stability_boundary(k) == pytest.approx(edge, abs=1e-6)
+    edges = [_ab_stability_boundary(k) for k in range(4, MAX_ORDER)]
+    assert all(a < b for a, b in zip(edges, edges[1:]))
+    assert -0.0035 < edges[-1] < -0.0033
