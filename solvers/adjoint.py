@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import torch
 
-from solvers.compiled import TracedField, compile_arguments
+from solvers.compiled import TracedField, compile_arguments, compiled_rhs
 from solvers.errors import (
     BACKWARD_SOLVE,
     NonFiniteGradientError,
@@ -323,8 +323,10 @@ def _backward_solve(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor,
     direction = -cfg.direction  # the backward solve runs against the forward direction
     observer = cfg.observer
     steps = _StageSteps(observer) if is_stage_observer(observer) else None
-    rhs = _aug_rhs(cfg, params, ys.device, direction, steps)
     traced = _traced_aug(cfg, params, direction, steps)
+    rhs = _aug_rhs(cfg, params, ys.device, direction, steps) if traced is None else \
+        compiled_rhs(traced, cfg.adjoint_stats,
+                     cast(dict, compile_arguments(cfg.spec.backward().solve_options()["compile"])))
     grad_params = [p for p in params if p.requires_grad]
     norm = _adjoint_norm(cfg.flat, n, n_theta, cfg.spec.seminorm, cfg.spec.adjoint_norm,
                          grad_params, cfg.spec.solve_options().get("norm"))

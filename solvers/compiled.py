@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from solvers.errors import SolverInputError
-from solvers.integrate import _Stages
+from solvers.integrate import _Stages, side_of
+from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau
 
 #: torch.compile's keyword arguments that ``options['compile']`` may set.
@@ -127,18 +128,51 @@ def compiled_attempt(traced: TracedField, tab: ButcherTableau, rtol: float, atol
                      compile_kw: dict[str, Any]) -> CompiledAttempt:
     """The cached :class:`CompiledAttempt` of a traced field with these settings (the graph
     is traced on its first call)."""
+    fn = _cached(traced, (tab.name, rtol, atol), compile_kw,
+                 lambda: _attempt_fn(traced.field, tab, rtol, atol))
+    return CompiledAttempt(fn, traced.args, tab, traced.direction)
+
+
+def compiled_rhs(traced: TracedField, stats: SolverStats,
+                 compile_kw: dict[str, Any]) -> Callable[[float, torch.Tensor], torch.Tensor]:
+    """One evaluation of a traced field as a compiled rhs(s, y) on internal time, counting
+    NFE in ``stats``: the evaluations a solve makes outside its attempts (the first
+    derivative, the starting step's search), for a field whose eager evaluation is costly
+    (the adjoint's, with its vector-Jacobian products)."""
+    fn = _cached(traced, ("rhs",), compile_kw, lambda: _own_code(traced.field))
+    d, args = traced.direction, traced.args
+
+    def rhs(s: float, y: torch.Tensor) -> torch.Tensor:
+        stats.nfe += 1
+        side = side_of(s)
+        t = next_time(d * s, y.dtype, d * side) if side else d * s
+        return fn(torch.tensor(t, dtype=y.dtype, device=y.device), y, *args)
+    return rhs
+
+
+def _cached(traced: TracedField, setting: tuple, compile_kw: dict[str, Any],
+            build: Callable[[], Callable]) -> Callable:
+    """torch.compile(build()), cached per traced field, ``setting`` and compile arguments."""
     owner = getattr(traced.owner, "__self__", traced.owner)  # a bound method: its object
-    key = (traced.key, getattr(traced.owner, "__func__", None), tab.name, rtol, atol,
-           traced.direction, repr(sorted(compile_kw.items())))
+    key = (traced.key, getattr(traced.owner, "__func__", None), setting, traced.direction,
+           repr(sorted(compile_kw.items())))
     try:
         per_owner = _CACHE.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: compiled for this solve alone
         per_owner = {}
     fn = per_owner.get(key)
     if fn is None:
-        fn = torch.compile(_attempt_fn(traced.field, tab, rtol, atol), **compile_kw)
+        fn = torch.compile(build(), **compile_kw)
         per_owner[key] = fn
-    return CompiledAttempt(fn, traced.args, tab, traced.direction)
+    return fn
+
+
+def _own_code(fn: Callable) -> Callable:
+    """A copy of a Python function with a code object of its own: torch.compile keeps its
+    graphs (and counts its recompile limit) per code object, so every field and setting gets
+    its own allowance."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
 
 
 def _attempt_fn(field: Field, tab: ButcherTableau, rtol: float, atol: float) -> Callable:
@@ -167,10 +201,7 @@ def _attempt_fn(field: Field, tab: ButcherTableau, rtol: float, atol: float) -> 
         err = dt * _weighted(b_err, ks)
         scale = torch.maximum(y.abs(), y_new.abs()) * rtol + atol
         return y_new, (err / scale).detach(), torch.stack(ks)
-    # a code object of its own: torch.compile keeps its graphs (and counts its recompile
-    # limit) per code object, so every field and setting gets its own allowance
-    return types.FunctionType(attempt.__code__.replace(), attempt.__globals__, "attempt",
-                              attempt.__defaults__, attempt.__closure__)
+    return _own_code(attempt)
 
 
 def _weighted(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
