@@ -59,11 +59,13 @@ Outputs under ``--out`` (default ``experiments/results/ddpnopt-table``): ``summa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +265,14 @@ def _per_sample_ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target, reduction="none")
 
 
-def _evaluate(task: Task, model: torch.nn.Module) -> float:
+def _evaluate(task: Task, model: torch.nn.Module, recalibrate: int = 0,
+              batches: Iterator | None = None) -> float:
+    """Test accuracy in eval mode; with ``recalibrate`` > 0, of a copy whose BatchNorm
+    running statistics are recomputed on that many training ``batches`` first
+    (``torch.optim.swa_utils.update_bn``; training is not disturbed)."""
+    if recalibrate and batches is not None:
+        model = copy.deepcopy(model)
+        torch.optim.swa_utils.update_bn([next(batches) for _ in range(recalibrate)], model)
     model.eval()
     with torch.no_grad():
         acc = float(task.evaluate(model)["test_acc"])
@@ -273,11 +282,13 @@ def _evaluate(task: Task, model: torch.nn.Module) -> float:
 
 def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
                eval_every: int, columns: list[str],
-               specs: dict[str, tuple[str, dict[str, Any]]] | None = None
-               ) -> dict[str, dict[str, Any]]:
+               specs: dict[str, tuple[str, dict[str, Any]]] | None = None,
+               recalibrate: int = 0) -> dict[str, dict[str, Any]]:
     """Every column on one seed: the same initial weights and batches, interleaved
-    (``specs``: the columns' registry names and hyperparameters, default :data:`COLUMNS`)."""
+    (``specs``: the columns' registry names and hyperparameters, default :data:`COLUMNS`;
+    ``recalibrate``: see :func:`_evaluate`, from a training stream of its own)."""
     specs = COLUMNS if specs is None else specs
+    calib = task.batches(seed + 10_000) if recalibrate else None
     runs = {}
     for col in columns:
         name, hp = specs[col]
@@ -287,7 +298,8 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
         model = build_model(task, "adam" if name == VANILLA else name, seed)
         opt = VanillaDDP(model, **hp) if name == VANILLA else build_optimizer(name, model, hp)
         runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
-                     "loss": [], "curve": [(0, _evaluate(task, model))], "diverged_at": None}
+                     "loss": [], "curve": [(0, _evaluate(task, model, recalibrate, calib))],
+                     "diverged_at": None}
     for it in range(iterations):
         k = it % len(columns)
         for col in columns[k:] + columns[:k]:
@@ -297,7 +309,7 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
             else:  # a diverged run stays where it stopped: its loss counts as infinite
                 r["loss"].append(math.inf)
             if (it + 1) % eval_every == 0 or it + 1 == iterations:
-                r["curve"].append((it + 1, _evaluate(task, r["model"])))
+                r["curve"].append((it + 1, _evaluate(task, r["model"], recalibrate, calib)))
     out = {}
     for col, r in runs.items():
         if hasattr(r["opt"], "close"):
@@ -439,11 +451,12 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
     per_seed = []
     for seed in cfg["seeds"]:
         per_seed.append(train_seed(task, seed, tuning["chosen"], cfg["iterations"],
-                                   cfg["eval_every"], cols, specs))
+                                   cfg["eval_every"], cols, specs, cfg.get("bn_recalibrate", 0)))
         print(f"[{name}] seed {seed}: " + ", ".join(
             f"{c} {100 * per_seed[-1][c]['test_acc']:.1f}" for c in cols), flush=True)
     return {
         **{k: cfg[k] for k in ("iterations", "batch", "eval_every", "seeds")},
+        "bn_recalibrate": cfg.get("bn_recalibrate", 0),
         "model": cfg.get("model", "fcn"), "dataset": cfg.get("dataset", name),
         "ddpnopt_base": specs["DDPNOpt"][1]["base"], "grid": grid,
         "n_train": task.dataset.n_train, "n_test": task.dataset.n_test,
@@ -473,6 +486,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="skip the grid; use the middle rate of each grid")
     p.add_argument("--out", default="experiments/results/ddpnopt-table")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                   help="recompute BatchNorm's running statistics on N training batches "
+                        "before every evaluation (of a copy), for every column (default 0: "
+                        "evaluate with the statistics training left)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     columns = [c for c in args.columns.split(",") if c]
@@ -493,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg["seeds"] = [int(s) for s in args.seeds.split(",")]
         if args.iterations:
             cfg["iterations"] = args.iterations
+        cfg["bn_recalibrate"] = args.bn_recalibrate
         summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune)
         write(summary, Path(args.out), start)  # after each row: a long run keeps its rows
     print(markdown(summary), flush=True)

@@ -49,14 +49,8 @@ def accuracies(task: Any, model: torch.nn.Module, batches: Any, recalibrate: int
 
     probe = copy.deepcopy(model)
     out = {"running": acc(probe, False), "batch": acc(copy.deepcopy(model), True)}
-    norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the recalibration batches
-    probe.train()
-    with torch.no_grad():
-        for _ in range(recalibrate):
-            probe(next(batches)[0])
+    # a cumulative average over the recalibration batches
+    torch.optim.swa_utils.update_bn([next(batches) for _ in range(recalibrate)], probe)
     out["recalibrated"] = acc(probe, False)
     return out
 

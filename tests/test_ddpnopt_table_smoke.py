@@ -100,3 +100,16 @@ def test_ddpnopt_table_a_diverging_column_stops_without_ending_the_run() -> None
     assert adam["diverged_at"] is None and adam["tail_loss"] < float("inf")
     assert [step for step, _ in adam["curve"]] == [0, 4, 8, 12]
     assert [step for step, _ in sgd["curve"]] == [0, 4, 8, 12]  # still evaluated
+
+
+def test_batchnorm_recalibration_changes_the_evaluation_not_the_training() -> None:
+    """``--bn-recalibrate``: the accuracy is measured on a recalibrated copy, so the training
+    (losses, weights) is the run without it, while BatchNorm's statistics differ."""
+    table = experiment_module("ddpnopt_table")
+    task = table.make("resnet-mnist5k", 16)
+    lrs = {"SGD-m": 0.1}
+    plain = table.train_seed(task, 0, lrs, 6, 3, ["SGD-m"])
+    recal = table.train_seed(task, 0, lrs, 6, 3, ["SGD-m"], recalibrate=2)
+    assert recal["SGD-m"]["tail_loss"] == plain["SGD-m"]["tail_loss"]
+    assert [it for it, _ in recal["SGD-m"]["curve"]] == [0, 3, 6]
+    assert recal["SGD-m"]["curve"] != plain["SGD-m"]["curve"]  # other statistics, other scores
