@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ddpnopt_table import _evaluate as evaluate_recalibrated
 from ddpnopt_table import make
 
 from ocnode.training import build_optimizer, train_step
@@ -47,12 +48,9 @@ def accuracies(task: Any, model: torch.nn.Module, batches: Any, recalibrate: int
         with torch.no_grad():
             return float(task.evaluate(m)["test_acc"])
 
-    probe = copy.deepcopy(model)
-    out = {"running": acc(probe, False), "batch": acc(copy.deepcopy(model), True)}
-    # a cumulative average over the recalibration batches
-    torch.optim.swa_utils.update_bn([next(batches) for _ in range(recalibrate)], probe)
-    out["recalibrated"] = acc(probe, False)
-    return out
+    return {"running": acc(copy.deepcopy(model), False),
+            "batch": acc(copy.deepcopy(model), True),
+            "recalibrated": evaluate_recalibrated(task, model, recalibrate, batches)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
