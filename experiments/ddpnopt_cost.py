@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ddpnopt_table import as_chain
 from torch import nn
 
 from ocnode import Residual
@@ -113,8 +114,8 @@ def make_step(task: Task, column: str, seed: int = 0) -> Step:
             vanilla_ddp_step(model, x, y, _per_sample_ce, damping=1.0, lr=1.0)
         return vanilla
     name, hp = spec
-    if name == "ddpnopt" and any(isinstance(m, Residual) for m in model.modules()):
-        name, hp = "dgnopt", {**hp, "mode": "chain"}  # DDPNOpt refuses skips; EKFAC alone
+    if any(isinstance(m, Residual) for m in model.modules()):
+        name, hp = as_chain(name, hp)
     opt = build_optimizer(name, model, hp)
 
     def step() -> None:

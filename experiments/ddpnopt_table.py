@@ -234,9 +234,14 @@ def column_specs(cfg: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
         for col in DDPNOPT_COLUMNS:
             specs[col] = (specs[col][0], {**specs[col][1], "base": cfg["base"]})
     if cfg.get("residual"):
-        specs.update({col: ("dgnopt", {**hp, "mode": "chain"})
-                      for col, (name, hp) in specs.items() if name == "ddpnopt"})
+        specs = {col: as_chain(*spec) for col, spec in specs.items()}
     return specs
+
+
+def as_chain(name: str, hp: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A ``ddpnopt`` spec for a net with skip connections, which DDPNOpt refuses: DGNOpt
+    with ``mode="chain"`` (the net as a chain, skips ignored). Other specs unchanged."""
+    return ("dgnopt", {**hp, "mode": "chain"}) if name == "ddpnopt" else (name, hp)
 
 
 def row_grid(cfg: dict[str, Any], columns: list[str]) -> dict[str, list[float]]:
