@@ -102,6 +102,26 @@ def test_summary_target_time_to_target_and_claim_ratios() -> None:
     assert "| snopt | 0.95 ± 0 |" in text and "| adam | 0.9 | 20.0 | 8.0 | 1/1 | 0.40 |" in text
 
 
+def test_claim_at_the_baselines_best_metric_when_it_overfits() -> None:
+    task = _task()
+    # Adam peaks at 0.9 (t = 10) and ends at 0.8; SNOpt passes 0.8 at t = 4 and 0.9 at t = 8
+    seed_runs = [{"adam": _run([(0, 0.1), (10, 0.9), (20, 0.8)]),
+                  "snopt": _run([(0, 0.1), (4, 0.85), (8, 0.92), (20, 0.7)])},
+                 {"adam": _run([(0, 0.1), (5, 0.6), (10, 0.7)]),
+                  "snopt": _run([(0, 0.1), (10, 0.65)])}]
+    settings = {"optimizers": ["adam", "snopt"], "seeds": [0, 1], "budget_s": 20,
+                "eval_every": 1, "max_steps": None, "threads": 1, "hparams": {}}
+    claim = compare.summarise(task, seed_runs, {}, settings)["claim"]["adam"]
+    assert claim["baseline_final_mean"] == pytest.approx((0.8 + 0.7) / 2)
+    assert claim["baseline_best_mean"] == pytest.approx((0.9 + 0.7) / 2)
+    assert claim["ratio_median"] == pytest.approx(4 / 10)  # at 0.8; seed 1 never got 0.7
+    assert claim["best_baseline_time_s"] == pytest.approx(10)  # both seeds' bests at t = 10
+    assert claim["best_snopt_time_s"] == 8 and claim["best_snopt_reached"] == "1/2"
+    assert claim["best_ratio_median"] == pytest.approx(8 / 10)
+    text = compare.markdown(compare.summarise(task, seed_runs, {}, settings))
+    assert "| adam | 0.8 | 10.0 | 8.0 | 1/2 | 0.80 |" in text  # the best-level table
+
+
 def test_lower_is_better_metrics_reach_targets_from_above() -> None:
     task = _task()
     task.metric, task.higher_is_better = "nll", False
@@ -151,3 +171,18 @@ def test_run_writes_a_complete_result_and_refresh_report_recomputes_it(
             assert after[key] == pytest.approx(before[key]), (name, key)
     assert again["target"] == pytest.approx(summary["target"])
     assert "Table recomputed from the runs" in (folder / "results.md").read_text()
+
+
+def test_refresh_report_recomputes_the_claim_and_can_keep_the_memory(tmp_path, one_thread) -> None:
+    task = _task()
+    args = _args("--optimizers", "adam,snopt", "--max-steps", "2", "--eval-every", "1",
+                 "--seeds", "0", "--out", str(tmp_path))
+    first = compare.run(task, args)
+    folder = tmp_path / task.label
+    recorded = {n: o["peak_rss_growth_mib"] for n, o in first["optimizers"].items()}
+    args.refresh_report, args.no_memory = True, True
+    again = compare.run(task, args)
+    assert {n: o["peak_rss_growth_mib"] for n, o in again["optimizers"].items()} == recorded
+    assert again["claim"] == first["claim"] and "best_ratio_median" in again["claim"]["adam"]
+    text = (folder / "results.md").read_text()
+    assert "Table recomputed from the runs by" in text and "its best test_acc" in text
