@@ -53,6 +53,25 @@ def accuracies(task: Any, model: torch.nn.Module, batches: Any, recalibrate: int
             "recalibrated": evaluate_recalibrated(task, model, recalibrate, batches)}
 
 
+def running_misfit(model: torch.nn.Module, batches: Any, n: int) -> dict[str, float]:
+    """How far the BatchNorm layers' running statistics are from the population statistics
+    of the current weights (recomputed on ``n`` training batches in a copy), worst over the
+    layers and channels: the largest mean shift in population standard deviations, the
+    smallest and largest ratio running var / population var; and the norm of every conv
+    weight (BatchNorm makes the net blind to that scale, its running variance is not)."""
+    ref = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn([next(batches) for _ in range(n)], ref)
+    pairs = [(a, b) for a, b in zip(model.modules(), ref.modules())
+             if isinstance(a, torch.nn.modules.batchnorm._BatchNorm)]
+    shift = max(float(((a.running_mean - b.running_mean).abs()
+                       / (b.running_var + a.eps).sqrt()).max()) for a, b in pairs)
+    ratios = torch.cat([(a.running_var + a.eps) / (b.running_var + a.eps) for a, b in pairs])
+    conv = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return {"mean_shift_sd": shift, "var_ratio_min": float(ratios.min()),
+            "var_ratio_max": float(ratios.max()),
+            "conv_weight_norm": float(torch.sqrt(sum((w.detach() ** 2).sum() for w in conv)))}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -78,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if (it + 1) % args.eval_every == 0:
                 row = {"iteration": it + 1,
                        "train_loss": statistics.fmean(run["losses"][-args.eval_every:]),
-                       **accuracies(task, run["model"], calib, args.recalibrate)}
+                       **accuracies(task, run["model"], calib, args.recalibrate),
+                       **running_misfit(run["model"], calib, args.recalibrate)}
                 run["rows"].append(row)
                 print(col, row, flush=True)
     result = {"command": "python experiments/dgnopt_batchnorm.py", "args": vars(args) | {
@@ -96,12 +116,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"Command: `{result['command']}`; seed {result['args']['seed']}; "
              f"wall time {result['wall_s']:.0f} s.", "",
              "| column | iteration | train loss | test acc, running stats | test acc, batch "
-             "stats | test acc, recalibrated |", "|---|---|---|---|---|---|"]
+             "stats | test acc, recalibrated | running mean shift (population sd) | running "
+             "var / population var (min, max) | conv weight norm |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for col, rows in result["rows"].items():
         for r in rows:
             lines.append(f"| {col} | {r['iteration']} | {r['train_loss']:.3f} | "
                          f"{100 * r['running']:.1f} | {100 * r['batch']:.1f} | "
-                         f"{100 * r['recalibrated']:.1f} |")
+                         f"{100 * r['recalibrated']:.1f} | {r['mean_shift_sd']:.2f} | "
+                         f"{r['var_ratio_min']:.2f}, {r['var_ratio_max']:.2f} | "
+                         f"{r['conv_weight_norm']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
