@@ -9,7 +9,8 @@ on the EKFAC base with the feedback on (the DDPNOpt column, at the row's chosen 
 the test accuracy three ways: eval mode with the running statistics (what the table
 reports), train mode (each test batch's own statistics), and eval mode after recalibrating
 the running statistics on ``--recalibrate`` training batches with the current weights (a
-copy of the model: training is not disturbed).
+copy of the model: training is not disturbed); and where the running statistics are off
+(:func:`running_misfit`: means, variances, the conv weights' scale).
 
 Usage:
     python experiments/dgnopt_batchnorm.py                       # ~5 min, one core
