@@ -274,7 +274,7 @@ def _per_sample_ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target, reduction="none")
 
 
-def _evaluate(task: Task, model: torch.nn.Module, recalibrate: int = 0,
+def evaluate_accuracy(task: Task, model: torch.nn.Module, recalibrate: int = 0,
               batches: Iterator | None = None) -> float:
     """Test accuracy in eval mode; with ``recalibrate`` > 0, of a copy whose BatchNorm
     running statistics are recomputed on that many training ``batches`` first
@@ -295,7 +295,7 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
                recalibrate: int = 0) -> dict[str, dict[str, Any]]:
     """Every column on one seed: the same initial weights and batches, interleaved
     (``specs``: the columns' registry names and hyperparameters, default :data:`COLUMNS`;
-    ``recalibrate``: see :func:`_evaluate`, from a training stream of its own)."""
+    ``recalibrate``: see :func:`evaluate_accuracy`, from a training stream of its own)."""
     specs = COLUMNS if specs is None else specs
     calib = task.batches(seed + 10_000) if recalibrate else None
     runs = {}
@@ -307,7 +307,7 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
         model = build_model(task, "adam" if name == VANILLA else name, seed)
         opt = VanillaDDP(model, **hp) if name == VANILLA else build_optimizer(name, model, hp)
         runs[col] = {"model": model, "opt": opt, "batches": task.batches(seed), "ms": [],
-                     "loss": [], "curve": [(0, _evaluate(task, model, recalibrate, calib))],
+                     "loss": [], "curve": [(0, evaluate_accuracy(task, model, recalibrate, calib))],
                      "diverged_at": None}
     for it in range(iterations):
         k = it % len(columns)
@@ -318,7 +318,7 @@ def train_seed(task: Task, seed: int, lrs: dict[str, float], iterations: int,
             else:  # a diverged run stays where it stopped: its loss counts as infinite
                 r["loss"].append(math.inf)
             if (it + 1) % eval_every == 0 or it + 1 == iterations:
-                r["curve"].append((it + 1, _evaluate(task, r["model"], recalibrate, calib)))
+                r["curve"].append((it + 1, evaluate_accuracy(task, r["model"], recalibrate, calib)))
     out = {}
     for col, r in runs.items():
         if hasattr(r["opt"], "close"):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ddpnopt_table import _evaluate as evaluate_recalibrated
+from ddpnopt_table import evaluate_accuracy as evaluate_recalibrated
 from ddpnopt_table import make
 
 from ocnode.training import build_optimizer, train_step
