@@ -19,10 +19,9 @@ Tasks (offline data):
 
 Hyperparameters: the registry's (SNOpt and K-FAC refresh every 20 iterations), the
 harness's (they precondition stem and head too), then the task's tuned ones (the series task
-refreshes every 20 from the grid curvature). The Fashion-MNIST result in BENCHMARKS.md was
-run when the harness refreshed every 50. ``--variants`` adds SNOpt
-variants, e.g. ``--variants snopt-grid`` (the grid curvature) or ``snopt-k50`` (the
-harness's former period).
+refreshes every 20 from the grid curvature). ``--variants`` adds SNOpt variants, e.g.
+``--variants snopt-grid`` (the grid curvature) or ``snopt-k50`` (the harness's former
+period).
 
     python experiments/snopt_budget.py --datasets fashion-mnist           # 3 seeds, ~95 min
     python experiments/snopt_budget.py --datasets mnist5k --seeds 0 --budget 60
@@ -48,7 +47,7 @@ DATASETS = ("fashion-mnist", "mnist5k", "JapaneseVowels", "vowels-frames")
 #: Own-clock training seconds per optimizer and seed.
 BUDGETS = {"fashion-mnist": 420.0, "mnist5k": 420.0, "JapaneseVowels": 300.0,
            "vowels-frames": 420.0}
-EVAL_EVERY = {"fashion-mnist": 100, "mnist5k": 50, "JapaneseVowels": 50, "vowels-frames": 50}
+EVAL_EVERY = {"fashion-mnist": 50, "mnist5k": 50, "JapaneseVowels": 50, "vowels-frames": 50}
 IMAGE_SOLVER = SolverSpec(method="dopri5", rtol=1e-3, atol=1e-3)
 #: SNOpt variants that --variants can add (label -> registry optimizer, hyperparameters).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
