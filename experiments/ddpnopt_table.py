@@ -393,8 +393,10 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} (paper{': ' + PAPER_ROW[name] if name in PAPER_ROW else ''})"
                      " | 10 | – | " + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name]
                                                  else "–" for c in cols) + " |")
-    lines += ["", "Chosen learning rates (E-MSA: rho; grid on seed "
-              f"{TUNE_SEED}, lowest mean training loss over the last fifth of the run):", "",
+    tuned = all("tail_loss" in d["tuning"] for d in summary["datasets"].values())
+    how = (f"grid on seed {TUNE_SEED}, lowest mean training loss over the last fifth of the "
+           "run" if tuned else "not tuned: the middle rate of each grid")
+    lines += ["", f"Chosen learning rates (E-MSA: rho; {how}):", "",
               "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
         lines.append(f"| {name} | " + " | ".join(f"{d['lr'][c]:g}" if c in d["lr"] else "–"

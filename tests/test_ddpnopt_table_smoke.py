@@ -24,6 +24,8 @@ def test_ddpnopt_table_quick_writes_complete_finite_outputs(tmp_path: Path) -> N
     # asked for every column but vanilla DDP; an FCN row runs the paper's columns only
     assert summary["columns"] == COLUMNS + ["DGNOpt-FNE", "DGNOpt-GR"]
     assert sorted(summary["datasets"]) == ["digits", "mnist5k", "wine"]
+    # --quick skips the grid, and the report must not claim one
+    assert "not tuned: the middle rate of each grid" in md and "grid on seed" not in md
     for name, d in summary["datasets"].items():
         paper = {"mnist5k": "paper: MNIST"}.get(name, "paper")
         assert f"| {name} (ours) |" in md and f"| {name} ({paper}) |" in md
