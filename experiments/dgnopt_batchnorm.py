@@ -10,7 +10,14 @@ the test accuracy three ways: eval mode with the running statistics (what the ta
 reports), train mode (each test batch's own statistics), and eval mode after recalibrating
 the running statistics on ``--recalibrate`` training batches with the current weights (a
 copy of the model: training is not disturbed); and where the running statistics are off
-(:func:`running_misfit`: means, variances, the conv weights' scale).
+(:func:`running_misfit`: means, variances, the conv weights' scale). At the end, over the
+last ``--lag-window`` iterations, why the running means are off (:func:`decompose`): a
+running mean is an average of the batch means of the training forwards, each the
+population mean of the weights of its iteration plus batch noise, so its misfit to the
+final weights' population mean splits exactly into what was averaged before the window, the
+lag (the weights' population means in the window against the final one) and the noise; and
+how far one step moves the population means (the largest channel's jump per step), and the
+test accuracy with only the means, or only the variances, recomputed.
 
 Usage:
     python experiments/dgnopt_batchnorm.py                       # ~5 min, one core
@@ -60,17 +67,119 @@ def running_misfit(model: torch.nn.Module, batches: Any, n: int) -> dict[str, fl
     layers and channels: the largest mean shift in population standard deviations, the
     smallest and largest ratio running var / population var; and the norm of every conv
     weight (BatchNorm makes the net blind to that scale, its running variance is not)."""
-    ref = copy.deepcopy(model)
-    torch.optim.swa_utils.update_bn([next(batches) for _ in range(n)], ref)
-    pairs = [(a, b) for a, b in zip(model.modules(), ref.modules())
-             if isinstance(a, torch.nn.modules.batchnorm._BatchNorm)]
-    shift = max(float(((a.running_mean - b.running_mean).abs()
-                       / (b.running_var + a.eps).sqrt()).max()) for a, b in pairs)
-    ratios = torch.cat([(a.running_var + a.eps) / (b.running_var + a.eps) for a, b in pairs])
+    mean, var = population(model, [next(batches) for _ in range(n)])
+    layers = _batchnorms(model)
+    shift = max(float(((a.running_mean - m).abs() / (v + a.eps).sqrt()).max())
+                for a, m, v in zip(layers, mean, var))
+    ratios = torch.cat([(a.running_var + a.eps) / (v + a.eps) for a, v in zip(layers, var)])
     conv = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     return {"mean_shift_sd": shift, "var_ratio_min": float(ratios.min()),
             "var_ratio_max": float(ratios.max()),
             "conv_weight_norm": float(torch.sqrt(sum((w.detach() ** 2).sum() for w in conv)))}
+
+
+def _batchnorms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+class BatchMeans:
+    """Record, per training forward of ``model`` (train mode, with grad: not the update
+    pass, not a copy's forwards), each BatchNorm layer's batch mean of its input, (C,)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers, self.forwards = _batchnorms(model), []
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if not (module.training and torch.is_grad_enabled()) or not self.forwards:
+            return
+        i = next(k for k, m in enumerate(self.layers) if m is module)
+        x = inputs[0].detach()
+        self.forwards[-1][i] = x.mean([d for d in range(x.dim()) if d != 1])
+
+    def start_forward(self) -> None:
+        self.forwards.append([None] * len(self.layers))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def population(model: torch.nn.Module, batches: list[Any]) -> tuple[list[torch.Tensor],
+                                                                       list[torch.Tensor]]:
+    """Each BatchNorm layer's population mean and variance, (C,) each, of ``model``'s
+    current weights (recomputed on ``batches`` in a copy)."""
+    ref = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, ref)
+    return ([m.running_mean.clone() for m in _batchnorms(ref)],
+            [m.running_var.clone() for m in _batchnorms(ref)])
+
+
+def decompose(start: list[torch.Tensor], means: list[list[torch.Tensor]],
+              pops: list[list[torch.Tensor]], final: list[torch.Tensor],
+              momentum: float) -> dict[str, list[torch.Tensor]]:
+    """Split ``running - final`` per layer, (C,) each, for a running mean that was ``start``
+    before W training forwards with batch means ``means[k]`` (W lists of per-layer (C,))
+    at weights whose population means were ``pops[k]``:
+    running = (1-m)^W start + sum_k m (1-m)^(W-1-k) means[k], so running - final =
+    before (1-m)^W (start - final) + lag sum_k w_k (pops[k] - final) + noise
+    sum_k w_k (means[k] - pops[k])."""
+    w = len(means)
+    weights = [momentum * (1 - momentum) ** (w - 1 - k) for k in range(w)]
+    out: dict[str, list[torch.Tensor]] = {"before": [], "lag": [], "noise": []}
+    for i, f in enumerate(final):
+        out["before"].append((1 - momentum) ** w * (start[i] - f))
+        out["lag"].append(sum(c * (p[i] - f) for c, p in zip(weights, pops)))
+        out["noise"].append(sum(c * (m[i] - p[i]) for c, m, p in zip(weights, means, pops)))
+    return out
+
+
+def _worst(vectors: list[torch.Tensor], sd: list[torch.Tensor]) -> float:
+    """The largest |entry| over layers and channels, in population standard deviations."""
+    return max(float((v.abs() / s).max()) for v, s in zip(vectors, sd))
+
+
+def lag_report(task: Any, model: torch.nn.Module, record: BatchMeans,
+               window: dict[str, Any], batches: list[Any]) -> dict[str, Any]:
+    """Why the running means of ``model`` are off, over the window's iterations (their
+    weights ``window['snapshots']``, the running means before them ``window['start']``):
+    the three parts of :func:`decompose` and the misfit, worst channel of any layer; the
+    largest channel's jump of the population mean per step (median, max, last step); and
+    the test accuracy in eval mode with the running statistics, with only the means, and
+    with only the variances replaced by the population's."""
+    final, var = population(model, batches)
+    sd = [(v + m.eps).sqrt() for v, m in zip(var, record.layers)]
+    pops = []
+    for state in window["snapshots"]:
+        past = copy.deepcopy(model)
+        past.load_state_dict(state)
+        pops.append(population(past, batches)[0])
+    means = record.forwards[-len(pops):]
+    parts = decompose(window["start"], means, pops, final, record.layers[0].momentum)
+    running = [m.running_mean.clone() for m in record.layers]
+    jumps = [_worst([a - b for a, b in zip(nxt, cur)], sd)
+             for cur, nxt in zip(pops, pops[1:] + [final])]
+    return {"window": len(pops),
+            "misfit": _worst([r - f for r, f in zip(running, final)], sd),
+            **{k: _worst(v, sd) for k, v in parts.items()},
+            "jump_median": statistics.median(jumps), "jump_max": max(jumps),
+            "jump_last": jumps[-1],
+            "acc_running": _accuracy_with(task, model, {}),
+            "acc_means_recomputed": _accuracy_with(task, model, {"running_mean": final}),
+            "acc_vars_recomputed": _accuracy_with(task, model, {"running_var": var})}
+
+
+def _accuracy_with(task: Any, model: torch.nn.Module,
+                   buffers: dict[str, list[torch.Tensor]]) -> float:
+    """Eval-mode test accuracy of a copy whose BatchNorm buffers are replaced by ``buffers``
+    (name -> one tensor per layer)."""
+    m = copy.deepcopy(model)
+    for name, values in buffers.items():
+        for layer, v in zip(_batchnorms(m), values):
+            getattr(layer, name).copy_(v)
+    m.eval()
+    with torch.no_grad():
+        return float(task.evaluate(m)["test_acc"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -79,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--recalibrate", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lag-window", type=int, default=40,
+                        help="iterations at the end whose weights the lag report replays")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "dgnopt-batchnorm")
     args = parser.parse_args(argv)
@@ -89,10 +200,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for col, hp in COLUMNS.items():
         model = build_model(task, "dgnopt", args.seed)
         runs[col] = {"model": model, "opt": build_optimizer("dgnopt", model, dict(hp)),
-                     "batches": task.batches(args.seed), "losses": [], "rows": []}
+                     "batches": task.batches(args.seed), "losses": [], "rows": [],
+                     "record": BatchMeans(model), "window": {"snapshots": []}}
     calib = task.batches(args.seed + 1000)
+    lag_stream = task.batches(args.seed + 2000)  # its own: the evaluations' stream is untouched
+    lag_batches = [next(lag_stream) for _ in range(args.recalibrate)]
+    first = args.iterations - min(args.lag_window, args.iterations)
     for it in range(args.iterations):
         for col, run in runs.items():
+            if it == first:
+                run["window"]["start"] = [m.running_mean.clone() for m in run["record"].layers]
+            if it >= first:
+                run["window"]["snapshots"].append(copy.deepcopy(run["model"].state_dict()))
+            run["record"].start_forward()
             run["losses"].append(train_step(run["model"], run["opt"], task.loss,
                                             next(run["batches"])))
             if (it + 1) % args.eval_every == 0:
@@ -102,10 +222,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        **running_misfit(run["model"], calib, args.recalibrate)}
                 run["rows"].append(row)
                 print(col, row, flush=True)
+    lag = {}
+    for col, run in runs.items():
+        lag[col] = lag_report(task, run["model"], run["record"], run["window"], lag_batches)
+        run["record"].close()
+        print(col, lag[col], flush=True)
     result = {"command": "python experiments/dgnopt_batchnorm.py", "args": vars(args) | {
         "out": "experiments/results/dgnopt-batchnorm"}, "columns": COLUMNS,
         "machine": machine_info(), "wall_s": time.perf_counter() - start,
-        "rows": {col: run["rows"] for col, run in runs.items()}}
+        "rows": {col: run["rows"] for col, run in runs.items()}, "lag": lag}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(result, indent=1))
     (args.out / "results.md").write_text(markdown(result))
@@ -127,6 +252,19 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{100 * r['recalibrated']:.1f} | {r['mean_shift_sd']:.2f} | "
                          f"{r['var_ratio_min']:.2f}, {r['var_ratio_max']:.2f} | "
                          f"{r['conv_weight_norm']:.1f} |")
+    lines += ["", f"Why the running means are off after the last iteration (the last "
+              f"{result['args']['lag_window']} iterations replayed; shifts in population sd, "
+              "worst channel of any layer; before + lag + noise = misfit per channel, not "
+              "for the worst channels):", "",
+              "| column | misfit | before the window | lag | noise | population-mean jump "
+              "per step (median, max, last) | test acc: running stats, means recomputed, "
+              "variances recomputed |", "|---|---|---|---|---|---|---|"]
+    for col, g in result["lag"].items():
+        lines.append(f"| {col} | {g['misfit']:.3f} | {g['before']:.3f} | {g['lag']:.3f} | "
+                     f"{g['noise']:.3f} | {g['jump_median']:.3f}, {g['jump_max']:.3f}, "
+                     f"{g['jump_last']:.3f} | {100 * g['acc_running']:.1f}, "
+                     f"{100 * g['acc_means_recomputed']:.1f}, "
+                     f"{100 * g['acc_vars_recomputed']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -22,7 +23,55 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
             assert 0.0 <= r["recalibrated"] <= 1.0 and r["train_loss"] > 0
             assert r["mean_shift_sd"] >= 0 and 0 < r["var_ratio_min"] <= r["var_ratio_max"]
             assert r["conv_weight_norm"] > 0
-    assert "| EKFAC (feedback off) | 4 |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| EKFAC (feedback off) | 4 |" in md
+    assert set(result["lag"]) == set(result["rows"])
+    for g in result["lag"].values():
+        assert g["window"] == 4  # --lag-window 40 is cut to the run's 4 iterations
+        # each part is at most the misfit's scale plus the others' (triangle inequality)
+        assert g["misfit"] <= g["before"] + g["lag"] + g["noise"] + 1e-4
+        assert 0 <= g["jump_median"] <= g["jump_max"] and g["jump_last"] <= g["jump_max"]
+        for k in ("acc_running", "acc_means_recomputed", "acc_vars_recomputed"):
+            assert 0.0 <= g[k] <= 1.0
+    assert "| DDPNOpt (feedback on) | " in md.split("Why the running means")[1]
+
+
+def test_decompose_splits_the_running_mean_misfit_exactly() -> None:
+    """A running mean's misfit to the final weights' population mean is the sum of the
+    part averaged before the window, the lag and the noise, per channel, when the batch
+    means are the ones BatchMeans recorded from real training forwards."""
+    experiment_module("ddpnopt_table")
+    probe = experiment_module("dgnopt_batchnorm")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2))
+    data = [(torch.randn(8, 1, 7, 7) + 0.5, torch.zeros(8)) for _ in range(9)]
+    pop_batches = data[6:]
+    record = probe.BatchMeans(model)
+    model(data[0][0]).sum().backward()  # before any start_forward: not recorded
+    assert record.forwards == []
+    start = [m.running_mean.clone() for m in record.layers]
+    snapshots = []
+    for x, _ in data[1:6]:
+        snapshots.append(copy.deepcopy(model.state_dict()))
+        record.start_forward()
+        model(x).sum().backward()
+        with torch.no_grad():  # an update pass: not recorded, but the running stats move
+            model[0].weight.add_(0.3 * torch.randn_like(model[0].weight))
+            model[3].weight.add_(0.3 * torch.randn_like(model[3].weight))
+    record.close()
+    assert len(record.forwards) == 5 and all(len(f) == 2 for f in record.forwards)
+    pops = []
+    for state in snapshots:
+        past = copy.deepcopy(model)
+        past.load_state_dict(state)
+        pops.append(probe.population(past, pop_batches)[0])
+    final = probe.population(model, pop_batches)[0]
+    parts = probe.decompose(start, record.forwards, pops, final, 0.1)
+    for i, layer in enumerate(record.layers):
+        total = parts["before"][i] + parts["lag"][i] + parts["noise"][i]
+        torch.testing.assert_close(total, layer.running_mean - final[i], atol=1e-6, rtol=0)
+        assert parts["lag"][i].abs().max() > 1e-3  # the weights moved: a real lag term
 
 
 def test_running_misfit_is_nil_for_statistics_recomputed_on_the_same_batches() -> None:
