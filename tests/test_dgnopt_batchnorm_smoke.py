@@ -28,7 +28,7 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
     assert set(result["lag"]) == set(result["rows"])
     for g in result["lag"].values():
         assert g["window"] == 4  # --lag-window 40 is cut to the run's 4 iterations
-        # each part is at most the misfit's scale plus the others' (triangle inequality)
+        # the worst channel of the sum is at most the sum of the parts' worst channels
         assert g["misfit"] <= g["before"] + g["lag"] + g["noise"] + 1e-4
         assert 0 <= g["jump_median"] <= g["jump_max"] and g["jump_last"] <= g["jump_max"]
         for k in ("acc_running", "acc_means_recomputed", "acc_vars_recomputed"):
@@ -56,7 +56,7 @@ def test_decompose_splits_the_running_mean_misfit_exactly() -> None:
         snapshots.append(copy.deepcopy(model.state_dict()))
         record.start_forward()
         model(x).sum().backward()
-        with torch.no_grad():  # an update pass: not recorded, but the running stats move
+        with torch.no_grad():  # a step: the weights move between training forwards
             model[0].weight.add_(0.3 * torch.randn_like(model[0].weight))
             model[3].weight.add_(0.3 * torch.randn_like(model[3].weight))
     record.close()
