@@ -20,6 +20,7 @@ import torch
 from solvers.adams import ADAMS_METHODS, MAX_ITERS, MAX_ORDER, integrate_adams, integrate_scipy
 from solvers.compiled import TracedField, compile_arguments, compiled_attempt, next_time
 from solvers.errors import SolverInputError
+from solvers.implicit import MAX_ITERS as IMPLICIT_MAX_ITERS
 from solvers.implicit import ImplicitTableau, integrate_implicit
 from solvers.integrate import (
     NO_CALLBACKS,
@@ -266,7 +267,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     tab = get_tableau(spec.method)
     if isinstance(tab, ImplicitTableau):
         integrate_implicit(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks,
-                           grid=grid)
+                           int(options.get("max_iters", IMPLICIT_MAX_ITERS)), grid)
         return None
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)

@@ -38,7 +38,7 @@ ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "ico
                               "min_step", "max_step", "max_num_steps", "norm", "step_t",
                               "jump_t", "compile"})
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb"})
-IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor"})
+IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor", "max_iters"})
 ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
 SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
 TORCHDIFFEQ_ONLY = frozenset({"interp", "dtype"})

@@ -332,6 +332,20 @@ def test_newton_failure_names_the_step():
     assert isinstance(info.value, SolverError) and info.value.t == pytest.approx(0.3)
 
 
+def test_implicit_max_iters_bounds_the_newton_iterations():
+    # a nonlinear field: one Newton iteration cannot meet the stopping test, the default can
+    t = torch.tensor([0.0, 0.5], dtype=F64)
+    y0 = torch.ones(1, dtype=F64)
+    field = lambda t, y: -y**3  # noqa: E731
+    ref = odeint(field, y0, t, method="implicit_euler")
+    same = odeint(field, y0, t, method="implicit_euler", options={"max_iters": 100})
+    assert torch.equal(ref, same)
+    with pytest.raises(NewtonConvergenceError, match=r"in 1 iterations"):
+        odeint(field, y0, t, method="implicit_euler", options={"max_iters": 1})
+    with pytest.raises(SolverInputError, match=r"max_iters"):
+        odeint(field, y0, t, method="gl4", options={"max_iters": 0})
+
+
 def test_decreasing_times_and_float32_states_work_with_implicit_methods():
     net = _mlp(7).float()
     y0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(7))
