@@ -11,7 +11,8 @@ successive increments agree to rtol/atol in the max norm; when it does not conve
 method warns and drops its oldest derivative (its order goes down by one).
 
 Every step evaluates f at its start, which is also the slope at the end of the previous step
-for the cubic Hermite output between grid points (torchdiffeq interpolates linearly).
+for the cubic Hermite output between grid points (``options={'interp': 'linear'}``:
+torchdiffeq's default, the straight line between them).
 
 ``scipy_solver`` hands the solve to ``scipy.integrate.solve_ivp`` (``options={'solver':
 'RK45'}``, default 'LSODA', as torchdiffeq); it has no gradients.
@@ -44,7 +45,7 @@ from solvers.integrate import (
     _coefficients,
     _first_derivative,
     _hermite_at,
-    _needs_interior,
+    _needs_slope,
     _Outputs,
     _Stages,
     at_side,
@@ -126,12 +127,14 @@ def integrate_adams(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
                     step_size: float | None = None, stats: SolverStats | None = None,
                     progress: Progress | None = None, callbacks: StepCallbacks = NO_CALLBACKS,
                     grid: Sequence[float] | None = None, perturb: bool = False,
-                    max_order: int = MAX_ORDER, max_iters: int = MAX_ITERS) -> None:
+                    max_order: int = MAX_ORDER, max_iters: int = MAX_ITERS,
+                    interp: str = "cubic") -> None:
     """Integrate with an Adams method on a fixed grid, emitting at t_out.
 
-    Args: as :func:`solvers.integrate.integrate_fixed`, plus ``method``, ``rtol`` and
-    ``atol`` (the corrector's convergence test), ``max_order`` (1 ... 12; below 4 every step
-    is a Runge-Kutta step, as torchdiffeq warns) and ``max_iters`` (corrector iterations).
+    Args: as :func:`solvers.integrate.integrate_fixed` (``interp`` included), plus
+    ``method``, ``rtol`` and ``atol`` (the corrector's convergence test), ``max_order`` (1 ...
+    12; below 4 every step is a Runge-Kutta step, as torchdiffeq warns) and ``max_iters``
+    (corrector iterations).
     ``callbacks.step`` is called before every step; ``accept`` after it.
     """
     stats = stats if stats is not None else SolverStats()
@@ -171,8 +174,8 @@ def integrate_adams(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
         stats.n_accepted += 1
         callbacks.accept(t, y, dt)
         last = k == len(grid) - 2
-        f1 = None if last and not _needs_interior(out, t1) else rhs(at_side(t1, start), y1)
-        out.flush(t, t1, _hermite_at(y, y1, f0, f1, dt))
+        f1 = rhs(at_side(t1, start), y1) if _needs_slope(out, t1, last, interp) else None
+        out.flush(t, t1, _hermite_at(y, y1, f0, f1, dt, interp))
         y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
         if not converged:
             history = history[:-1]  # torchdiffeq drops the oldest derivative

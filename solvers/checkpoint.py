@@ -37,7 +37,7 @@ from solvers.integrate import (
     StepCallbacks,
     _coefficients,
     _dense,
-    _hermite,
+    _hermite_at,
     _Stages,
     at_side,
     chain_callbacks,
@@ -215,6 +215,7 @@ def _replay_segment(cfg: CheckpointedSolve, rhs: Callable, tab: ButcherTableau,
         return x
 
     step = cfg.steps[first]
+    interp = str(cfg.spec.solve_options().get("interp", "cubic"))
     start_fresh = sides[first][2]
     roots: list[torch.Tensor] = []
     seeds: list[torch.Tensor] = []
@@ -226,7 +227,7 @@ def _replay_segment(cfg: CheckpointedSolve, rhs: Callable, tab: ButcherTableau,
             if k > first and fresh:  # after a jump the forward evaluated the field again
                 f0 = rhs(at_side(step.s0, start), y)
             y, f_next, outs = _replay_step(rhs, tab, step, y, f0, (start, end),
-                                           k < len(cfg.steps) - 1)
+                                           k < len(cfg.steps) - 1, interp)
             roots += outs
             seeds += [grad_ys[j] for j, _ in step.outputs]
             f0 = f_next  # type: ignore[assignment]  # None only after the very last step
@@ -278,10 +279,12 @@ def _start_sides(cfg: CheckpointedSolve, tab: ButcherTableau) -> list[tuple[int,
 
 
 def _replay_step(rhs: Callable, tab: ButcherTableau, step: _Step, y: torch.Tensor,
-                 f0: torch.Tensor, sides: tuple[int, int], has_next: bool
+                 f0: torch.Tensor, sides: tuple[int, int], has_next: bool,
+                 interp: str = "cubic"
                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """The step from (step.s0, y) with first stage f0 again, with a graph: (y1, the
-    evaluation that is the next step's first stage, or None, the outputs it emitted)."""
+    evaluation that is the next step's first stage, or None, the outputs it emitted;
+    ``interp``: a fixed grid's output between its points, as the forward's)."""
     thetas = [min(1.0, (s - step.s0) / (step.s1 - step.s0)) for _, s in step.outputs]
     coeffs = _coefficients(tab, y.dtype, y.device)
     stages = _Stages(tab.stages, y, graph=True)
@@ -292,8 +295,7 @@ def _replay_step(rhs: Callable, tab: ButcherTableau, step: _Step, y: torch.Tenso
         return y1, stages.get(tab.stages - 1), [value_at(theta) for theta in thetas]
     # as integrate_fixed: the slope at the step's end serves the next step and the cubic
     # Hermite interpolant inside this one
-    inside = any(theta < 1.0 - 1e-12 for theta in thetas)
+    inside = interp == "cubic" and any(theta < 1.0 - 1e-12 for theta in thetas)
     f1 = rhs(at_side(step.s1, sides[0]), y1) if has_next or inside else None
-    outs = [y1 if f1 is None or theta >= 1.0 - 1e-12 else _hermite(y, y1, f0, f1, step.dt, theta)
-            for theta in thetas]
-    return y1, f1, outs
+    value_at = _hermite_at(y, y1, f0, f1, step.dt, interp)
+    return y1, f1, [value_at(theta) for theta in thetas]

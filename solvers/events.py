@@ -134,12 +134,13 @@ def _fixed_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0:
         raise SolverInputError(
             f"event handling with the fixed-step method {spec.method!r} needs "
             "options={'step_size': ...} (or use an adaptive method such as 'dopri5')")
-    watch = _FixedEventWatch(rhs, event, sign0, spec.atol, callbacks)
+    interp = str(options.get("interp", "cubic"))
+    watch = _FixedEventWatch(rhs, event, sign0, spec.atol, callbacks, interp)
     # the event is checked at the start of each step: one step more than the limit
     s_end = s0 + (MAX_FIXED_EVENT_STEPS + 1) * float(h)
     try:
         integrate_fixed(watch.rhs, y0, [s0, s_end], lambda j, s, y: None, tab, float(h), stats,
-                        progress, watch, perturb=bool(options.get("perturb")))
+                        progress, watch, perturb=bool(options.get("perturb")), interp=interp)
     except _EventFound as found:
         return found.s, found.y
     raise MaxStepsExceededError(
@@ -162,15 +163,16 @@ class _FixedEventWatch(StepCallbacks):
 
     At the start of every step after the first it checks the sign of the event at the grid
     point reached; when it changed, it finds the event in the step just taken by bisection on
-    the step's cubic Hermite output and raises :class:`_EventFound`. Its :meth:`rhs` wraps the
+    the step's output (cubic Hermite, or ``interp='linear'``: the straight line, as
+    torchdiffeq's default) and raises :class:`_EventFound`. Its :meth:`rhs` wraps the
     solve's right-hand side to keep the last evaluation, which at a step's start is f there.
     Otherwise it passes the calls on to ``callbacks``.
     """
 
     def __init__(self, rhs: Rhs, event: FlatEvent, sign0: torch.Tensor, tol: float,
-                 callbacks: StepCallbacks) -> None:
+                 callbacks: StepCallbacks, interp: str = "cubic") -> None:
         self.inner, self.event, self.sign0, self.tol = rhs, event, sign0, tol
-        self.callbacks = callbacks
+        self.callbacks, self.interp = callbacks, interp
         self.f: torch.Tensor | None = None
         self.previous: tuple[float, torch.Tensor, torch.Tensor] | None = None
 
@@ -185,8 +187,9 @@ class _FixedEventWatch(StepCallbacks):
                 crossed = bool(torch.sign(self.event(s, y)) != self.sign0)
             if crossed:
                 s0, y0, f0 = self.previous
-                raise _EventFound(*bisect_event(_hermite_at(y0, y, f0, self.f, s - s0), s0, s,
-                                                self.event, self.sign0, self.tol))
+                value_at = _hermite_at(y0, y, f0, self.f, s - s0, self.interp)
+                raise _EventFound(*bisect_event(value_at, s0, s, self.event, self.sign0,
+                                                self.tol))
         self.previous = (s, y, self.f)  # integrate_fixed makes a new state every step
         self.callbacks.step(s, y, dt)
 

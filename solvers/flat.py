@@ -252,6 +252,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     kind = method_kind(spec.method)
     step_size = options.get("step_size")
     perturb = bool(options.get("perturb", False))
+    interp = str(options.get("interp", "cubic"))
     grid = _constructed_grid(options, rhs, y0, s_out, flat, progress)
     if kind == "scipy":
         integrate_scipy(rhs, y0, s_out, emit, spec.rtol, spec.atol,
@@ -262,12 +263,12 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
         integrate_adams(rhs, y0, s_out, emit, ADAMS_METHODS[spec.method], spec.rtol, spec.atol,
                         step_size, stats, progress, callbacks, grid, perturb,
                         int(options.get("max_order", MAX_ORDER)),
-                        int(options.get("max_iters", MAX_ITERS)))
+                        int(options.get("max_iters", MAX_ITERS)), interp)
         return None
     tab = get_tableau(spec.method)
     if isinstance(tab, ImplicitTableau):
         integrate_implicit(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks,
-                           int(options.get("max_iters", IMPLICIT_MAX_ITERS)), grid)
+                           int(options.get("max_iters", IMPLICIT_MAX_ITERS)), grid, interp)
         return None
     if tab.adaptive:
         ctl, default_norm = step_control(spec, flat)
@@ -280,7 +281,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                                   progress, callbacks, adaptive_stops(options, progress.direction),
                                   land_on_end, attempt)
     integrate_fixed(rhs, y0, s_out, emit, tab, step_size, stats, progress, callbacks, grid,
-                    perturb)
+                    perturb, interp)
     return None
 
 

@@ -5,8 +5,8 @@ The methods and names are torchdiffeq's: ``implicit_euler``, ``implicit_midpoint
 ``trbdf2``. Each is an :class:`ImplicitTableau` (validated data: its weights must meet the
 order conditions of its stated order) run by one loop, :func:`integrate_implicit`, that steps
 on the grid of :func:`solvers.integrate.integrate_fixed` (the output times, or
-``options={'step_size': h}``) and emits at the output times with the same cubic Hermite
-interpolation between grid points.
+``options={'step_size': h}``) and emits at the output times with the same interpolation
+between grid points (cubic Hermite, or linear with ``options={'interp': 'linear'}``).
 
 One step solves the stage equations ``K_i = f(t + c_i h, y + h sum_j a_ij K_j)`` for all s
 stages at once, a dense system of s*n unknowns (n: the state's size), by a simplified Newton
@@ -52,7 +52,7 @@ from solvers.integrate import (
     StepCallbacks,
     _check_finite,
     _hermite_at,
-    _needs_interior,
+    _needs_slope,
     _Outputs,
     fixed_grid,
 )
@@ -185,12 +185,13 @@ def integrate_implicit(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
                        tab: ImplicitTableau, step_size: float | None = None,
                        stats: SolverStats | None = None, progress: Progress | None = None,
                        callbacks: StepCallbacks = NO_CALLBACKS,
-                       max_iters: int = MAX_ITERS, grid: Sequence[float] | None = None) -> None:
+                       max_iters: int = MAX_ITERS, grid: Sequence[float] | None = None,
+                       interp: str = "cubic") -> None:
     """Integrate with an implicit method on a fixed grid, emitting at t_out.
 
     Args: as :func:`solvers.integrate.integrate_fixed` (``step_size`` None: one step per
-    output interval), plus ``max_iters``, the Newton iterations allowed per step, and
-    ``grid`` (explicit step times, replacing ``step_size``).
+    output interval; ``interp``), plus ``max_iters``, the Newton iterations allowed per
+    step, and ``grid`` (explicit step times, replacing ``step_size``).
 
     Raises:
         SolverInputError: the stage system would have more than :data:`MAX_UNKNOWNS`
@@ -221,8 +222,8 @@ def integrate_implicit(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit:
         stats.n_accepted += 1
         callbacks.accept(t, y, dt)
         last = k == len(grid) - 2
-        f1 = None if last and not _needs_interior(out, t1) else rhs(t1, y1)
-        out.flush(t, t1, _hermite_at(y, y1, f0, f1, dt))
+        f1 = rhs(t1, y1) if _needs_slope(out, t1, last, interp) else None
+        out.flush(t, t1, _hermite_at(y, y1, f0, f1, dt, interp))
         y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
     _check_finite(y, progress.time(grid[-1]), "state")
 

@@ -602,15 +602,16 @@ def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
                     tab: ButcherTableau, step_size: float | None = None,
                     stats: SolverStats | None = None, progress: Progress | None = None,
                     callbacks: StepCallbacks = NO_CALLBACKS, grid: Sequence[float] | None = None,
-                    perturb: bool = False) -> None:
+                    perturb: bool = False, interp: str = "cubic") -> None:
     """Integrate on a fixed grid, emitting at t_out (cubic Hermite between grid points).
 
     Args: as :func:`integrate_adaptive`, plus ``step_size`` (None: one step per output
     interval, as torchdiffeq's fixed-grid solvers), ``grid`` (the step times, increasing,
-    from t_out[0] to t_out[-1]: replaces ``step_size``) and ``perturb`` (torchdiffeq's
+    from t_out[0] to t_out[-1]: replaces ``step_size``), ``perturb`` (torchdiffeq's
     option: each step evaluates f just after its start and, at the stages with node 1, just
     before its end, so that a field that jumps at grid points is seen from inside the step;
-    the interpolant between grid points then uses the slope after the jump at its end). A
+    the interpolant between grid points then uses the slope after the jump at its end) and
+    ``interp`` (the output between grid points: 'cubic' Hermite, or 'linear'). A
     fixed-step solve knows its number of steps in advance and does not warn that it is slow;
     it accepts every step.
     """
@@ -632,22 +633,29 @@ def integrate_fixed(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
         stats.n_accepted += 1
         callbacks.accept(t, y, t1 - t)
         last = k == len(grid) - 2
-        f1 = None if last and not _needs_interior(out, t1) else rhs(at_side(t1, start), y1)
-        out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t))
+        f1 = rhs(at_side(t1, start), y1) if _needs_slope(out, t1, last, interp) else None
+        out.flush(t, t1, _hermite_at(y, y1, f0, f1, t1 - t, interp))
         y, f0 = y1, f1  # type: ignore[assignment]  # f1 is None only after the last step
     _check_finite(y, progress.time(grid[-1]), "state")
 
 
-def _needs_interior(out: _Outputs, t1: float) -> bool:
-    """Whether an output time falls strictly inside the final step (needs f at its end)."""
-    return any(tj < t1 - out.tol for tj in out.t_out[out.j:])
+def _needs_slope(out: _Outputs, t1: float, last: bool, interp: str = "cubic") -> bool:
+    """Whether a fixed-grid step needs f at its end: as the next step's first stage, or
+    (``interp='cubic'``, the last step) for an output time strictly inside it."""
+    return not last or (interp == "cubic" and any(tj < t1 - out.tol
+                                                  for tj in out.t_out[out.j:]))
 
 
 def _hermite_at(y0: torch.Tensor, y1: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor | None,
-                dt: float) -> Callable[[float], torch.Tensor]:
+                dt: float, interp: str = "cubic") -> Callable[[float], torch.Tensor]:
+    """A fixed-grid step's output between its ends, theta in [0, 1]: cubic Hermite on
+    (y0, f0, y1, f1), or with ``interp='linear'`` (torchdiffeq's default) the straight
+    line from y0 to y1."""
     def value_at(theta: float) -> torch.Tensor:
         if theta >= 1.0 - 1e-12:
             return y1
+        if interp == "linear":
+            return y0 + theta * (y1 - y0)
         assert f1 is not None
         return _hermite(y0, y1, f0, f1, dt, theta)
     return value_at

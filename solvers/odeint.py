@@ -54,8 +54,9 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
             dfactor, icoeff, pcoeff (PI control), norm, step_t, jump_t, compile (a step
             attempt compiled with torch.compile: see :mod:`solvers.compiled`); fixed: step_size
             (None: one step per output interval, as torchdiffeq), grid_constructor, perturb
-            (not for implicit methods); implicit methods also max_iters (Newton iterations
-            per step); Adams methods also max_order, max_iters;
+            (not for implicit methods), interp ('cubic' Hermite between grid points, the
+            default, or 'linear', torchdiffeq's default); implicit methods also max_iters
+            (Newton iterations per step); Adams methods also max_order, max_iters;
             scipy_solver: solver, min_step, max_step. See docs/torchdiffeq.md.
         event_fn: g(t, y) -> tensor: integrate from t[0] until it crosses zero (t must be
             [t0, t1], t1 only sets the direction) and return ``(event_t, y at [t0,

@@ -37,11 +37,11 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
                               "min_step", "max_step", "max_num_steps", "norm", "step_t",
                               "jump_t", "compile"})
-FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb"})
-IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor", "max_iters"})
+FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp"})
+IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor", "max_iters", "interp"})
 ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
 SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
-TORCHDIFFEQ_ONLY = frozenset({"interp", "dtype"})
+TORCHDIFFEQ_ONLY = frozenset({"dtype"})
 #: The options of each kind of method (see :func:`method_kind`).
 KIND_OPTIONS = {"adaptive": ADAPTIVE_OPTIONS, "fixed": FIXED_OPTIONS,
                 "implicit": IMPLICIT_OPTIONS, "adams": ADAMS_OPTIONS, "scipy": SCIPY_OPTIONS}
@@ -453,6 +453,10 @@ def _check_option_values(options: Mapping[str, Any]) -> None:
             options["grid_constructor"]):
         raise SolverInputError("options['grid_constructor'] must be a callable "
                                "grid_constructor(func, y0, t) -> 1-D tensor of step times")
+    if options.get("interp", "cubic") not in ("cubic", "linear"):
+        raise SolverInputError(f"options['interp'] must be 'cubic' (our default: Hermite "
+                               f"with the slopes at the grid points) or 'linear' "
+                               f"(torchdiffeq's default), got {options['interp']!r}")
     if "perturb" in options and not isinstance(options["perturb"], bool):
         raise SolverInputError(f"options['perturb'] must be True or False, got "
                                f"{options['perturb']!r}")

@@ -61,7 +61,7 @@ def _assert_same(a, b, tol=1e-9):
 CASES = [
     ("dopri5", None), ("tsit5", None), ("bosh3", None), ("adaptive_heun", None),
     ("rk4", {"step_size": 0.13}), ("midpoint", {"step_size": 0.1}),
-    ("rk4", {"step_size": 0.1, "perturb": True}),
+    ("rk4", {"step_size": 0.1, "perturb": True}), ("rk4", {"step_size": 0.13, "interp": "linear"}),
     ("dopri5", {"jump_t": [0.3], "step_t": [0.55]}),
 ]
 TIMES = [[0.0, 1.0], [0.0, 0.17, 0.5, 0.51, 1.2], [1.0, 0.3, -0.5]]

@@ -720,3 +720,56 @@ def test_a_float32_state_with_float64_times_gets_float32_times(method, options):
     wide = odeint(field, torch.ones(2, dtype=F64), t, method=method, options=options)
     assert seen == {(F64, 0)} and wide.dtype == F64
     assert torch.allclose(ours.double(), wide, rtol=0, atol=1e-5)
+
+
+# ---- interp: the output between a fixed grid's points ----------------------------------------
+
+@pytest.mark.parametrize("method,agree", [("euler", 1e-13), ("rk4", 1e-13),
+                                          ("midpoint", 1e-13), ("explicit_adams", 1e-12)])
+def test_interp_linear_is_torchdiffeqs_default_and_cubic_its_cubic(method, agree):
+    field = lambda t, y: torch.tanh(A @ y) + 0.3 * torch.sin(3 * t)  # noqa: E731
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    # 0.23 and 0.71 fall between the 0.1 grid's points; 0.5 is one, 0.96 its last
+    t = torch.tensor([0.0, 0.23, 0.5, 0.71, 0.96], dtype=F64)
+    results = {}
+    with torch.no_grad():
+        for interp, theirs in (("linear", {}), ("cubic", {"interp": "cubic"})):
+            ours = odeint(field, y0, t, method=method,
+                          options={"step_size": 0.1, "interp": interp})
+            ref = torchdiffeq.odeint(field, y0, t, method=method,
+                                     options={"step_size": 0.1, **theirs})
+            assert float((ours - ref).abs().max()) < agree, interp
+            results[interp] = ours
+    gap = (results["linear"] - results["cubic"]).abs().max(dim=1).values
+    assert float(gap[[0, 2, 4]].max()) < agree  # on the grid the interpolants agree
+    assert float(gap[[1, 3]].min()) > 1e-5  # between its points they differ
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "gl4", "implicit_adams", "heun3"])
+def test_interp_linear_is_the_straight_line_between_grid_points(method):
+    # implicit_euler and gl4 are after torchdiffeq 0.2.5: checked against the grid's outputs
+    field = lambda t, y: torch.tanh(A @ y) + 0.3 * torch.sin(3 * t)  # noqa: E731
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    t = torch.tensor([0.0, 0.2, 0.23, 0.3, 0.5], dtype=F64)
+    with torch.no_grad():
+        ys = odeint(field, y0, t, method=method, options={"step_size": 0.1, "interp": "linear"})
+    torch.testing.assert_close(ys[2], ys[1] + 0.3 * (ys[3] - ys[1]), rtol=1e-12, atol=1e-14)
+
+
+def test_fixed_step_events_bisect_the_linear_interpolant_with_interp_linear():
+    g = lambda t, y: y - 0.5  # noqa: E731
+    one, t01 = torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    ours, _ = odeint(lambda t, y: -y, one, t01, event_fn=g, method="rk4",
+                     options={"step_size": 0.1, "interp": "linear"})
+    theirs, _ = torchdiffeq.odeint(lambda t, y: -y, one, t01, event_fn=g, method="rk4",
+                                   options={"step_size": 0.1})
+    assert abs(float(ours - theirs)) < 1e-7 and abs(float(ours) - math.log(2)) > 1e-4
+
+
+def test_a_bad_interp_is_refused_and_adaptive_methods_do_not_take_one():
+    with pytest.raises(SolverInputError, match="'cubic'.*'linear'"):
+        odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), method="rk4",
+               options={"interp": "quadratic"})
+    with pytest.raises(SolverInputError, match="unknown option 'interp' for method 'dopri5'"):
+        odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]),
+               options={"interp": "linear"})
