@@ -17,7 +17,10 @@ population mean of the weights of its iteration plus batch noise, so its misfit 
 final weights' population mean splits exactly into what was averaged before the window, the
 lag (the weights' population means in the window against the final one) and the noise; and
 how far one step moves the population means (the largest channel's jump per step), and the
-test accuracy with only the means, or only the variances, recomputed.
+test accuracy with only the means, or only the variances, recomputed. Then
+(:func:`attribute_jumps`) the feedback column goes on for ``--attribution`` iterations, each
+step taken twice from the same state, with the feedback off and on: which part of the step
+makes the jumps, and how much each changes the train-mode function.
 
 Usage:
     python experiments/dgnopt_batchnorm.py                       # ~5 min, one core
@@ -169,6 +172,41 @@ def lag_report(task: Any, model: torch.nn.Module, record: BatchMeans,
             "acc_vars_recomputed": _accuracy_with(task, model, {"running_var": var})}
 
 
+def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
+                    ) -> dict[str, dict[str, float]]:
+    """Continue a feedback run for ``n`` iterations; before each, take the same step from the
+    same state (model and optimizer state_dict) with the feedback off and on, and measure
+    for each: the worst channel's jump of the population means (in population sd), the
+    relative change of the train-mode logits on a fixed batch, and the step's norm. The run
+    goes on with the feedback-on step. Medians and maxima over the ``n`` iterations."""
+    model, opt, probe = run["model"], run["opt"], batches[0][0]
+    rows: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
+    for _ in range(n):
+        batch = next(run["batches"])
+        weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        before, var = population(model, batches)
+        sd = [(v + m.eps).sqrt() for v, m in zip(var, _batchnorms(model))]
+        with torch.no_grad():
+            logits = model(probe)
+        for feedback in (False, True):
+            model.load_state_dict(weights)
+            opt.load_state_dict(state)
+            opt.feedback = feedback
+            train_step(model, opt, task.loss, batch)
+            after = population(model, batches)[0]
+            with torch.no_grad():
+                change = float((model(probe) - logits).norm() / logits.norm())
+            step = float(torch.sqrt(sum(((p.detach() - weights[k]) ** 2).sum()
+                                        for k, p in model.named_parameters())))
+            rows["on" if feedback else "off"].append(
+                (_worst([a - b for a, b in zip(after, before)], sd), change, step))
+    return {key: {"jump_median": statistics.median(r[0] for r in rs),
+                  "jump_max": max(r[0] for r in rs),
+                  "logit_change_median": statistics.median(r[1] for r in rs),
+                  "step_norm_median": statistics.median(r[2] for r in rs)}
+            for key, rs in rows.items()}
+
+
 def _accuracy_with(task: Any, model: torch.nn.Module,
                    buffers: dict[str, list[torch.Tensor]]) -> float:
     """Eval-mode test accuracy of a copy whose BatchNorm buffers are replaced by ``buffers``
@@ -190,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lag-window", type=int, default=40,
                         help="iterations at the end whose weights the lag report replays")
+    parser.add_argument("--attribution", type=int, default=40,
+                        help="iterations the feedback column goes on for, each step taken "
+                             "with the feedback off and on from the same state")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "dgnopt-batchnorm")
     args = parser.parse_args(argv)
@@ -227,10 +268,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lag[col] = lag_report(task, run["model"], run["record"], run["window"], lag_batches)
         run["record"].close()
         print(col, lag[col], flush=True)
+    attribution = {col: attribute_jumps(task, run, lag_batches, args.attribution)
+                   for col, run in runs.items() if run["opt"].feedback and args.attribution}
+    print(attribution, flush=True)
     result = {"command": "python experiments/dgnopt_batchnorm.py", "args": vars(args) | {
         "out": "experiments/results/dgnopt-batchnorm"}, "columns": COLUMNS,
         "machine": machine_info(), "wall_s": time.perf_counter() - start,
-        "rows": {col: run["rows"] for col, run in runs.items()}, "lag": lag}
+        "rows": {col: run["rows"] for col, run in runs.items()}, "lag": lag,
+        "attribution": attribution}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(result, indent=1))
     (args.out / "results.md").write_text(markdown(result))
@@ -265,6 +310,14 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{g['jump_last']:.3f} | {100 * g['acc_running']:.1f}, "
                      f"{100 * g['acc_means_recomputed']:.1f}, "
                      f"{100 * g['acc_vars_recomputed']:.1f} |")
+    for col, parts in result["attribution"].items():
+        lines += ["", f"Whose jumps: {col}, {result['args']['attribution']} more iterations, "
+                  "each step taken from the same state with the feedback off and on:", "",
+                  "| step | population-mean jump (median, max) | train-mode logit change "
+                  "(median, relative) | step norm (median) |", "|---|---|---|---|"]
+        for key, g in parts.items():
+            lines.append(f"| feedback {key} | {g['jump_median']:.3f}, {g['jump_max']:.3f} | "
+                         f"{g['logit_change_median']:.3f} | {g['step_norm_median']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Path) -> None:
     run_experiment("dgnopt_batchnorm.py", "--iterations", "4", "--eval-every", "2",
-                   "--recalibrate", "2", "--out", str(tmp_path), timeout=300)
+                   "--recalibrate", "2", "--attribution", "2", "--out", str(tmp_path),
+                   timeout=300)
     result = json.loads((tmp_path / "summary.json").read_text())
     assert set(result["rows"]) == {"DDPNOpt (feedback on)", "EKFAC (feedback off)"}
     for rows in result["rows"].values():
@@ -34,6 +35,15 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
         for k in ("acc_running", "acc_means_recomputed", "acc_vars_recomputed"):
             assert 0.0 <= g[k] <= 1.0
     assert "| DDPNOpt (feedback on) | " in md.split("Why the running means")[1]
+    # only the feedback column is attributed; its feedback-off step is a real, other step
+    assert list(result["attribution"]) == ["DDPNOpt (feedback on)"]
+    [parts] = result["attribution"].values()
+    assert set(parts) == {"off", "on"}
+    for g in parts.values():
+        assert 0 <= g["jump_median"] <= g["jump_max"] and g["step_norm_median"] > 0
+        assert g["logit_change_median"] > 0
+    assert parts["off"] != parts["on"]
+    assert "| feedback off |" in md and "| feedback on |" in md
 
 
 def test_decompose_splits_the_running_mean_misfit_exactly() -> None:
