@@ -23,7 +23,7 @@ step taken twice from the same state, with the feedback off and on: which part o
 makes the jumps, and how much each changes the train-mode function.
 
 Usage:
-    python experiments/dgnopt_batchnorm.py                       # ~5 min, one core
+    python experiments/dgnopt_batchnorm.py                       # ~10 min, one core
     python experiments/dgnopt_batchnorm.py --iterations 20 --eval-every 10 --out <dir>
 """
 
