@@ -367,6 +367,11 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT)
 
 
+def _tails(done: subprocess.CompletedProcess) -> str:
+    """The ends of a failed run's stdout and stderr: where it stopped, and why."""
+    return f"stdout:\n{done.stdout[-1500:]}\nstderr:\n{done.stderr[-3000:]}"
+
+
 def _model(out: Path) -> dict[str, Tensor]:
     return load_checkpoint(out / CHECKPOINT)["model"]
 
@@ -380,7 +385,7 @@ def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The loop on 2 ranks under torchrun, uninterrupted."""
     out = tmp_path_factory.mktemp("ddp") / "two"
     done = _torchrun(["--out", str(out), *LOOP])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _tails(done)
     assert done.stdout.count("done: epoch 24") == 1, done.stdout  # rank 0 alone prints
     return out
 
@@ -410,7 +415,7 @@ NEWTON = dict(width=16, method="rk4", step_size=0.5, batch_size=128, train_size=
 def test_torchrun_runs_newton_cg_as_the_single_process_does(tmp_path: Path) -> None:
     args = [f"--{k.replace('_', '-')}={v}" for k, v in NEWTON.items() if k != "progress"]
     done = _torchrun(["--out", str(tmp_path / "two"), "--no-progress", *args])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _tails(done)
     train(TrainConfig(out=str(tmp_path / "one"), **NEWTON))  # type: ignore[arg-type]
     assert _max_relative(_model(tmp_path / "two"), _model(tmp_path / "one")) < 1e-5
 
@@ -458,7 +463,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(torchrun_run: Path,
         (copy / name).write_bytes((out / name).read_bytes())
 
     done = _torchrun(["--out", str(out), "--resume", "--no-progress"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _tails(done)
     resumed, whole = load_checkpoint(out / CHECKPOINT), load_checkpoint(torchrun_run / CHECKPOINT)
     assert resumed["step"] == whole["step"]
     for k, v in whole["model"].items():
