@@ -27,6 +27,7 @@ the conventions and the costs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import inspect
 import math
@@ -177,6 +178,12 @@ def process_group(device_name: str = "auto", backend: str | None = None,
     dist.init_process_group(pick_backend(device, backend), timeout=timedelta(seconds=seconds))
     try:
         yield True
+        # A run's DDP reducer may outlive it in reference cycles (optimizer hooks); one freed
+        # after the group, at exit, is the likely cause of rank 0 aborting after a finished
+        # run ("terminate called without an active exception", seen in CI). Free it while
+        # the group lives, and let the ranks leave together.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
