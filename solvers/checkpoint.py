@@ -43,7 +43,7 @@ from solvers.integrate import (
     chain_callbacks,
     rk_step,
 )
-from solvers.spec import SolverSpec
+from solvers.spec import SolverSpec, fixed_interp
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau, get_tableau
 
@@ -215,7 +215,7 @@ def _replay_segment(cfg: CheckpointedSolve, rhs: Callable, tab: ButcherTableau,
         return x
 
     step = cfg.steps[first]
-    interp = str(cfg.spec.solve_options().get("interp", "cubic"))
+    interp = fixed_interp(cfg.spec.solve_options())
     start_fresh = sides[first][2]
     roots: list[torch.Tensor] = []
     seeds: list[torch.Tensor] = []

@@ -37,7 +37,7 @@ from solvers.integrate import (
     adaptive_steps,
     integrate_fixed,
 )
-from solvers.spec import SolverSpec, method_kind
+from solvers.spec import SolverSpec, fixed_interp, method_kind
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau, get_tableau
 
@@ -134,7 +134,7 @@ def _fixed_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0:
         raise SolverInputError(
             f"event handling with the fixed-step method {spec.method!r} needs "
             "options={'step_size': ...} (or use an adaptive method such as 'dopri5')")
-    interp = str(options.get("interp", "cubic"))
+    interp = fixed_interp(options)
     watch = _FixedEventWatch(rhs, event, sign0, spec.atol, callbacks, interp)
     # the event is checked at the start of each step: one step more than the limit
     s_end = s0 + (MAX_FIXED_EVENT_STEPS + 1) * float(h)

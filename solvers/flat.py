@@ -36,7 +36,7 @@ from solvers.integrate import (
     segment_norm,
     side_of,
 )
-from solvers.spec import SolverSpec, State, method_kind, stop_times
+from solvers.spec import SolverSpec, State, fixed_interp, method_kind, stop_times
 from solvers.stats import SolverStats
 from solvers.tableau import get_tableau
 
@@ -252,7 +252,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     kind = method_kind(spec.method)
     step_size = options.get("step_size")
     perturb = bool(options.get("perturb", False))
-    interp = str(options.get("interp", "cubic"))
+    interp = fixed_interp(options)
     grid = _constructed_grid(options, rhs, y0, s_out, flat, progress)
     if kind == "scipy":
         integrate_scipy(rhs, y0, s_out, emit, spec.rtol, spec.atol,

@@ -42,6 +42,8 @@ IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor", "max_iters", "int
 ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
 SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
 TORCHDIFFEQ_ONLY = frozenset({"dtype"})
+#: The values of a fixed-grid method's ``interp`` option, the default first.
+INTERPS = ("cubic", "linear")
 #: The options of each kind of method (see :func:`method_kind`).
 KIND_OPTIONS = {"adaptive": ADAPTIVE_OPTIONS, "fixed": FIXED_OPTIONS,
                 "implicit": IMPLICIT_OPTIONS, "adams": ADAMS_OPTIONS, "scipy": SCIPY_OPTIONS}
@@ -380,6 +382,11 @@ def _not_a_dict(name: str, value: object) -> str:
             f"{type(value).__name__}")
 
 
+def fixed_interp(options: Mapping[str, Any]) -> str:
+    """A fixed-grid solve's output between grid points: options' ``interp`` or the default."""
+    return str(options.get("interp", INTERPS[0]))
+
+
 def _check_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate option names for a method and the values of step_size, max_num_steps, norm."""
     if options is None:
@@ -453,7 +460,7 @@ def _check_option_values(options: Mapping[str, Any]) -> None:
             options["grid_constructor"]):
         raise SolverInputError("options['grid_constructor'] must be a callable "
                                "grid_constructor(func, y0, t) -> 1-D tensor of step times")
-    if options.get("interp", "cubic") not in ("cubic", "linear"):
+    if options.get("interp", INTERPS[0]) not in INTERPS:
         raise SolverInputError(f"options['interp'] must be 'cubic' (our default: Hermite "
                                f"with the slopes at the grid points) or 'linear' "
                                f"(torchdiffeq's default), got {options['interp']!r}")
