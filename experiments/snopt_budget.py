@@ -47,7 +47,8 @@ DATASETS = ("fashion-mnist", "mnist5k", "JapaneseVowels", "vowels-frames")
 #: Own-clock training seconds per optimizer and seed.
 BUDGETS = {"fashion-mnist": 420.0, "mnist5k": 420.0, "JapaneseVowels": 300.0,
            "vowels-frames": 420.0}
-EVAL_EVERY = {"fashion-mnist": 50, "mnist5k": 50, "JapaneseVowels": 50, "vowels-frames": 50}
+#: Iterations between evaluations (every task).
+EVAL_EVERY = 50
 IMAGE_SOLVER = SolverSpec(method="dopri5", rtol=1e-3, atol=1e-3)
 #: SNOpt variants that --variants can add (label -> registry optimizer, hyperparameters).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         args.optimizers = ",".join([base_optimizers, *extra])
         args.budget = budget if budget is not None or args.quick else BUDGETS[dataset]
-        args.eval_every = eval_every if eval_every is not None or args.quick \
-            else EVAL_EVERY[dataset]
+        args.eval_every = eval_every if eval_every is not None or args.quick else EVAL_EVERY
         compare.run(budget_task(dataset, args.quick), args)
     return 0
 
