@@ -181,10 +181,10 @@ def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
     goes on with the feedback-on step. Medians and maxima over the ``n`` iterations."""
     model, opt, probe = run["model"], run["opt"], batches[0][0]
     rows: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
+    before, var = population(model, batches)
     for _ in range(n):
         batch = next(run["batches"])
         weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-        before, var = population(model, batches)
         sd = [(v + m.eps).sqrt() for v, m in zip(var, _batchnorms(model))]
         with torch.no_grad():
             logits = model(probe)
@@ -193,13 +193,14 @@ def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
             opt.load_state_dict(state)
             opt.feedback = feedback
             train_step(model, opt, task.loss, batch)
-            after = population(model, batches)[0]
+            after, after_var = population(model, batches)
             with torch.no_grad():
                 change = float((model(probe) - logits).norm() / logits.norm())
             step = float(torch.sqrt(sum(((p.detach() - weights[k]) ** 2).sum()
                                         for k, p in model.named_parameters())))
             rows["on" if feedback else "off"].append(
                 (_worst([a - b for a, b in zip(after, before)], sd), change, step))
+        before, var = after, after_var  # the run goes on from the feedback-on step
     return {key: {"jump_median": statistics.median(r[0] for r in rs),
                   "jump_max": max(r[0] for r in rs),
                   "logit_change_median": statistics.median(r[1] for r in rs),
