@@ -38,6 +38,7 @@ from solvers.errors import SolverError, SolverInputError
 from solvers.integrate import (
     NO_CALLBACKS,
     Emit,
+    FlatTol,
     Progress,
     Rhs,
     StepCallbacks,
@@ -115,7 +116,7 @@ def _weighted(weights: Sequence[float], fs: Sequence[torch.Tensor], dt: float) -
     return total
 
 
-def _converged(old: torch.Tensor, new: torch.Tensor, rtol: float, atol: float) -> bool:
+def _converged(old: torch.Tensor, new: torch.Tensor, rtol: FlatTol, atol: FlatTol) -> bool:
     """Whether two corrector increments agree to rtol/atol in the max norm."""
     with torch.no_grad():
         scale = torch.maximum(old.abs(), new.abs()).mul_(rtol).add_(atol)
@@ -123,7 +124,7 @@ def _converged(old: torch.Tensor, new: torch.Tensor, rtol: float, atol: float) -
 
 
 def integrate_adams(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
-                    method: AdamsMethod, rtol: float, atol: float,
+                    method: AdamsMethod, rtol: FlatTol, atol: FlatTol,
                     step_size: float | None = None, stats: SolverStats | None = None,
                     progress: Progress | None = None, callbacks: StepCallbacks = NO_CALLBACKS,
                     grid: Sequence[float] | None = None, perturb: bool = False,
@@ -183,7 +184,7 @@ def integrate_adams(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
 
 
 def _correct(rhs: Rhs, y: torch.Tensor, dy: torch.Tensor, history: list[torch.Tensor],
-             order: int, t1: float, dt: float, end_side: int, rtol: float, atol: float,
+             order: int, t1: float, dt: float, end_side: int, rtol: FlatTol, atol: FlatTol,
              max_iters: int) -> tuple[torch.Tensor, bool]:
     """The Moulton corrector of order ``order + 1`` by functional iteration from the
     predicted increment ``dy``; returns the increment and whether the iteration converged."""
@@ -201,7 +202,7 @@ def _correct(rhs: Rhs, y: torch.Tensor, dy: torch.Tensor, history: list[torch.Te
 
 
 def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Emit,
-                    rtol: float, atol: float, solver: str = "LSODA",
+                    rtol: FlatTol, atol: FlatTol, solver: str = "LSODA",
                     min_step: float | None = None, max_step: float = math.inf,
                     progress: Progress | None = None) -> None:
     """Integrate with ``scipy.integrate.solve_ivp`` (float64 on the CPU), without a graph.
@@ -234,7 +235,8 @@ def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
     extra = {} if min_step is None else {"min_step": min_step}
     try:
         sol = solve_ivp(fun, (t_out[0], t_out[-1]), y0.detach().to("cpu", torch.float64).numpy(),
-                        method=solver, t_eval=list(t_out), rtol=rtol, atol=atol,
+                        method=solver, t_eval=list(t_out), rtol=_as_numpy(rtol),
+                        atol=_as_numpy(atol),
                         max_step=max_step, **extra)
     except ValueError as err:
         if failed:  # not solve_ivp's complaint about its arguments
@@ -246,3 +248,8 @@ def integrate_scipy(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
     ys = torch.as_tensor(sol.y.T, dtype=dtype, device=device)
     for j in range(1, len(t_out)):
         emit(j, t_out[j], ys[j])
+
+
+def _as_numpy(tol: FlatTol) -> float | np.ndarray:
+    """A tolerance as solve_ivp takes it (per-element values as a float64 array)."""
+    return tol if isinstance(tol, float) else tol.detach().to("cpu", torch.float64).numpy()

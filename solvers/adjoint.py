@@ -52,6 +52,7 @@ from solvers.flat import (
     callback_time_dtype,
     check_backend,
     check_times,
+    check_tolerances,
     defined_callbacks,
     field_callbacks,
     field_time,
@@ -75,6 +76,7 @@ from solvers.spec import (
     SolverSpec,
     StageObserver,
     State,
+    Tolerance,
     call_spec,
     check_observer,
     is_stage_observer,
@@ -486,10 +488,11 @@ def _time_grads(cfg: _Config, ys: torch.Tensor, grad_ys: torch.Tensor, a0: torch
     return torch.stack(grads).to(cfg.t_dtype)
 
 
-def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
-                   atol: float = 1e-9, method: str | None = None, options: dict | None = None,
-                   event_fn: Callable | None = None, adjoint_rtol: float | None = None,
-                   adjoint_atol: float | None = None, adjoint_method: str | None = None,
+def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: Tolerance = 1e-7,
+                   atol: Tolerance = 1e-9, method: str | None = None,
+                   options: dict | None = None, event_fn: Callable | None = None,
+                   adjoint_rtol: Tolerance | None = None,
+                   adjoint_atol: Tolerance | None = None, adjoint_method: str | None = None,
                    adjoint_options: dict | None = None,
                    adjoint_params: Sequence[torch.Tensor] | None = None,
                    observer: Observer | StageObserver | None = None,
@@ -504,7 +507,9 @@ def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 
         func: f(t, y); an nn.Module unless ``adjoint_params`` is given.
         y0, t, rtol, atol, method, options: as :func:`solvers.odeint`.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: settings of the
-            backward solve (default: the forward ones). ``adjoint_options={'norm':
+            backward solve (default: the forward ones). A tuple tolerance (one per part of
+            a tuple state) applies to the state's parts and to their adjoints, and its
+            smallest value to the parameters' adjoint. ``adjoint_options={'norm':
             'seminorm'}`` leaves a_theta out of the error control (Kidger et al. 2021).
         adjoint_params: tensors to differentiate (default ``func.parameters()``).
         observer: a :class:`solvers.Observer`: called as ``observer(t_j, x(t_j), a(t_j), w_j)``
@@ -586,6 +591,8 @@ def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     params = params_of(func, adjoint_params)
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
+    check_tolerances(spec, flat, y0_flat)
+    check_tolerances(spec.backward(), flat, y0_flat, "adjoint_")
     if event_fn is not None:
         check_event_times(t)
     times, direction = check_times(t, y0_flat)

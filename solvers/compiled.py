@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from solvers.errors import SolverInputError
-from solvers.integrate import _Stages, side_of
+from solvers.integrate import FlatTol, _Stages, side_of
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau
 
@@ -107,7 +107,7 @@ class CompiledAttempt:
     internal time to the field's (t = direction * s).
     """
 
-    def __init__(self, compiled: Callable, args: Sequence[torch.Tensor], tab: ButcherTableau,
+    def __init__(self, compiled: Callable, args: Sequence[Any], tab: ButcherTableau,
                  direction: float) -> None:
         self._fn, self.args, self.direction = compiled, tuple(args), direction
         self.nodes = [float(c) for c in tab.c[1:]]
@@ -124,13 +124,15 @@ class CompiledAttempt:
         return y1, scaled_err, _Stages.holding(ks)
 
 
-def compiled_attempt(traced: TracedField, tab: ButcherTableau, rtol: float, atol: float,
+def compiled_attempt(traced: TracedField, tab: ButcherTableau, rtol: FlatTol, atol: FlatTol,
                      compile_kw: dict[str, Any]) -> CompiledAttempt:
     """The cached :class:`CompiledAttempt` of a traced field with these settings (the graph
-    is traced on its first call)."""
-    fn = _cached(traced, (tab.name, rtol, atol), compile_kw,
-                 lambda: _attempt_fn(traced.field, tab, rtol, atol))
-    return CompiledAttempt(fn, traced.args, tab, traced.direction)
+    is traced on its first call). Float tolerances are constants of the graph (one graph
+    per value); per-element ones (tensors, shape (n,)) are its inputs."""
+    setting = tuple(v if isinstance(v, float) else "per-element" for v in (rtol, atol))
+    fn = _cached(traced, (tab.name, *setting), compile_kw,
+                 lambda: _attempt_fn(traced.field, tab))
+    return CompiledAttempt(fn, (rtol, atol, *traced.args), tab, traced.direction)
 
 
 def compiled_rhs(traced: TracedField, stats: SolverStats,
@@ -175,8 +177,9 @@ def _own_code(fn: Callable) -> Callable:
                               fn.__defaults__, fn.__closure__)
 
 
-def _attempt_fn(field: Field, tab: ButcherTableau, rtol: float, atol: float) -> Callable:
-    """The function torch.compile traces: (packed times, y, f0, *args) -> (y1, scaled err, K).
+def _attempt_fn(field: Field, tab: ButcherTableau) -> Callable:
+    """The function torch.compile traces: (packed times, y, f0, rtol, atol, *args) ->
+    (y1, scaled err, K).
 
     ``packed`` holds dt and the field times of stages 1..S-1; the tableau's coefficients are
     Python constants of the graph (zeros dropped)."""
@@ -188,7 +191,7 @@ def _attempt_fn(field: Field, tab: ButcherTableau, rtol: float, atol: float) -> 
                                "has no error estimate")
     stages, fsal = tab.stages, tab.fsal
 
-    def attempt(packed: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
+    def attempt(packed: torch.Tensor, y: torch.Tensor, f0: torch.Tensor, rtol: Any, atol: Any,
                 *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt = packed[0]
         ks = [f0]

@@ -3,10 +3,10 @@
 
 The solve steps as usual (adaptive or fixed-step explicit Runge-Kutta) and checks the sign of
 the event function at the end of every accepted step; in the step where it changes, the event
-time is found by bisection on the step's dense output, to ``atol`` in time (torchdiffeq's
-rule: ceil(log2(step / atol)) halvings, then the middle of the last bracket). A
-multivariate event function ends the solve when any of its entries changes sign (torchdiffeq's
-``min(c * sign(c(t0, y0)))``).
+time is found by bisection on the step's dense output, to ``atol`` in time (the smallest
+value of a tuple ``atol``; torchdiffeq's rule: ceil(log2(step / atol)) halvings, then the
+middle of the last bracket). A multivariate event function ends the solve when any of its
+entries changes sign (torchdiffeq's ``min(c * sign(c(t0, y0)))``).
 
 The event time depends on the parameters through the state: g(t*, y(t*; theta)) = 0 gives
 dt*/dtheta = -(dg/dy . dy/dtheta) / (dg/dt + dg/dy . f) (the implicit function theorem).
@@ -26,7 +26,7 @@ import torch
 
 from solvers.compiled import compile_arguments
 from solvers.errors import MaxStepsExceededError, SolverInputError
-from solvers.flat import FlatState, adaptive_stops, step_control
+from solvers.flat import FlatState, adaptive_stops, check_tolerances, step_control
 from solvers.integrate import (
     NO_CALLBACKS,
     Norm,
@@ -37,7 +37,7 @@ from solvers.integrate import (
     adaptive_steps,
     integrate_fixed,
 )
-from solvers.spec import SolverSpec, fixed_interp, method_kind
+from solvers.spec import SolverSpec, fixed_interp, method_kind, smallest
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau, get_tableau
 
@@ -91,6 +91,7 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
     if compile_arguments(spec.solve_options().get("compile")) is not None:
         raise SolverInputError("options['compile'] is not supported with event_fn (the event "
                                "search runs eagerly): drop one of them")
+    check_tolerances(spec, flat, y0)
     with torch.no_grad():
         g0 = event(s0, y0)
     if bool(g0 == 0):
@@ -108,7 +109,7 @@ def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
                     sign0: torch.Tensor, tab: ButcherTableau, spec: SolverSpec,
                     flat: FlatState, stats: SolverStats, progress: Progress,
                     callbacks: StepCallbacks, norm: Norm | None) -> tuple[float, torch.Tensor]:
-    ctl, default_norm = step_control(spec, flat)
+    ctl, default_norm = step_control(spec, flat, y0)
     stops = adaptive_stops(spec.solve_options(), progress.direction)  # step_t and jump_t
     steps = adaptive_steps(rhs, y0, s0, tab, ctl, norm or default_norm, stats, progress,
                            callbacks, stops)
@@ -119,7 +120,8 @@ def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
                 crossed = bool(torch.sign(event(step.t1, step.y1)) != sign0)
             if crossed:
                 assert step.value_at is not None
-                return bisect_event(step.value_at, step.t0, step.t1, event, sign0, spec.atol)
+                return bisect_event(step.value_at, step.t0, step.t1, event, sign0,
+                                    smallest(spec.atol))
     finally:
         steps.close()
     raise AssertionError("unreachable: adaptive_steps never ends")  # pragma: no cover
@@ -135,7 +137,7 @@ def _fixed_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0:
             f"event handling with the fixed-step method {spec.method!r} needs "
             "options={'step_size': ...} (or use an adaptive method such as 'dopri5')")
     interp = fixed_interp(options)
-    watch = _FixedEventWatch(rhs, event, sign0, spec.atol, callbacks, interp)
+    watch = _FixedEventWatch(rhs, event, sign0, smallest(spec.atol), callbacks, interp)
     # the event is checked at the start of each step: one step more than the limit
     s_end = s0 + (MAX_FIXED_EVENT_STEPS + 1) * float(h)
     try:

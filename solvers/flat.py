@@ -36,7 +36,7 @@ from solvers.integrate import (
     segment_norm,
     side_of,
 )
-from solvers.spec import SolverSpec, State, fixed_interp, method_kind, stop_times
+from solvers.spec import SolverSpec, State, Tolerance, fixed_interp, method_kind, stop_times
 from solvers.stats import SolverStats
 from solvers.tableau import get_tableau
 
@@ -203,8 +203,47 @@ def _check_derivative(dy: Any, flat: FlatState, y: torch.Tensor) -> None:
             "or create the model in the state's dtype")
 
 
-def step_control(spec: SolverSpec, flat: FlatState) -> tuple[StepControl, Norm]:
-    """Adaptive options -> (StepControl, error norm). Tuple states use the max of RMS norms."""
+def flat_tolerance(tol: Tolerance, flat: FlatState, y: torch.Tensor,
+                   name: str = "rtol") -> float | torch.Tensor:
+    """An error tolerance on a flat vector y: a float as it is; a tuple (one per part of a
+    tuple state) as per-element values, shape (y.numel(),), in y's real dtype.
+
+    y is the flat state of ``flat`` (n elements) or the adjoint's augmented state
+    (x, a, a_theta) (2n + k elements), whose x and a take their parts' tolerances and
+    a_theta the smallest of them.
+
+    Raises:
+        SolverInputError: a tuple whose length is not the state's number of parts.
+    """
+    if not isinstance(tol, tuple):
+        return tol
+    if not flat.is_tuple or len(tol) != len(flat.shapes):
+        parts = f"a tuple of {len(flat.shapes)} parts" if flat.is_tuple else "a tensor"
+        raise SolverInputError(
+            f"{name} has {len(tol)} values, one per part of a tuple state, but the state is "
+            f"{parts}: pass one value per part, or a float")
+    n = flat.size
+    sizes = torch.tensor([b - a for a, b in flat.bounds], device=y.device)
+    per_part = torch.tensor(tol, dtype=y.real.dtype, device=y.device)
+    state = torch.repeat_interleave(per_part, sizes, output_size=n)
+    if y.numel() == n:
+        return state
+    rest = per_part.min().expand(y.numel() - 2 * n)
+    return torch.cat([state, state, rest])
+
+
+def check_tolerances(spec: SolverSpec, flat: FlatState, y: torch.Tensor,
+                     prefix: str = "") -> None:
+    """Raise now (not in the solve) if a tuple tolerance of ``spec`` does not fit the state;
+    ``prefix`` names the settings in the error (``"adjoint_"``: the backward solve's)."""
+    for name in ("rtol", "atol"):
+        flat_tolerance(getattr(spec, name), flat, y, prefix + name)
+
+
+def step_control(spec: SolverSpec, flat: FlatState,
+                 y0: torch.Tensor) -> tuple[StepControl, Norm]:
+    """Adaptive options -> (StepControl, error norm), tolerances on y0's flat vector (see
+    :func:`flat_tolerance`). Tuple states use the max of RMS norms."""
     options = spec.solve_options()
     kw = {k: v for k, v in options.items()
           if k not in ("norm", "step_t", "jump_t", "perturb", "compile")}
@@ -215,7 +254,9 @@ def step_control(spec: SolverSpec, flat: FlatState) -> tuple[StepControl, Norm]:
     user_norm = options.get("norm")
     if user_norm is not None:
         norm = user_state_norm(user_norm, flat)
-    return StepControl(rtol=spec.rtol, atol=spec.atol, **kw), norm
+    rtol, atol = (flat_tolerance(spec.rtol, flat, y0, "rtol"),
+                  flat_tolerance(spec.atol, flat, y0, "atol"))
+    return StepControl(rtol=rtol, atol=atol, **kw), norm
 
 
 def user_state_norm(user_norm: Callable, flat: FlatState) -> Norm:
@@ -254,13 +295,15 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     perturb = bool(options.get("perturb", False))
     interp = fixed_interp(options)
     grid = _constructed_grid(options, rhs, y0, s_out, flat, progress)
+    rtol, atol = (flat_tolerance(spec.rtol, flat, y0, "rtol"),
+                  flat_tolerance(spec.atol, flat, y0, "atol"))
     if kind == "scipy":
-        integrate_scipy(rhs, y0, s_out, emit, spec.rtol, spec.atol,
+        integrate_scipy(rhs, y0, s_out, emit, rtol, atol,
                         options.get("solver", "LSODA"), options.get("min_step"),
                         float(options.get("max_step", math.inf)), progress)
         return None
     if kind == "adams":
-        integrate_adams(rhs, y0, s_out, emit, ADAMS_METHODS[spec.method], spec.rtol, spec.atol,
+        integrate_adams(rhs, y0, s_out, emit, ADAMS_METHODS[spec.method], rtol, atol,
                         step_size, stats, progress, callbacks, grid, perturb,
                         int(options.get("max_order", MAX_ORDER)),
                         int(options.get("max_iters", MAX_ITERS)), interp)
@@ -271,7 +314,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                            int(options.get("max_iters", IMPLICIT_MAX_ITERS)), grid, interp)
         return None
     if tab.adaptive:
-        ctl, default_norm = step_control(spec, flat)
+        ctl, default_norm = step_control(spec, flat, y0)
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
         compile_kw = compile_arguments(options.get("compile"))

@@ -169,6 +169,11 @@ def chain_callbacks(*callbacks: StepCallbacks) -> StepCallbacks:
     return kept[0] if len(kept) == 1 else CallbackChain(*kept)
 
 
+#: An error tolerance on a flat vector: a float, or per-element values of shape (n,) (the
+#: tuple tolerances of a tuple state).
+FlatTol = float | torch.Tensor
+
+
 @dataclass(frozen=True)
 class StepControl:
     """Options of the adaptive step-size controller (names follow torchdiffeq).
@@ -179,8 +184,8 @@ class StepControl:
     II.4 suggest icoeff=0.7, pcoeff=0.4).
     """
 
-    rtol: float
-    atol: float
+    rtol: FlatTol
+    atol: FlatTol
     first_step: float | None = None
     safety: float = 0.9
     ifactor: float = 10.0
@@ -366,9 +371,14 @@ def _scale_overflow(t: float, ctl: StepControl, *derivatives: torch.Tensor) -> N
     return NonFiniteStateError(
         t, "scaled derivative",
         f"|dy/dt| reaches {largest:.3g}, which overflows {derivatives[0].dtype} when divided "
-        f"by the error scale atol + rtol*|y| (atol={ctl.atol:g}, rtol={ctl.rtol:g}): the "
+        f"by the error scale atol + rtol*|y| (atol={_least(ctl.atol):g}, "
+        f"rtol={_least(ctl.rtol):g}{'' if isinstance(ctl.atol, float) else ' at least'}): the "
         "model is diverging. Lower the learning rate, clip gradients or add weight decay, "
         "normalise the inputs; or loosen atol/rtol, or integrate in float64.")
+
+
+def _least(tol: FlatTol) -> float:
+    return tol if isinstance(tol, float) else float(tol.min())
 
 
 _INITIAL_CAUSE = ("the initial state contains NaN or inf. Check the inputs (the data, or the "

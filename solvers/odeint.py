@@ -29,12 +29,20 @@ from solvers.flat import (
     traced_field,
 )
 from solvers.integrate import Progress
-from solvers.spec import Observer, SolverSpec, StageObserver, State, call_spec, method_kind
+from solvers.spec import (
+    Observer,
+    SolverSpec,
+    StageObserver,
+    State,
+    Tolerance,
+    call_spec,
+    method_kind,
+)
 from solvers.stats import SolverStats
 
 
-def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
-           atol: float = 1e-9, method: str | None = None, options: dict | None = None,
+def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: Tolerance = 1e-7,
+           atol: Tolerance = 1e-9, method: str | None = None, options: dict | None = None,
            event_fn: Callable | None = None, stats: SolverStats | None = None,
            backend: str = "ocnode", label: str | None = None) -> Any:
     """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in t.
@@ -46,7 +54,8 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: float = 1e-7,
         func: f(t, y) -> dy/dt with y's structure; t is a 0-dim tensor.
         y0: initial state, a tensor of any shape (...) or a tuple of tensors.
         t: output times, shape (T,), strictly increasing or decreasing; t[0] is the start.
-        rtol, atol: error tolerances of adaptive methods.
+        rtol, atol: error tolerances of adaptive methods: floats, or for a tuple state a
+            tuple with one per part (the error of part i is scaled by its own tolerances).
         method: one of ``solvers.METHODS`` (explicit; default 'dopri5') or of
             ``solvers.implicit.IMPLICIT_METHODS`` (implicit, fixed grid). The names are
             torchdiffeq's: 'rk4' is Kutta's 3/8 rule ('rk4_classic': the classic one).

@@ -33,6 +33,8 @@ from solvers.tableau import get_tableau
 
 #: An ODE state: one tensor, or a tuple of tensors integrated together (e.g. a CNF's (z, logp)).
 State = torch.Tensor | tuple[torch.Tensor, ...]
+#: An error tolerance: a float, or one float per part of a tuple state (torchdiffeq's).
+Tolerance = float | tuple[float, ...]
 
 ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
                               "min_step", "max_step", "max_num_steps", "norm", "step_t",
@@ -174,7 +176,8 @@ class SolverSpec:
         method: one of ``solvers.METHODS``: adaptive (``"dopri5"``, ``"tsit5"``, ``"bosh3"``,
             ``"adaptive_heun"``) or fixed-step (``"euler"``, ``"midpoint"``, ``"rk4"``,
             ``"rk38"``).
-        rtol, atol: error tolerances of adaptive methods (positive floats).
+        rtol, atol: error tolerances of adaptive methods: positive floats, or for a tuple
+            state one per part (a tuple; a list or 1-dim tensor is taken as one).
         options: solver options. Adaptive methods: ``first_step``, ``min_step``,
             ``max_step``, ``max_num_steps`` (a positive int), ``safety``, ``ifactor``,
             ``dfactor``, ``icoeff``, ``pcoeff`` (PI control), ``norm`` (a callable).
@@ -204,13 +207,13 @@ class SolverSpec:
     """
 
     method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
+    rtol: Tolerance = 1e-3
+    atol: Tolerance = 1e-3
     options: Mapping[str, Any] | None = None
     adjoint: bool = True
     adjoint_method: str | None = None
-    adjoint_rtol: float | None = None
-    adjoint_atol: float | None = None
+    adjoint_rtol: Tolerance | None = None
+    adjoint_atol: Tolerance | None = None
     adjoint_options: Mapping[str, Any] | None = None
     seminorm: bool = False
     checkpoint: bool = False
@@ -345,7 +348,7 @@ class _CallSpec(SolverSpec):
         return None
 
 
-def call_spec(method: str, rtol: float, atol: float, options: Mapping[str, Any] | None,
+def call_spec(method: str, rtol: Any, atol: Any, options: Mapping[str, Any] | None,
               **adjoint: Any) -> SolverSpec:
     """The spec of an ``odeint``/``odeint_adjoint`` call (torchdiffeq's semantics)."""
     return _CallSpec(method=method, rtol=rtol, atol=atol, options=options, **adjoint)
@@ -365,10 +368,27 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _tolerance(name: str, value: object) -> float:
-    if not (_is_real(value) and 0 < value < math.inf):  # type: ignore[operator]
-        raise SolverInputError(f"{name} must be a positive float, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+def _tolerance(name: str, value: object) -> Tolerance:
+    """A positive float, or (one per part of a tuple state) a tuple of them."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if _positive(value):
+        return float(value)  # type: ignore[arg-type]
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
+    if isinstance(value, (tuple, list)) and value and all(_positive(v) for v in value):
+        return tuple(float(v) for v in value)
+    raise SolverInputError(f"{name} must be a positive float, or a tuple of them with one per "
+                           f"part of a tuple state, got {value!r}")
+
+
+def _positive(value: object) -> bool:
+    return _is_real(value) and 0 < value < math.inf  # type: ignore[operator]
+
+
+def smallest(tol: Tolerance) -> float:
+    """A tolerance's smallest value (a float: itself)."""
+    return min(tol) if isinstance(tol, tuple) else tol
 
 
 def _check_flags(**flags: object) -> None:

@@ -773,3 +773,139 @@ def test_a_bad_interp_is_refused_and_adaptive_methods_do_not_take_one():
     with pytest.raises(SolverInputError, match="unknown option 'interp' for method 'dopri5'"):
         odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]),
                options={"interp": "linear"})
+
+
+# ---- tuple tolerances: one rtol / atol per part of a tuple state -----------------------------
+
+def _two_scales(t, y):
+    """A tuple state whose parts live on scales 1 and 100 and are coupled."""
+    a, b = y
+    return torch.tanh(A @ a) + 0.01 * b.mean(), torch.sin(b / 50.0) * a.sum()
+
+
+_Y0 = (torch.tensor([1.0, 0.5], dtype=F64), torch.tensor([100.0, -80.0, 60.0], dtype=F64))
+_T02 = torch.tensor([0.0, 2.0], dtype=F64)
+
+
+@pytest.mark.parametrize("method,options", [("bosh3", None),
+                                            ("implicit_adams", {"step_size": 0.05})])
+def test_tuple_tolerances_step_as_torchdiffeqs(method, options):
+    # bosh3: the step control; implicit_adams: the corrector's convergence test
+    tol = {"rtol": (1e-3, 1e-7), "atol": (1e-6, 1e-4)}
+    stats = {"ocnode": SolverStats(), "torchdiffeq": SolverStats()}
+    with torch.no_grad():
+        exact = odeint(_two_scales, _Y0, _T02, rtol=1e-13, atol=1e-13)
+        errors = {}
+        for backend, counts in stats.items():
+            ys = odeint(_two_scales, _Y0, _T02, method=method, options=options, stats=counts,
+                        backend=backend, **tol)
+            errors[backend] = [float((y[-1] / e[-1] - 1).abs().max()) for y, e in zip(ys, exact)]
+    assert stats["ocnode"].nfe == stats["torchdiffeq"].nfe
+    # at the end we land on t = 2 where torchdiffeq interpolates: ours is no less accurate
+    assert all(o <= 1.001 * r for o, r in zip(errors["ocnode"], errors["torchdiffeq"]))
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("scipy_solver", None),
+                                            ("implicit_adams", {"step_size": 0.05})])
+def test_equal_tuple_tolerances_are_the_float_ones(method, options):
+    stats = [SolverStats(), SolverStats()]
+    with torch.no_grad():
+        as_tuple = odeint(_two_scales, _Y0, _T02, rtol=(1e-5, 1e-5), atol=[1e-6, 1e-6],
+                          method=method, options=options, stats=stats[0])
+        as_float = odeint(_two_scales, _Y0, _T02, rtol=1e-5, atol=1e-6, method=method,
+                          options=options, stats=stats[1])
+    assert stats[0].nfe == stats[1].nfe
+    for x, y in zip(as_tuple, as_float):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_each_part_is_controlled_at_its_own_tolerance():
+    with torch.no_grad():
+        exact = odeint(_two_scales, _Y0, _T02, rtol=1e-12, atol=1e-12)
+
+    def solve(rtol):
+        stats = SolverStats()
+        with torch.no_grad():
+            ys = odeint(_two_scales, _Y0, _T02, rtol=rtol, atol=1e-12, stats=stats)
+        return [float(((y - e)[-1] / e[-1]).abs().max()) for y, e in zip(ys, exact)], stats.nfe
+
+    (loose_a, loose_b), n_loose = solve(1e-3)
+    (mixed_a, mixed_b), n_mixed = solve((1e-3, 1e-8))
+    (_, tight_b), n_tight = solve(1e-8)
+    assert n_loose < n_mixed < n_tight
+    assert mixed_b < 1e-2 * loose_b  # b's tight tolerance holds b's error down...
+    assert mixed_b < 30 * tight_b  # ... about as well as a tight tolerance for all parts
+
+
+def test_the_adjoint_takes_tuple_tolerances_for_both_solves():
+    w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+
+    def field(t, y):
+        a, b = _two_scales(t, y)
+        return w * a, b
+
+    def gradients(adjoint_rtol):
+        y0 = tuple(p.clone().requires_grad_(True) for p in _Y0)
+        stats = SolverStats()
+        ys = odeint_adjoint(field, y0, _T02, rtol=(1e-6, 1e-9), atol=(1e-8, 1e-6),
+                            adjoint_params=(w,), adjoint_stats=stats, adjoint_rtol=adjoint_rtol,
+                            adjoint_options={"norm": "seminorm"})
+        return torch.autograd.grad(sum((y[-1] ** 2).sum() for y in ys), (*y0, w)), stats.nfe
+
+    ours, n_mixed = gradients((1e-5, 1e-10))
+    y0 = tuple(p.clone().requires_grad_(True) for p in _Y0)
+    ys = odeint(field, y0, _T02, rtol=1e-12, atol=1e-12)
+    ref = torch.autograd.grad(sum((y[-1] ** 2).sum() for y in ys), (*y0, w))
+    for mine, exact in zip(ours, ref):
+        torch.testing.assert_close(mine, exact, rtol=1e-5, atol=1e-8)
+    # the backward solve's parts and their adjoints take their own tolerances (the
+    # seminorm leaves out the parameters' adjoint, which would take the smallest)
+    assert gradients(1e-5)[1] < n_mixed < gradients(1e-10)[1]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: odeint(_two_scales, _Y0, _T02, rtol=(1e-3,)),
+     "rtol has 1 values.*a tuple of 2 parts"),
+    (lambda: odeint(_two_scales, _Y0, _T02, method="rk4", atol=(1e-3, 1e-3, 1e-3)),
+     "atol has 3 values.*a tuple of 2 parts"),
+    (lambda: odeint(lambda t, y: -y, torch.ones(2), _T02, rtol=(1e-3, 1e-3)),
+     "rtol has 2 values.*the state is a tensor"),
+    (lambda: odeint(_two_scales, _Y0, _T02, rtol=(1e-3, 0.0)),
+     "rtol must be a positive float, or a tuple of them"),
+    (lambda: odeint(_two_scales, _Y0, _T02, atol=()), "atol must be a positive float"),
+    (lambda: odeint_adjoint(_two_scales, _Y0, _T02, adjoint_params=(),
+                            adjoint_atol=(1e-3, 1e-3, 1e-3)),
+     "adjoint_atol has 3 values"),
+    (lambda: odeint(_two_scales, _Y0, _T02, rtol=(1e-3, 1e-3, 1e-3),
+                    event_fn=lambda t, y: y[0][0]),
+     "rtol has 3 values"),
+])
+def test_tuple_tolerances_that_do_not_fit_the_state_are_refused_at_the_call(call, match):
+    with pytest.raises(SolverInputError, match=match):
+        call()
+
+
+def test_a_compiled_attempt_takes_tuple_tolerances_as_inputs():
+    stats = [SolverStats(), SolverStats(), SolverStats()]
+    options = {"compile": {"backend": "eager"}}
+    with torch.no_grad():
+        eager = odeint(_two_scales, _Y0, _T02, rtol=(1e-4, 1e-8), atol=1e-6, stats=stats[0])
+        compiled = odeint(_two_scales, _Y0, _T02, rtol=(1e-4, 1e-8), atol=1e-6,
+                          options=options, stats=stats[1])
+        # other values of the same shape: the same graph, their own steps
+        other = odeint(_two_scales, _Y0, _T02, rtol=(1e-8, 1e-4), atol=1e-6,
+                       options=options, stats=stats[2])
+    assert stats[0].nfe == stats[1].nfe != stats[2].nfe
+    for x, y in zip(eager, compiled):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert other[0].shape == eager[0].shape
+
+
+def test_a_spec_keeps_tuple_tolerances_as_hashable_tuples_of_floats():
+    spec = SolverSpec(rtol=[1e-3, 1e-6], atol=torch.tensor([1e-4, 1e-8], dtype=F64),
+                      adjoint_rtol=(1e-5, 1e-5))
+    assert spec.rtol == (1e-3, 1e-6) and spec.atol == (1e-4, 1e-8)
+    assert spec.backward().rtol == (1e-5, 1e-5) and spec.backward().atol == spec.atol
+    assert hash(spec) == hash(SolverSpec(rtol=(1e-3, 1e-6), atol=(1e-4, 1e-8),
+                                         adjoint_rtol=(1e-5, 1e-5)))
+    assert SolverSpec(rtol=torch.tensor(1e-4)).rtol == pytest.approx(1e-4)
