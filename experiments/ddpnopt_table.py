@@ -250,10 +250,12 @@ def as_chain(name: str, hp: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def row_grid(cfg: dict[str, Any], columns: list[str]) -> dict[str, list[float]]:
-    """Each column's grid for this row (a DDPNOpt column with a base: that base's grid)."""
+    """Each column's grid for this row (a DDPNOpt column with a base: that base's grid).
+    A row's ``grid`` slice narrows the learning-rate grids only: E-MSA's rho and vanilla
+    DDP's damping keep their whole grids (rho's best was at the grid's top on the FCN rows)."""
     pick = cfg.get("grid", slice(None))
     return {c: LR_GRID[BASE_COLUMN[cfg["base"]] if c in DDPNOPT_COLUMNS and "base" in cfg
-                       else c][pick] for c in columns}
+                       else c][slice(None) if c in GRID_KEY else pick] for c in columns}
 
 
 # ----------------------------------------------------------------------------- training
