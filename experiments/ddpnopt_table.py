@@ -40,7 +40,8 @@ capped at the norm of its base step).
 The CNN rows follow the paper's choice of curvature for CNNs: their DDPNOpt columns take
 ``base="ekfac"`` (paired with the EKFAC column, and EKFAC's learning-rate grid), they run
 at the paper's batch 128, on 3 seeds, tuned on the middle three rates of each grid with half
-the budget, without E-MSA and DDPNOpt-Adam (per-row settings in :data:`DATASETS`).
+the budget (E-MSA: rho's whole grid), without DDPNOpt-Adam (per-row settings in
+:data:`DATASETS`).
 
 Protocol: per dataset, a learning-rate grid on a tuning seed (``TUNE_SEED``, not one of the
 reported seeds), each rate scored by the mean training loss over the last fifth of the run
@@ -147,7 +148,7 @@ PAPER_ROW = {"mnist5k": "MNIST", "cnn-mnist5k": "CNN MNIST", "cnn-fmnist32": "CN
 CNN_ROW: dict[str, Any] = {
     "model": "cnn", "iterations": 400, "batch": 128, "eval_every": 25, "seeds": [0, 1, 2],
     "base": "ekfac", "tune_iterations": 200, "grid": slice(1, 4),
-    "columns": ["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt", "DDPNOpt-bounded"]}
+    "columns": ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-bounded"]}
 RESIDUAL_ROW: dict[str, Any] = {
     "residual": True,
     "columns": ["SGD-m", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DGNOpt-FNE", "DGNOpt-GR"]}
@@ -453,6 +454,8 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
     allowed = cfg.get("columns", PAPER_COLUMNS) + (["vanilla DDP"] if name in VANILLA_ROWS
                                                    else [])
     cols = [c for c in columns if c in allowed]
+    if not cols:
+        raise SystemExit(f"row {name} runs none of the columns {columns}: it runs {allowed}")
     grid = row_grid(cfg, cols)
     specs = column_specs(cfg)
     task = make(name, cfg["batch"])

@@ -49,10 +49,12 @@ def test_ddpnopt_table_cnn_row_runs_its_own_columns_with_the_ekfac_base(tmp_path
     d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["cnn-mnist5k"]
     assert d["model"] == "cnn" and d["dataset"] == "mnist5k" and d["batch"] == 128
     assert d["ddpnopt_base"] == "ekfac"
-    # the CNN row leaves out E-MSA and DDPNOpt-Adam; its DDPNOpt columns take EKFAC's grid
-    assert sorted(d["results"]) == sorted(["SGD-m", "RMSprop", "Adam", "EKFAC", "DDPNOpt",
-                                           "DDPNOpt-bounded"])
+    # the CNN row leaves out DDPNOpt-Adam; its DDPNOpt columns take EKFAC's grid, narrowed
+    # (by --quick to one rate); E-MSA's rho keeps its whole grid
+    assert sorted(d["results"]) == sorted(["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA",
+                                           "DDPNOpt", "DDPNOpt-bounded"])
     assert d["grid"]["DDPNOpt"] == d["grid"]["EKFAC"] != d["grid"]["RMSprop"]
+    assert len(d["grid"]["EKFAC"]) == 1 and len(d["grid"]["E-MSA"]) == 6
     for r in d["results"].values():
         assert [step for step, _ in r["curves"][0]] == [0, 2]
         assert 0.0 <= r["mean"] <= 1.0
