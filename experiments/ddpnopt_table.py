@@ -398,8 +398,10 @@ def markdown(summary: dict[str, Any]) -> str:
                      " | 10 | – | " + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name]
                                                  else "–" for c in cols) + " |")
     tuned = all("tail_loss" in d["tuning"] for d in summary["datasets"].values())
+    given = all(d["tuning"].get("given") for d in summary["datasets"].values())
     how = (f"grid on seed {TUNE_SEED}, lowest mean training loss over the last fifth of the "
-           "run" if tuned else "not tuned: the middle rate of each grid")
+           "run" if tuned else "not tuned: given by --rates" if given
+           else "not tuned: the middle rate of each grid")
     lines += ["", f"Chosen learning rates (E-MSA: rho; {how}):", "",
               "| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, d in summary["datasets"].items():
@@ -449,8 +451,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
-            no_tune: bool) -> dict[str, Any]:
-    """One row: tune (unless ``no_tune``/``quick``), then every seed; its summary entry."""
+            no_tune: bool, rates: dict[str, float] | None = None) -> dict[str, Any]:
+    """One row: tune (unless ``no_tune``/``quick``, or ``rates`` gives every column's rate),
+    then every seed; its summary entry."""
     allowed = cfg.get("columns", PAPER_COLUMNS) + (["vanilla DDP"] if name in VANILLA_ROWS
                                                    else [])
     cols = [c for c in columns if c in allowed]
@@ -460,8 +463,13 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
     specs = column_specs(cfg)
     task = make(name, cfg["batch"])
     t0 = time.perf_counter()
-    if no_tune or quick:
-        tuning: dict[str, Any] = {"chosen": {c: grid[c][len(grid[c]) // 2] for c in cols}}
+    if rates:
+        missing = sorted(set(cols) - set(rates))
+        if missing:
+            raise SystemExit(f"--rates gives no rate for {missing} (row {name})")
+        tuning: dict[str, Any] = {"chosen": {c: rates[c] for c in cols}, "given": True}
+    elif no_tune or quick:
+        tuning = {"chosen": {c: grid[c][len(grid[c]) // 2] for c in cols}}
     else:
         tuning = tune(task, cfg, cols, grid)
     print(f"[{name}] lrs {tuning['chosen']} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -489,6 +497,22 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
                     for c in cols}}
 
 
+def parse_rates(text: str | None) -> dict[str, float] | None:
+    """``--rates`` ('E-MSA=0.3,Adam=0.003') as {column: rate}; None when not given."""
+    if not text:
+        return None
+    rates = {}
+    for item in text.split(","):
+        column, sep, value = item.partition("=")
+        try:
+            rates[column.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not rates[column.strip()] > 0:
+            raise SystemExit(f"--rates: {item!r} is not COLUMN=RATE with a positive rate")
+    return rates
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny budget")
@@ -501,6 +525,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--iterations", type=int, default=None, help="iterations per run")
     p.add_argument("--no-tune", action="store_true",
                    help="skip the grid; use the middle rate of each grid")
+    p.add_argument("--rates", default=None, metavar="COL=RATE,...",
+                   help="skip the grid; these rates (E-MSA: rho), one per column run, e.g. "
+                        "'E-MSA=0.3' (a row tuned earlier)")
     p.add_argument("--out", default="experiments/results/ddpnopt-table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
@@ -511,7 +538,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     columns = [c for c in args.columns.split(",") if c]
     rows = [r for r in args.datasets.split(",") if r]
-    for what, asked, known in [("column", columns, COLUMNS), ("row", rows, DATASETS)]:
+    rates = parse_rates(args.rates)
+    for what, asked, known in [("column", columns, COLUMNS), ("row", rows, DATASETS),
+                               ("--rates column", list(rates or ()), COLUMNS)]:
         unknown = sorted(set(asked) - set(known))
         if unknown:
             raise SystemExit(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
@@ -528,7 +557,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.iterations:
             cfg["iterations"] = args.iterations
         cfg["bn_recalibrate"] = args.bn_recalibrate
-        summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune)
+        summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune,
+                                            rates)
         write(summary, Path(args.out), start)  # after each row: a long run keeps its rows
     print(markdown(summary), flush=True)
     return summary

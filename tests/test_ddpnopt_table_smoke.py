@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from conftest import experiment_module, run_experiment
 
 COLUMNS = ["SGD-m", "RMSprop", "Adam", "EKFAC", "E-MSA", "DDPNOpt", "DDPNOpt-Adam",
@@ -117,3 +118,17 @@ def test_batchnorm_recalibration_changes_the_evaluation_not_the_training() -> No
     assert recal["SGD-m"]["tail_loss"] == plain["SGD-m"]["tail_loss"]
     assert [it for it, _ in recal["SGD-m"]["curve"]] == [0, 3, 6]
     assert recal["SGD-m"]["curve"] != plain["SGD-m"]["curve"]  # other statistics, other scores
+
+
+def test_ddpnopt_table_rates_skip_the_grid_and_are_reported_as_given(tmp_path: Path) -> None:
+    table = experiment_module("ddpnopt_table")
+    assert table.parse_rates("E-MSA=0.3, Adam=3e-3") == {"E-MSA": 0.3, "Adam": 0.003}
+    for bad in ("E-MSA", "E-MSA=x", "Adam=-1"):
+        with pytest.raises(SystemExit, match="COLUMN=RATE"):
+            table.parse_rates(bad)
+    run_experiment("ddpnopt_table.py", "--datasets", "wine", "--columns", "SGD-m,E-MSA",
+                   "--rates", "SGD-m=0.05,E-MSA=2.0", "--seeds", "0", "--iterations", "4",
+                   "--out", str(tmp_path), timeout=300)
+    d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["wine"]
+    assert d["tuning"] == {"chosen": {"SGD-m": 0.05, "E-MSA": 2.0}, "given": True}
+    assert "not tuned: given by --rates" in (tmp_path / "results.md").read_text()
