@@ -52,11 +52,11 @@ from solvers.flat import (
     callback_time_dtype,
     check_backend,
     check_times,
-    check_tolerances,
     defined_callbacks,
     field_callbacks,
     field_time,
     flat_state,
+    flat_tolerances,
     make_rhs,
     solve_flat,
     traced_field,
@@ -591,8 +591,8 @@ def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
     params = params_of(func, adjoint_params)
     flat = flat_state(y0)
     y0_flat = flat.flatten(y0)
-    check_tolerances(spec, flat, y0_flat)
-    check_tolerances(spec.backward(), flat, y0_flat, "adjoint_")
+    flat_tolerances(spec, flat, y0_flat)  # errors now, not in loss.backward()
+    flat_tolerances(spec.backward(), flat, y0_flat, "adjoint_")
     if event_fn is not None:
         check_event_times(t)
     times, direction = check_times(t, y0_flat)

@@ -26,9 +26,10 @@ import torch
 
 from solvers.compiled import compile_arguments
 from solvers.errors import MaxStepsExceededError, SolverInputError
-from solvers.flat import FlatState, adaptive_stops, check_tolerances, step_control
+from solvers.flat import FlatState, adaptive_stops, flat_tolerances, step_control
 from solvers.integrate import (
     NO_CALLBACKS,
+    FlatTol,
     Norm,
     Progress,
     Rhs,
@@ -91,7 +92,7 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
     if compile_arguments(spec.solve_options().get("compile")) is not None:
         raise SolverInputError("options['compile'] is not supported with event_fn (the event "
                                "search runs eagerly): drop one of them")
-    check_tolerances(spec, flat, y0)
+    tolerances = flat_tolerances(spec, flat, y0)
     with torch.no_grad():
         g0 = event(s0, y0)
     if bool(g0 == 0):
@@ -101,15 +102,16 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
     assert isinstance(tab, ButcherTableau)
     if kind == "adaptive":
         return _adaptive_event(rhs, y0, s0, event, sign0, tab, spec, flat, stats, progress,
-                               callbacks, norm)
+                               callbacks, norm, tolerances)
     return _fixed_event(rhs, y0, s0, event, sign0, tab, spec, stats, progress, callbacks)
 
 
 def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
                     sign0: torch.Tensor, tab: ButcherTableau, spec: SolverSpec,
                     flat: FlatState, stats: SolverStats, progress: Progress,
-                    callbacks: StepCallbacks, norm: Norm | None) -> tuple[float, torch.Tensor]:
-    ctl, default_norm = step_control(spec, flat, y0)
+                    callbacks: StepCallbacks, norm: Norm | None,
+                    tolerances: tuple[FlatTol, FlatTol]) -> tuple[float, torch.Tensor]:
+    ctl, default_norm = step_control(spec, flat, tolerances)
     stops = adaptive_stops(spec.solve_options(), progress.direction)  # step_t and jump_t
     steps = adaptive_steps(rhs, y0, s0, tab, ctl, norm or default_norm, stats, progress,
                            callbacks, stops)

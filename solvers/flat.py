@@ -25,6 +25,7 @@ from solvers.implicit import ImplicitTableau, integrate_implicit
 from solvers.integrate import (
     NO_CALLBACKS,
     Emit,
+    FlatTol,
     Norm,
     Progress,
     Rhs,
@@ -232,18 +233,19 @@ def flat_tolerance(tol: Tolerance, flat: FlatState, y: torch.Tensor,
     return torch.cat([state, state, rest])
 
 
-def check_tolerances(spec: SolverSpec, flat: FlatState, y: torch.Tensor,
-                     prefix: str = "") -> None:
-    """Raise now (not in the solve) if a tuple tolerance of ``spec`` does not fit the state;
-    ``prefix`` names the settings in the error (``"adjoint_"``: the backward solve's)."""
-    for name in ("rtol", "atol"):
-        flat_tolerance(getattr(spec, name), flat, y, prefix + name)
+def flat_tolerances(spec: SolverSpec, flat: FlatState, y: torch.Tensor,
+                    prefix: str = "") -> tuple[FlatTol, FlatTol]:
+    """``spec``'s (rtol, atol) on the flat vector y (see :func:`flat_tolerance`); call it
+    for its errors alone to check a tuple tolerance before a solve. ``prefix`` names the
+    settings in the error (``"adjoint_"``: the backward solve's)."""
+    return (flat_tolerance(spec.rtol, flat, y, prefix + "rtol"),
+            flat_tolerance(spec.atol, flat, y, prefix + "atol"))
 
 
 def step_control(spec: SolverSpec, flat: FlatState,
-                 y0: torch.Tensor) -> tuple[StepControl, Norm]:
-    """Adaptive options -> (StepControl, error norm), tolerances on y0's flat vector (see
-    :func:`flat_tolerance`). Tuple states use the max of RMS norms."""
+                 tolerances: tuple[FlatTol, FlatTol]) -> tuple[StepControl, Norm]:
+    """Adaptive options and the flat (rtol, atol) (see :func:`flat_tolerances`) ->
+    (StepControl, error norm). Tuple states use the max of RMS norms."""
     options = spec.solve_options()
     kw = {k: v for k, v in options.items()
           if k not in ("norm", "step_t", "jump_t", "perturb", "compile")}
@@ -254,8 +256,7 @@ def step_control(spec: SolverSpec, flat: FlatState,
     user_norm = options.get("norm")
     if user_norm is not None:
         norm = user_state_norm(user_norm, flat)
-    rtol, atol = (flat_tolerance(spec.rtol, flat, y0, "rtol"),
-                  flat_tolerance(spec.atol, flat, y0, "atol"))
+    rtol, atol = tolerances
     return StepControl(rtol=rtol, atol=atol, **kw), norm
 
 
@@ -295,8 +296,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
     perturb = bool(options.get("perturb", False))
     interp = fixed_interp(options)
     grid = _constructed_grid(options, rhs, y0, s_out, flat, progress)
-    rtol, atol = (flat_tolerance(spec.rtol, flat, y0, "rtol"),
-                  flat_tolerance(spec.atol, flat, y0, "atol"))
+    rtol, atol = tolerances = flat_tolerances(spec, flat, y0)  # checked for every method
     if kind == "scipy":
         integrate_scipy(rhs, y0, s_out, emit, rtol, atol,
                         options.get("solver", "LSODA"), options.get("min_step"),
@@ -314,7 +314,7 @@ def solve_flat(rhs: Rhs, y0: torch.Tensor, s_out: Sequence[float], emit: Emit,
                            int(options.get("max_iters", IMPLICIT_MAX_ITERS)), grid, interp)
         return None
     if tab.adaptive:
-        ctl, default_norm = step_control(spec, flat, y0)
+        ctl, default_norm = step_control(spec, flat, tolerances)
         if first_step is not None:
             ctl = dataclasses.replace(ctl, first_step=first_step)
         compile_kw = compile_arguments(options.get("compile"))
