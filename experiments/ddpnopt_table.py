@@ -451,15 +451,16 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
-            no_tune: bool, rates: dict[str, float] | None = None) -> dict[str, Any]:
-    """One row: tune (unless ``no_tune``/``quick``, or ``rates`` gives every column's rate),
-    then every seed; its summary entry."""
+            no_tune: bool, rates: dict[str, float] | None = None,
+            grids: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """One row: tune (unless ``no_tune``/``quick``, or ``rates`` gives every column's rate;
+    ``grids`` replaces a column's grid), then every seed; its summary entry."""
     allowed = cfg.get("columns", PAPER_COLUMNS) + (["vanilla DDP"] if name in VANILLA_ROWS
                                                    else [])
     cols = [c for c in columns if c in allowed]
     if not cols:
         raise SystemExit(f"row {name} runs none of the columns {columns}: it runs {allowed}")
-    grid = row_grid(cfg, cols)
+    grid = {**row_grid(cfg, cols), **{c: g for c, g in (grids or {}).items() if c in cols}}
     specs = column_specs(cfg)
     task = make(name, cfg["batch"])
     t0 = time.perf_counter()
@@ -497,20 +498,35 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
                     for c in cols}}
 
 
-def parse_rates(text: str | None) -> dict[str, float] | None:
-    """``--rates`` ('E-MSA=0.3,Adam=0.003') as {column: rate}; None when not given."""
+def parse_values(text: str | None, flag: str) -> dict[str, list[float]] | None:
+    """``COL=V[:V...],...`` (e.g. 'E-MSA=10:30,Adam=3e-3') as {column: [values]}; None when
+    not given. Values must be positive."""
     if not text:
         return None
-    rates = {}
+    values = {}
     for item in text.split(","):
-        column, sep, value = item.partition("=")
+        column, sep, rest = item.partition("=")
         try:
-            rates[column.strip()] = float(value)
+            parsed = [float(v) for v in rest.split(":")]
         except ValueError:
-            sep = ""
-        if not sep or not rates[column.strip()] > 0:
-            raise SystemExit(f"--rates: {item!r} is not COLUMN=RATE with a positive rate")
-    return rates
+            parsed = []
+        if not sep or not parsed or not all(v > 0 for v in parsed):
+            raise SystemExit(f"{flag}: {item!r} is not COLUMN=RATE[:RATE...] with positive "
+                             "rates")
+        values[column.strip()] = parsed
+    return values
+
+
+def parse_rates(text: str | None) -> dict[str, float] | None:
+    """``--rates`` ('E-MSA=0.3,Adam=0.003') as {column: rate}; None when not given."""
+    values = parse_values(text, "--rates")
+    if values is None:
+        return None
+    several = sorted(c for c, v in values.items() if len(v) != 1)
+    if several:
+        raise SystemExit(f"--rates: one COLUMN=RATE per column ({several} have several: "
+                         "use --grid to tune over them)")
+    return {c: v[0] for c, v in values.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -528,6 +544,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rates", default=None, metavar="COL=RATE,...",
                    help="skip the grid; these rates (E-MSA: rho), one per column run, e.g. "
                         "'E-MSA=0.3' (a row tuned earlier)")
+    p.add_argument("--grid", default=None, metavar="COL=RATE:RATE...,...",
+                   help="tune these columns over these rates instead of their own grid "
+                        "(E-MSA: rho), e.g. 'E-MSA=10:30:100'")
     p.add_argument("--out", default="experiments/results/ddpnopt-table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
@@ -538,9 +557,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     columns = [c for c in args.columns.split(",") if c]
     rows = [r for r in args.datasets.split(",") if r]
-    rates = parse_rates(args.rates)
+    rates, grids = parse_rates(args.rates), parse_values(args.grid, "--grid")
+    both = sorted(set(rates or ()) & set(grids or ()))
+    if both:
+        raise SystemExit(f"--rates and --grid both name {both}: give a column one or the other")
     for what, asked, known in [("column", columns, COLUMNS), ("row", rows, DATASETS),
-                               ("--rates column", list(rates or ()), COLUMNS)]:
+                               ("--rates column", list(rates or ()), COLUMNS),
+                               ("--grid column", list(grids or ()), COLUMNS)]:
         unknown = sorted(set(asked) - set(known))
         if unknown:
             raise SystemExit(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
@@ -558,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg["iterations"] = args.iterations
         cfg["bn_recalibrate"] = args.bn_recalibrate
         summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune,
-                                            rates)
+                                            rates, grids)
         write(summary, Path(args.out), start)  # after each row: a long run keeps its rows
     print(markdown(summary), flush=True)
     return summary

@@ -132,3 +132,24 @@ def test_ddpnopt_table_rates_skip_the_grid_and_are_reported_as_given(tmp_path: P
     d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["wine"]
     assert d["tuning"] == {"chosen": {"SGD-m": 0.05, "E-MSA": 2.0}, "given": True}
     assert "not tuned: given by --rates" in (tmp_path / "results.md").read_text()
+
+
+def test_ddpnopt_table_grid_replaces_a_columns_grid_and_is_tuned_over(tmp_path: Path) -> None:
+    table = experiment_module("ddpnopt_table")
+    assert table.parse_values("E-MSA=10:30, Adam=3e-3", "--grid") == {
+        "E-MSA": [10.0, 30.0], "Adam": [0.003]}
+    for bad in ("E-MSA=", "E-MSA=1:x", "E-MSA=1:-2"):
+        with pytest.raises(SystemExit, match="COLUMN=RATE"):
+            table.parse_values(bad, "--grid")
+    with pytest.raises(SystemExit, match="use --grid"):
+        table.parse_rates("E-MSA=1:2")
+    with pytest.raises(SystemExit, match="both name"):
+        table.main(["--rates", "E-MSA=1", "--grid", "E-MSA=1:2"])
+    run_experiment("ddpnopt_table.py", "--datasets", "wine", "--columns", "SGD-m,E-MSA",
+                   "--grid", "E-MSA=2.0:20.0", "--seeds", "0", "--iterations", "4",
+                   "--out", str(tmp_path), timeout=300)
+    d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["wine"]
+    assert d["grid"]["E-MSA"] == [2.0, 20.0]
+    assert set(d["tuning"]["tail_loss"]["E-MSA"]) == {"2.0", "20.0"}
+    assert d["tuning"]["chosen"]["E-MSA"] in (2.0, 20.0)
+    assert len(d["grid"]["SGD-m"]) > 2  # the other column keeps its own grid
