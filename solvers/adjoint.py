@@ -286,7 +286,7 @@ class _AdjointFunction(torch.autograd.Function):
                            lambda j, s, y: outs.append(y), cfg.spec, cfg.flat, cfg.stats,
                            progress=Progress(cfg.direction, cfg.label or ""),
                            callbacks=field_callbacks(cfg.func, cfg.flat, cfg.direction,
-                                                     cfg.spec.method, t),
+                                                     cfg.spec, t, y0),
                            traced=traced_field(cfg.func, cfg.flat, cfg.direction))
                 ys = torch.stack(outs)
         ctx.cfg = cfg
@@ -470,11 +470,11 @@ def _adjoint_callbacks(cfg: _Config, n: int, params: Sequence[torch.Tensor], dir
                        ys: torch.Tensor) -> StepCallbacks:
     """The field's ``callback_step_adjoint`` & co. around the backward solve's steps, with
     the caller's time and torchdiffeq's augmented state (see :func:`adjoint_state`)."""
-    method = cfg.spec.backward().method
-    fns = defined_callbacks(cfg.func, method, "_adjoint")
+    backward = cfg.spec.backward()
+    fns = defined_callbacks(cfg.func, backward.method, "_adjoint")
     if not any(fns):
         return NO_CALLBACKS
-    t_dtype = callback_time_dtype(method, torch.empty((), dtype=cfg.t_dtype))
+    t_dtype = callback_time_dtype(backward, cfg.t_dtype, ys.dtype)
     return FieldCallbacks(fns, lambda z: adjoint_state(z, cfg.flat, n, params, split=False),
                           direction, t_dtype)
 
@@ -603,7 +603,7 @@ def _solve_adjoint(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
             t_event, y_event = solve_until_event(
                 rhs, flat, y0_flat, y0, times[0], direction, event_fn, spec, stats,
                 Progress(direction, label or ""),
-                field_callbacks(func, flat, direction, spec.method, t))
+                field_callbacks(func, flat, direction, spec, t, y0_flat))
         event_t = torch.tensor(t_event, dtype=t.dtype, device=t.device)
         times = [times[0], t_event]
         precomputed = torch.stack([y0_flat.detach(), y_event])

@@ -38,7 +38,7 @@ from solvers.integrate import (
     adaptive_steps,
     integrate_fixed,
 )
-from solvers.spec import SolverSpec, fixed_interp, method_kind, smallest
+from solvers.spec import SolverSpec, clock_dtype, fixed_interp, method_kind, smallest
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau, get_tableau
 
@@ -61,10 +61,12 @@ def combine_event_fn(event_fn: Callable, t0: torch.Tensor, y0: Any) -> Callable:
     return combined
 
 
-def event_time_dtype(method: str, y: torch.Tensor) -> torch.dtype:
-    """The dtype of the times given to event_fn: float64 for adaptive methods (their clock),
-    the state's for fixed-step ones, as torchdiffeq."""
-    return torch.float64 if method_kind(method) == "adaptive" else y.dtype
+def event_time_dtype(spec: SolverSpec, y: torch.Tensor) -> torch.dtype:
+    """The dtype of the times given to event_fn, as torchdiffeq: for adaptive methods their
+    clock's (:func:`solvers.spec.clock_dtype`), the state's for fixed-step ones."""
+    if method_kind(spec.method) == "adaptive":
+        return clock_dtype(spec.solve_options(), y.dtype)
+    return y.dtype
 
 
 def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
@@ -272,7 +274,7 @@ def solve_until_event(rhs: Rhs, flat: FlatState, y0: torch.Tensor, y0_user: Any,
     Returns:
         (the caller's event time, the flat state there).
     """
-    dtype = event_time_dtype(spec.method, y0)
+    dtype = event_time_dtype(spec, y0)
     combined = combine_event_fn(event_fn, torch.tensor(t0, dtype=dtype, device=y0.device),
                                 y0_user)
 

@@ -37,7 +37,15 @@ from solvers.integrate import (
     segment_norm,
     side_of,
 )
-from solvers.spec import SolverSpec, State, Tolerance, fixed_interp, method_kind, stop_times
+from solvers.spec import (
+    SolverSpec,
+    State,
+    Tolerance,
+    clock_dtype,
+    fixed_interp,
+    method_kind,
+    stop_times,
+)
 from solvers.stats import SolverStats
 from solvers.tableau import get_tableau
 
@@ -248,7 +256,7 @@ def step_control(spec: SolverSpec, flat: FlatState,
     (StepControl, error norm). Tuple states use the max of RMS norms."""
     options = spec.solve_options()
     kw = {k: v for k, v in options.items()
-          if k not in ("norm", "step_t", "jump_t", "perturb", "compile")}
+          if k not in ("norm", "step_t", "jump_t", "perturb", "compile", "dtype")}
     for key in ("max_step", "min_step", "first_step"):
         if key in kw and kw[key] is not None:
             kw[key] = abs(float(kw[key]))
@@ -429,19 +437,25 @@ class FieldCallbacks(StepCallbacks):
         self._call(2, s, y, dt)
 
 
-def callback_time_dtype(method: str, t: torch.Tensor) -> torch.dtype:
-    """The dtype of the times handed to callbacks: float64 for adaptive methods (their
-    clock, as torchdiffeq's), t's own for fixed-grid ones (their grid is made of t)."""
-    return torch.float64 if method_kind(method) == "adaptive" else t.dtype
+def callback_time_dtype(spec: SolverSpec, t_dtype: torch.dtype,
+                        y_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the times handed to callbacks, as torchdiffeq: for adaptive methods
+    their clock's (:func:`solvers.spec.clock_dtype`: float64 unless ``options['dtype']``
+    says otherwise), for fixed-grid ones t's own (their grid is made of t)."""
+    if method_kind(spec.method) == "adaptive":
+        return clock_dtype(spec.solve_options(), y_dtype)
+    return t_dtype
 
 
-def field_callbacks(func: Any, flat: FlatState, direction: float, method: str,
-                    t: torch.Tensor) -> StepCallbacks:
-    """The engine's StepCallbacks for ``func.callback_step`` & co. (NO_CALLBACKS if none)."""
-    fns = defined_callbacks(func, method)
+def field_callbacks(func: Any, flat: FlatState, direction: float, spec: SolverSpec,
+                    t: torch.Tensor, y: torch.Tensor) -> StepCallbacks:
+    """The engine's StepCallbacks for ``func.callback_step`` & co. (NO_CALLBACKS if none);
+    t: the output times, y: the flat state (their dtypes set the callbacks' time dtype)."""
+    fns = defined_callbacks(func, spec.method)
     if not any(fns):
         return NO_CALLBACKS
-    return FieldCallbacks(fns, flat.unflatten, direction, callback_time_dtype(method, t))
+    return FieldCallbacks(fns, flat.unflatten, direction,
+                          callback_time_dtype(spec, t.dtype, y.dtype))
 
 
 def check_backend(backend: str) -> None:

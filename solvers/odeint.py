@@ -61,7 +61,8 @@ def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol: Tolerance = 1e-7
             torchdiffeq's: 'rk4' is Kutta's 3/8 rule ('rk4_classic': the classic one).
         options: adaptive: first_step, min_step, max_step, max_num_steps, safety, ifactor,
             dfactor, icoeff, pcoeff (PI control), norm, step_t, jump_t, compile (a step
-            attempt compiled with torch.compile: see :mod:`solvers.compiled`); fixed: step_size
+            attempt compiled with torch.compile: see :mod:`solvers.compiled`), dtype (the
+            time dtype of callbacks and event_fn, as torchdiffeq's); fixed: step_size
             (None: one step per output interval, as torchdiffeq), grid_constructor, perturb
             (not for implicit methods), interp ('cubic' Hermite between grid points, the
             default, or 'linear', torchdiffeq's default); implicit methods also max_iters
@@ -113,7 +114,7 @@ def _solve_direct_event(func: Callable, y0: State, t: torch.Tensor, spec: Solver
         start = y0_flat - (t[0] - t[0].detach()) * f0
     t_event, y_event = solve_until_event(
         rhs, flat, start, y0, times[0], direction, event_fn, spec, stats,
-        Progress(direction, label), field_callbacks(func, flat, direction, spec.method, t))
+        Progress(direction, label), field_callbacks(func, flat, direction, spec, t, y0_flat))
     event_t = torch.tensor(t_event, dtype=t.dtype, device=t.device)
     return event_t, flat.unflatten(torch.stack([y0_flat, y_event]))
 
@@ -233,7 +234,7 @@ def _solve_direct(func: Callable, y0: State, t: torch.Tensor, spec: SolverSpec,
         y0_flat = y0_flat - (t[0] - t[0].detach()) * f0
     s_out = [direction * v for v in times]
     progress = Progress(direction, label)
-    callbacks = field_callbacks(func, flat, direction, spec.method, t)
+    callbacks = field_callbacks(func, flat, direction, spec, t, y0_flat)
     outs: list[torch.Tensor] = []
     if spec.checkpoint and torch.is_grad_enabled():  # without grad: nothing to replay
         cfg = CheckpointedSolve(func, flat, s_out, direction, spec, stats, backward_stats,

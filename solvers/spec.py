@@ -38,12 +38,11 @@ Tolerance = float | tuple[float, ...]
 
 ADAPTIVE_OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "icoeff", "pcoeff",
                               "min_step", "max_step", "max_num_steps", "norm", "step_t",
-                              "jump_t", "compile"})
+                              "jump_t", "compile", "dtype"})
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp"})
 IMPLICIT_OPTIONS = frozenset({"step_size", "grid_constructor", "max_iters", "interp"})
 ADAMS_OPTIONS = FIXED_OPTIONS | {"max_order", "max_iters"}
 SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
-TORCHDIFFEQ_ONLY = frozenset({"dtype"})
 #: The values of a fixed-grid method's ``interp`` option, the default first.
 INTERPS = ("cubic", "linear")
 #: The options of each kind of method (see :func:`method_kind`).
@@ -180,7 +179,9 @@ class SolverSpec:
             state one per part (a tuple; a list or 1-dim tensor is taken as one).
         options: solver options. Adaptive methods: ``first_step``, ``min_step``,
             ``max_step``, ``max_num_steps`` (a positive int), ``safety``, ``ifactor``,
-            ``dfactor``, ``icoeff``, ``pcoeff`` (PI control), ``norm`` (a callable).
+            ``dfactor``, ``icoeff``, ``pcoeff`` (PI control), ``norm`` (a callable),
+            ``dtype`` (the time dtype callbacks and ``event_fn`` get, see
+            :func:`clock_dtype`).
             Fixed-step methods need ``step_size``.
         adjoint: gradients by the adjoint backward solve (O(1) memory) instead of
             backpropagation through the solver's operations.
@@ -416,9 +417,6 @@ def _check_options(method: str, options: Mapping[str, Any] | None) -> dict[str, 
     kind = method_kind(method)
     valid = KIND_OPTIONS[kind]
     for key in options:
-        if key in TORCHDIFFEQ_ONLY:
-            raise SolverInputError(
-                f"option {key!r} is torchdiffeq-specific; pass backend='torchdiffeq' to use it")
         if key == "perturb" and kind == "implicit":
             raise SolverInputError(
                 f"option 'perturb' is not supported by the implicit method {method!r}; use an "
@@ -468,7 +466,19 @@ def stop_times(options: Mapping[str, Any], name: str) -> list[float]:
     return times
 
 
+def clock_dtype(options: Mapping[str, Any], y_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adaptive solve's times as callbacks and ``event_fn`` see them, as
+    torchdiffeq's: ``options['dtype']`` (default float64) promoted with the state's real
+    dtype. (Our step control itself always runs on float64 host floats.)"""
+    real = torch.empty((), dtype=y_dtype).abs().dtype
+    return torch.promote_types(options.get("dtype", torch.float64), real)
+
+
 def _check_option_values(options: Mapping[str, Any]) -> None:
+    dtype = options.get("dtype", torch.float64)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SolverInputError(f"options['dtype'] must be a real floating torch dtype such as "
+                               f"torch.float32 (the time dtype), got {dtype!r}")
     step_t, jump_t = stop_times(options, "step_t"), stop_times(options, "jump_t")
     if len(set(step_t) | set(jump_t)) < len(step_t) + len(jump_t):
         raise SolverInputError(

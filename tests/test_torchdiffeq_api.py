@@ -703,6 +703,74 @@ def test_the_adjoint_and_the_callbacks_of_a_float32_state_get_torchdiffeqs_time_
     assert theirs.callback_times == field.callback_times
 
 
+class _TimeDtypes(torch.nn.Module):
+    """A field that records the dtypes of the times its callbacks and its event_fn get."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(0.5))
+        self.seen = set()
+
+    def forward(self, t, y):
+        return -self.k * y * (1 + t)
+
+    def callback_step(self, t0, y0, dt):
+        self.seen.add(("step", t0.dtype, dt.dtype))
+
+    def callback_step_adjoint(self, t0, y0, dt):
+        self.seen.add(("adjoint", t0.dtype, dt.dtype))
+
+    def event(self, t, y):
+        self.seen.add(("event", t.dtype))
+        return y[0] - 0.5
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, F64])
+def test_options_dtype_sets_the_time_dtype_of_callbacks_and_events_as_torchdiffeq(state_dtype):
+    # torchdiffeq's adaptive solvers keep time in options['dtype'] promoted with the state's
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    y0, options = torch.ones(2, dtype=state_dtype), {"dtype": torch.float32}
+    seen = {}
+    for name, lib in (("ours", None), ("theirs", torchdiffeq)):
+        field = _TimeDtypes()
+        adjoint = odeint_adjoint if lib is None else lib.odeint_adjoint
+        adjoint(field, y0, t, options=options).sum().backward()
+        (odeint if lib is None else lib.odeint)(field, y0, t[[0, -1]] * 3,
+                                                event_fn=field.event, options=options)
+        seen[name] = field.seen
+    clock = torch.promote_types(torch.float32, state_dtype)
+    assert seen["ours"] == {("step", clock, clock), ("adjoint", clock, clock), ("event", clock)}
+    # torchdiffeq's first event_fn call (the initial signs) also gets t[0] in t's own dtype
+    assert seen["theirs"] - seen["ours"] <= {("event", t.dtype)}
+
+
+def test_options_dtype_leaves_our_solution_as_it_was_and_near_torchdiffeqs():
+    # our step control stays on float64 host floats: the same steps, bit for bit
+    field = lambda t, y: -y * (1 + torch.sin(3 * t))  # noqa: E731
+    y0, t = torch.ones(3), torch.linspace(0, 2, 5)
+    stats, stats32 = SolverStats(), SolverStats()
+    plain = odeint(field, y0, t, rtol=1e-5, atol=1e-6, stats=stats)
+    narrow = odeint(field, y0, t, rtol=1e-5, atol=1e-6, options={"dtype": torch.float32},
+                    stats=stats32)
+    assert torch.equal(plain, narrow) and stats.nfe == stats32.nfe
+    theirs = torchdiffeq.odeint(field, y0, t, rtol=1e-5, atol=1e-6,
+                                options={"dtype": torch.float32})
+    assert float((narrow - theirs).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("method,dtype,match", [
+    ("dopri5", torch.int32, "real floating torch dtype"),
+    ("dopri5", "float32", "real floating torch dtype"),
+    ("dopri5", torch.complex64, "real floating torch dtype"),
+    ("rk4", torch.float32, "unknown option 'dtype' for method 'rk4'"),
+])
+def test_a_bad_or_misplaced_options_dtype_is_refused(method, dtype, match):
+    with pytest.raises(SolverInputError, match=match):
+        odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), method=method,
+               options={"dtype": dtype, "step_size": 0.5} if method == "rk4"
+               else {"dtype": dtype})
+
+
 @pytest.mark.parametrize("method,options", [
     ("dopri5", None), ("dopri5", {"jump_t": [0.5]}), ("rk4", {"perturb": True}),
     ("implicit_euler", {"step_size": 0.25})])
