@@ -397,6 +397,11 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} (paper{': ' + PAPER_ROW[name] if name in PAPER_ROW else ''})"
                      " | 10 | – | " + " | ".join(f"{PAPER[name][c]:.2f}" if c in PAPER[name]
                                                  else "–" for c in cols) + " |")
+    for name, d in summary["datasets"].items():
+        for c, losses in d["tuning"].get("tail_loss", {}).items():
+            if c in cols:
+                lines.append(f"\n{name}, {c}: tuning-seed tail loss per rate: " + ", ".join(
+                    f"{float(r):g}: {v:.4g}" for r, v in losses.items()) + ".")
     tuned = all("tail_loss" in d["tuning"] for d in summary["datasets"].values())
     given = all(d["tuning"].get("given") for d in summary["datasets"].values())
     how = (f"grid on seed {TUNE_SEED}, lowest mean training loss over the last fifth of the "
@@ -433,6 +438,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         d = summary["datasets"][name]
+        if not d["results"]:  # a --tune-only row
+            ax.set(title=f"{name}: tuned only, no seeds run")
+            continue
         for c in d["results"]:
             curves = d["results"][c]["curves"]
             steps = [s for s, _ in curves[0]]
@@ -452,9 +460,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
             no_tune: bool, rates: dict[str, float] | None = None,
-            grids: dict[str, list[float]] | None = None) -> dict[str, Any]:
+            grids: dict[str, list[float]] | None = None,
+            tune_only: bool = False) -> dict[str, Any]:
     """One row: tune (unless ``no_tune``/``quick``, or ``rates`` gives every column's rate;
-    ``grids`` replaces a column's grid), then every seed; its summary entry."""
+    ``grids`` replaces a column's grid), then every seed (none with ``tune_only``); its
+    summary entry."""
     allowed = cfg.get("columns", PAPER_COLUMNS) + (["vanilla DDP"] if name in VANILLA_ROWS
                                                    else [])
     cols = [c for c in columns if c in allowed]
@@ -475,6 +485,8 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
         tuning = tune(task, cfg, cols, grid)
     print(f"[{name}] lrs {tuning['chosen']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     per_seed = []
+    if tune_only:
+        cfg = {**cfg, "seeds": []}
     for seed in cfg["seeds"]:
         per_seed.append(train_seed(task, seed, tuning["chosen"], cfg["iterations"],
                                    cfg["eval_every"], cols, specs, cfg.get("bn_recalibrate", 0)))
@@ -495,7 +507,7 @@ def run_row(name: str, cfg: dict[str, Any], columns: list[str], quick: bool,
                         "step_ms_median": statistics.median(
                             r[c]["step_ms_median"] for r in per_seed),
                         "curves": [r[c]["curve"] for r in per_seed]}
-                    for c in cols}}
+                    for c in cols} if per_seed else {}}
 
 
 def parse_values(text: str | None, flag: str) -> dict[str, list[float]] | None:
@@ -547,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--grid", default=None, metavar="COL=RATE:RATE...,...",
                    help="tune these columns over these rates instead of their own grid "
                         "(E-MSA: rho), e.g. 'E-MSA=10:30:100'")
+    p.add_argument("--tune-only", action="store_true",
+                   help="run the grid and report its tail losses and choices, no seeds (a "
+                        "long row's seeds can follow later with --rates)")
     p.add_argument("--out", default="experiments/results/ddpnopt-table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
@@ -558,6 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     columns = [c for c in args.columns.split(",") if c]
     rows = [r for r in args.datasets.split(",") if r]
     rates, grids = parse_rates(args.rates), parse_values(args.grid, "--grid")
+    if args.tune_only and (rates or args.no_tune or args.quick):
+        raise SystemExit("--tune-only runs the grid: it excludes --rates, --no-tune and --quick")
     both = sorted(set(rates or ()) & set(grids or ()))
     if both:
         raise SystemExit(f"--rates and --grid both name {both}: give a column one or the other")
@@ -581,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg["iterations"] = args.iterations
         cfg["bn_recalibrate"] = args.bn_recalibrate
         summary["datasets"][name] = run_row(name, cfg, columns, args.quick, args.no_tune,
-                                            rates, grids)
+                                            rates, grids, args.tune_only)
         write(summary, Path(args.out), start)  # after each row: a long run keeps its rows
     print(markdown(summary), flush=True)
     return summary

@@ -153,3 +153,20 @@ def test_ddpnopt_table_grid_replaces_a_columns_grid_and_is_tuned_over(tmp_path: 
     assert set(d["tuning"]["tail_loss"]["E-MSA"]) == {"2.0", "20.0"}
     assert d["tuning"]["chosen"]["E-MSA"] in (2.0, 20.0)
     assert len(d["grid"]["SGD-m"]) > 2  # the other column keeps its own grid
+
+
+def test_ddpnopt_table_tune_only_reports_the_grid_and_runs_no_seed(tmp_path: Path) -> None:
+    run_experiment("ddpnopt_table.py", "--datasets", "wine", "--columns", "SGD-m",
+                   "--grid", "SGD-m=0.01:0.1", "--tune-only", "--iterations", "4",
+                   "--out", str(tmp_path), timeout=300)
+    d = json.loads((tmp_path / "summary.json").read_text())["datasets"]["wine"]
+    assert d["seeds"] == [] and d["results"] == {}
+    losses = d["tuning"]["tail_loss"]["SGD-m"]
+    assert set(losses) == {"0.01", "0.1"}
+    assert d["lr"]["SGD-m"] == min((0.01, 0.1), key=lambda r: losses[str(r)])
+    report = (tmp_path / "results.md").read_text()
+    assert "wine, SGD-m: tuning-seed tail loss per rate: 0.01: " in report
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    table = experiment_module("ddpnopt_table")
+    with pytest.raises(SystemExit, match="excludes --rates"):
+        table.main(["--tune-only", "--rates", "SGD-m=0.1"])
