@@ -10,6 +10,13 @@ of one order more. The corrector iterates at most ``max_iters`` (4) times, until
 successive increments agree to rtol/atol in the max norm; when it does not converge the
 method warns and drops its oldest derivative (its order goes down by one).
 
+Unlike torchdiffeq, a step of another size than the previous ones (the last, shorter step
+of a grid whose step does not divide the span; a ``grid_constructor``'s uneven grid; the
+output times without ``step_size``) starts the history again with Runge-Kutta steps, since
+the weights are those of equal steps: torchdiffeq applies them to the uneven step, which
+costs it most of its accuracy (y' = tanh-bent rotation on [0, 1.52] with step 0.05: error
+4e-4 at the end against 7e-9 on [0, 1.5]).
+
 Every step evaluates f at its start, which is also the slope at the end of the previous step
 for the cubic Hermite output between grid points (``options={'interp': 'linear'}``:
 torchdiffeq's default, the straight line between them).
@@ -62,6 +69,9 @@ MAX_ORDER = 12
 MAX_ITERS = 4
 #: Below this many derivatives in the history a step is a Runge-Kutta step.
 MIN_HISTORY = 3
+#: Steps that differ by more than this (relative) start the history again (the Adams weights
+#: are those of equal steps).
+EQUAL_STEPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -151,10 +161,13 @@ def integrate_adams(rhs: Rhs, y0: torch.Tensor, t_out: Sequence[float], emit: Em
     history: list[torch.Tensor] = []  # newest first, at most max_order - 1
     y, f0 = y0, _first_derivative(rhs, at_side(grid[0], start), y0, progress)
     emit(0, grid[0], y)
+    h_history = 0.0  # the step of the history's derivatives
     for k, (t, t1) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t1 - t
         _check_finite(f0, progress.time(t), "derivative")
         callbacks.step(t, y, dt)
+        if not math.isclose(dt, h_history, rel_tol=EQUAL_STEPS):
+            history, h_history = [], dt  # the weights assume equal steps: start again
         history = [f0, *history][:max(1, max_order - 1)]
         order = min(len(history), max_order - 1)
         converged = True

@@ -1,12 +1,13 @@
 """Terminal events: integrate until ``event_fn(t, y)`` crosses zero (torchdiffeq's
 ``event_fn``), and the gradient of the event time.
 
-The solve steps as usual (adaptive or fixed-step explicit Runge-Kutta) and checks the sign of
-the event function at the end of every accepted step; in the step where it changes, the event
-time is found by bisection on the step's dense output, to ``atol`` in time (the smallest
-value of a tuple ``atol``; torchdiffeq's rule: ceil(log2(step / atol)) halvings, then the
-middle of the last bracket). A multivariate event function ends the solve when any of its
-entries changes sign (torchdiffeq's ``min(c * sign(c(t0, y0)))``).
+The solve steps as usual (adaptive Runge-Kutta, or any fixed-grid method: explicit,
+implicit or Adams) and checks the sign of the event function at the end of every accepted
+step; in the step where it changes, the event time is found by bisection on the step's dense
+output (fixed grids: cubic Hermite, or linear with ``interp='linear'``), to ``atol`` in time
+(the smallest value of a tuple ``atol``; torchdiffeq's rule: ceil(log2(step / atol))
+halvings, then the middle of the last bracket). A multivariate event function ends the solve
+when any of its entries changes sign (torchdiffeq's ``min(c * sign(c(t0, y0)))``).
 
 The event time depends on the parameters through the state: g(t*, y(t*; theta)) = 0 gives
 dt*/dtheta = -(dg/dy . dy/dtheta) / (dg/dt + dg/dy . f) (the implicit function theorem).
@@ -26,7 +27,7 @@ import torch
 
 from solvers.compiled import compile_arguments
 from solvers.errors import MaxStepsExceededError, SolverInputError
-from solvers.flat import FlatState, adaptive_stops, flat_tolerances, step_control
+from solvers.flat import FlatState, adaptive_stops, flat_tolerances, solve_flat, step_control
 from solvers.integrate import (
     NO_CALLBACKS,
     FlatTol,
@@ -36,7 +37,6 @@ from solvers.integrate import (
     StepCallbacks,
     _hermite_at,
     adaptive_steps,
-    integrate_fixed,
 )
 from solvers.spec import SolverSpec, clock_dtype, fixed_interp, method_kind, smallest
 from solvers.stats import SolverStats
@@ -80,17 +80,19 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
         (internal event time, flat state there); (s0, y0) when the event is 0 at the start.
 
     Raises:
-        SolverInputError: a method without event handling (implicit, Adams, scipy), or a
-            fixed-step one without ``options={'step_size': ...}``.
+        SolverInputError: ``scipy_solver`` (no event handling, as torchdiffeq's), or a
+            fixed-grid method (explicit, implicit, Adams) without
+            ``options={'step_size': ...}``.
         MaxStepsExceededError: no event within ``max_num_steps`` (adaptive) or
-            :data:`MAX_FIXED_EVENT_STEPS` steps (fixed); the solver errors of a failed solve.
+            :data:`MAX_FIXED_EVENT_STEPS` steps (fixed grid); the solver errors of a failed
+            solve.
     """
     progress = progress or Progress()
     kind = method_kind(spec.method)
-    if kind not in ("adaptive", "fixed"):
+    if kind == "scipy":
         raise SolverInputError(
-            f"event_fn is not supported by method {spec.method!r} on our engine; use an "
-            "explicit Runge-Kutta method (e.g. 'dopri5'), or backend='torchdiffeq'")
+            f"event_fn is not supported by method {spec.method!r} (nor by torchdiffeq's); use "
+            "an adaptive method such as 'dopri5'")
     if compile_arguments(spec.solve_options().get("compile")) is not None:
         raise SolverInputError("options['compile'] is not supported with event_fn (the event "
                                "search runs eagerly): drop one of them")
@@ -100,12 +102,12 @@ def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEven
     if bool(g0 == 0):
         return s0, y0
     sign0 = torch.sign(g0)
-    tab = get_tableau(spec.method)
-    assert isinstance(tab, ButcherTableau)
     if kind == "adaptive":
+        tab = get_tableau(spec.method)
+        assert isinstance(tab, ButcherTableau)
         return _adaptive_event(rhs, y0, s0, event, sign0, tab, spec, flat, stats, progress,
                                callbacks, norm, tolerances)
-    return _fixed_event(rhs, y0, s0, event, sign0, tab, spec, stats, progress, callbacks)
+    return _grid_event(rhs, y0, s0, event, sign0, spec, flat, stats, progress, callbacks)
 
 
 def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
@@ -131,22 +133,24 @@ def _adaptive_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
     raise AssertionError("unreachable: adaptive_steps never ends")  # pragma: no cover
 
 
-def _fixed_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0: torch.Tensor,
-                 tab: ButcherTableau, spec: SolverSpec, stats: SolverStats,
-                 progress: Progress, callbacks: StepCallbacks) -> tuple[float, torch.Tensor]:
+def _grid_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent, sign0: torch.Tensor,
+                spec: SolverSpec, flat: FlatState, stats: SolverStats, progress: Progress,
+                callbacks: StepCallbacks) -> tuple[float, torch.Tensor]:
+    """A fixed-grid method's event solve (explicit, implicit or Adams): its own loop on the
+    grid of ``step_size``, watched by :class:`_FixedEventWatch`."""
     options = spec.solve_options()
     h = options.get("step_size")
     if h is None:
         raise SolverInputError(
             f"event handling with the fixed-step method {spec.method!r} needs "
             "options={'step_size': ...} (or use an adaptive method such as 'dopri5')")
-    interp = fixed_interp(options)
-    watch = _FixedEventWatch(rhs, event, sign0, smallest(spec.atol), callbacks, interp)
+    watch = _FixedEventWatch(rhs, event, sign0, smallest(spec.atol), callbacks,
+                             fixed_interp(options))
     # the event is checked at the start of each step: one step more than the limit
     s_end = s0 + (MAX_FIXED_EVENT_STEPS + 1) * float(h)
     try:
-        integrate_fixed(watch.rhs, y0, [s0, s_end], lambda j, s, y: None, tab, float(h), stats,
-                        progress, watch, perturb=bool(options.get("perturb")), interp=interp)
+        solve_flat(watch.rhs, y0, [s0, s_end], lambda j, s, y: None, spec, flat, stats,
+                   progress=progress, callbacks=watch)
     except _EventFound as found:
         return found.s, found.y
     raise MaxStepsExceededError(
@@ -165,14 +169,16 @@ class _EventFound(Exception):
 
 
 class _FixedEventWatch(StepCallbacks):
-    """Watches a fixed-step solve (:func:`~solvers.integrate.integrate_fixed`) for the event.
+    """Watches a fixed-grid solve (explicit, implicit or Adams) for the event.
 
     At the start of every step after the first it checks the sign of the event at the grid
     point reached; when it changed, it finds the event in the step just taken by bisection on
     the step's output (cubic Hermite, or ``interp='linear'``: the straight line, as
     torchdiffeq's default) and raises :class:`_EventFound`. Its :meth:`rhs` wraps the
-    solve's right-hand side to keep the last evaluation, which at a step's start is f there.
-    Otherwise it passes the calls on to ``callbacks``.
+    solve's right-hand side to keep the last evaluation, which at a step's start is f there
+    (every fixed-grid loop evaluates f at a step's end, for the next step or its output,
+    after its stages, Newton solves or corrector). Otherwise it passes the calls on to
+    ``callbacks``.
     """
 
     def __init__(self, rhs: Rhs, event: FlatEvent, sign0: torch.Tensor, tol: float,
@@ -196,7 +202,7 @@ class _FixedEventWatch(StepCallbacks):
                 value_at = _hermite_at(y0, y, f0, self.f, s - s0, self.interp)
                 raise _EventFound(*bisect_event(value_at, s0, s, self.event, self.sign0,
                                                 self.tol))
-        self.previous = (s, y, self.f)  # integrate_fixed makes a new state every step
+        self.previous = (s, y, self.f)  # the fixed-grid loops make a new state every step
         self.callbacks.step(s, y, dt)
 
     def accept(self, s: float, y: torch.Tensor, dt: float) -> None:
