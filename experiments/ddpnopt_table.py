@@ -452,7 +452,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                  for r in d["results"].values())
         ax.set_ylim(max(0.0, lo - 15), 100)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(loc="lower right")
+    if axes[0][0].lines:
+        axes[0][0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
