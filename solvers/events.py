@@ -27,7 +27,14 @@ import torch
 
 from solvers.compiled import compile_arguments
 from solvers.errors import MaxStepsExceededError, SolverInputError
-from solvers.flat import FlatState, adaptive_stops, flat_tolerances, solve_flat, step_control
+from solvers.flat import (
+    FlatState,
+    adaptive_stops,
+    callback_time_dtype,
+    flat_tolerances,
+    solve_flat,
+    step_control,
+)
 from solvers.integrate import (
     NO_CALLBACKS,
     FlatTol,
@@ -38,7 +45,7 @@ from solvers.integrate import (
     _hermite_at,
     adaptive_steps,
 )
-from solvers.spec import SolverSpec, clock_dtype, fixed_interp, method_kind, smallest
+from solvers.spec import SolverSpec, fixed_interp, method_kind, smallest
 from solvers.stats import SolverStats
 from solvers.tableau import ButcherTableau, get_tableau
 
@@ -59,14 +66,6 @@ def combine_event_fn(event_fn: Callable, t0: torch.Tensor, y0: Any) -> Callable:
     def combined(t: torch.Tensor, y: Any) -> torch.Tensor:
         return torch.min(event_fn(t, y) * signs)
     return combined
-
-
-def event_time_dtype(spec: SolverSpec, y: torch.Tensor) -> torch.dtype:
-    """The dtype of the times given to event_fn, as torchdiffeq: for adaptive methods their
-    clock's (:func:`solvers.spec.clock_dtype`), the state's for fixed-step ones."""
-    if method_kind(spec.method) == "adaptive":
-        return clock_dtype(spec.solve_options(), y.dtype)
-    return y.dtype
 
 
 def integrate_until_event(rhs: Rhs, y0: torch.Tensor, s0: float, event: FlatEvent,
@@ -274,13 +273,13 @@ def solve_until_event(rhs: Rhs, flat: FlatState, y0: torch.Tensor, y0_user: Any,
                       stats: SolverStats, progress: Progress,
                       callbacks: StepCallbacks = NO_CALLBACKS) -> tuple[float, torch.Tensor]:
     """:func:`integrate_until_event` on the caller's terms: ``event_fn(t, y)`` with the
-    caller's time (a 0-dim tensor, see :func:`event_time_dtype`) and the state's structure,
-    from (t0, y0) in the direction ``direction``.
+    caller's time (a 0-dim tensor in the callbacks' time dtype, the state's on a fixed
+    grid) and the state's structure, from (t0, y0) in the direction ``direction``.
 
     Returns:
         (the caller's event time, the flat state there).
     """
-    dtype = event_time_dtype(spec, y0)
+    dtype = callback_time_dtype(spec, y0.dtype, y0.dtype)
     combined = combine_event_fn(event_fn, torch.tensor(t0, dtype=dtype, device=y0.device),
                                 y0_user)
 
