@@ -1,13 +1,14 @@
-"""Why the feedback columns of the ResNet rows score near chance: BatchNorm's running
-statistics, not the weights.
+"""Why the feedback columns of the ResNet rows scored near chance: BatchNorm's running
+statistics, not the weights; and what centring the feedback (``center_bn``) changes.
 
 The ResNet rows of ``ddpnopt_table.py`` (``resnet-mnist5k``, ``resnet-fmnist32``) evaluate
 in eval mode, where BatchNorm normalises with its running statistics. This script trains one
-seed of the row's net with two columns of the same optimizer class, DGNOpt ``mode="chain"``
-on the EKFAC base with the feedback on (the DDPNOpt column, at the row's chosen rate) and off
-(the EKFAC column), and every ``--eval-every`` iterations reports the mean training loss and
-the test accuracy three ways: eval mode with the running statistics (what the table
-reports), train mode (each test batch's own statistics), and eval mode after recalibrating
+seed of the row's net with three columns of the same optimizer class, DGNOpt ``mode="chain"``
+on the EKFAC base: the feedback on (the DDPNOpt column, at the row's chosen rate), centred
+before each BatchNorm (the default) and uncentred (``center_bn=False``, the feedback as first
+derived), and off (the EKFAC column), and every ``--eval-every`` iterations reports the mean
+training loss and the test accuracy three ways: eval mode with the running statistics (what
+the table reports), train mode (each test batch's own statistics), and eval mode after recalibrating
 the running statistics on ``--recalibrate`` training batches with the current weights (a
 copy of the model: training is not disturbed); and where the running statistics are off
 (:func:`running_misfit`: means, variances, the conv weights' scale). At the end, over the
@@ -18,12 +19,12 @@ final weights' population mean splits exactly into what was averaged before the 
 lag (the weights' population means in the window against the final one) and the noise; and
 how far one step moves the population means (the largest channel's jump per step), and the
 test accuracy with only the means, or only the variances, recomputed. Then
-(:func:`attribute_jumps`) the feedback column goes on for ``--attribution`` iterations, each
-step taken twice from the same state, with the feedback off and on: which part of the step
-makes the jumps, and how much each changes the train-mode function.
+(:func:`attribute_jumps`) each feedback column goes on for ``--attribution`` iterations, each
+step taken three times from the same state, with the feedback off, centred and uncentred:
+which part of the step makes the jumps, and how much each changes the train-mode function.
 
 Usage:
-    python experiments/dgnopt_batchnorm.py                       # ~10 min, one core
+    python experiments/dgnopt_batchnorm.py                       # ~25 min, one core
     python experiments/dgnopt_batchnorm.py --iterations 20 --eval-every 10 --out <dir>
 """
 
@@ -45,9 +46,14 @@ from ocnode.training import build_optimizer, train_step
 from ocnode.training.compare import build_model
 from ocnode.training.records import machine_info
 
-COLUMNS = {"DDPNOpt (feedback on)": {"base": "ekfac", "mode": "chain", "lr": 0.01},
+COLUMNS = {"DDPNOpt (centred feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01},
+           "DDPNOpt (uncentred feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01,
+                                            "center_bn": False},
            "EKFAC (feedback off)": {"base": "ekfac", "mode": "chain", "feedback": False,
                                     "lr": 0.03}}
+#: the steps :func:`attribute_jumps` takes from the same state: optimizer attributes
+STEPS = {"off": {"feedback": False}, "centred": {"feedback": True, "center_bn": True},
+         "uncentred": {"feedback": True, "center_bn": False}}
 
 
 def accuracies(task: Any, model: torch.nn.Module, batches: Any, recalibrate: int
@@ -175,12 +181,16 @@ def lag_report(task: Any, model: torch.nn.Module, record: BatchMeans,
 def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
                     ) -> dict[str, dict[str, float]]:
     """Continue a feedback run for ``n`` iterations; before each, take the same step from the
-    same state (model and optimizer state_dict) with the feedback off and on, and measure
-    for each: the worst channel's jump of the population means (in population sd), the
-    relative change of the train-mode logits on a fixed batch, and the step's norm. The run
-    goes on with the feedback-on step. Medians and maxima over the ``n`` iterations."""
+    same state (model and optimizer state_dict) each way of :data:`STEPS` (feedback off,
+    centred, uncentred), and measure for each: the worst channel's jump of the population
+    means (in population sd), the relative change of the train-mode logits on a fixed batch,
+    the step's norm, and the training loss on the step's batch after it (train mode, a
+    copy). The run goes on with its own kind of step (the last taken). Medians and maxima
+    over the ``n`` iterations."""
     model, opt, probe = run["model"], run["opt"], batches[0][0]
-    rows: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
+    own = "centred" if opt.center_bn else "uncentred"
+    order = [k for k in STEPS if k != own] + [own]
+    rows: dict[str, list[tuple[float, ...]]] = {k: [] for k in STEPS}
     before, var = population(model, batches)
     for _ in range(n):
         batch = next(run["batches"])
@@ -188,23 +198,26 @@ def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
         sd = [(v + m.eps).sqrt() for v, m in zip(var, _batchnorms(model))]
         with torch.no_grad():
             logits = model(probe)
-        for feedback in (False, True):
+        for key in order:
             model.load_state_dict(weights)
             opt.load_state_dict(state)
-            opt.feedback = feedback
+            for name, value in STEPS[key].items():
+                setattr(opt, name, value)
             train_step(model, opt, task.loss, batch)
             after, after_var = population(model, batches)
             with torch.no_grad():
                 change = float((model(probe) - logits).norm() / logits.norm())
+                loss = float(task.loss(copy.deepcopy(model).train(), batch))
             step = float(torch.sqrt(sum(((p.detach() - weights[k]) ** 2).sum()
                                         for k, p in model.named_parameters())))
-            rows["on" if feedback else "off"].append(
-                (_worst([a - b for a, b in zip(after, before)], sd), change, step))
-        before, var = after, after_var  # the run goes on from the feedback-on step
+            rows[key].append((_worst([a - b for a, b in zip(after, before)], sd), change, step,
+                              loss))
+        before, var = after, after_var  # the run goes on from its own kind of step
     return {key: {"jump_median": statistics.median(r[0] for r in rs),
                   "jump_max": max(r[0] for r in rs),
                   "logit_change_median": statistics.median(r[1] for r in rs),
-                  "step_norm_median": statistics.median(r[2] for r in rs)}
+                  "step_norm_median": statistics.median(r[2] for r in rs),
+                  "loss_after_median": statistics.median(r[3] for r in rs)}
             for key, rs in rows.items()}
 
 
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="iterations at the end whose weights the lag report replays")
     parser.add_argument("--attribution", type=int, default=40,
                         help="iterations the feedback column goes on for, each step taken "
-                             "with the feedback off and on from the same state")
+                             "with the feedback off, centred and uncentred from the same state")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "dgnopt-batchnorm")
     args = parser.parse_args(argv)
@@ -313,12 +326,15 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{100 * g['acc_vars_recomputed']:.1f} |")
     for col, parts in result["attribution"].items():
         lines += ["", f"Whose jumps: {col}, {result['args']['attribution']} more iterations, "
-                  "each step taken from the same state with the feedback off and on:", "",
+                  "each step taken from the same state with the feedback off, centred and "
+                  "uncentred:", "",
                   "| step | population-mean jump (median, max) | train-mode logit change "
-                  "(median, relative) | step norm (median) |", "|---|---|---|---|"]
+                  "(median, relative) | step norm (median) | training loss after the step "
+                  "(median) |", "|---|---|---|---|---|"]
         for key, g in parts.items():
             lines.append(f"| feedback {key} | {g['jump_median']:.3f}, {g['jump_max']:.3f} | "
-                         f"{g['logit_change_median']:.3f} | {g['step_norm_median']:.3f} |")
+                         f"{g['logit_change_median']:.3f} | {g['step_norm_median']:.3f} | "
+                         f"{g['loss_after_median']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -449,6 +449,76 @@ def test_dropout_in_a_body_is_replayed_in_the_update_pass():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
 
 
+# ----------------------------------------------------------------------------- BatchNorm centring
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_centred_direction_is_the_gradient_of_the_channel_centred_output_gradient(kind):
+    torch.manual_seed(0)
+    layer = (nn.Linear(5, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, padding=1)).double()
+    x = torch.randn(6, 5, dtype=F64) if kind == "linear" else torch.randn(6, 3, 5, 5, dtype=F64)
+    g, c = torch.randn_like(layer(x)), torch.randn(6, dtype=F64)
+    fast = dm.feedback_direction(layer, x, g, c, centre=True)
+    scaled = g * c.reshape(-1, *[1] * (g.dim() - 1))
+    dims = [d for d in range(g.dim()) if d != 1]
+    centred = scaled - scaled.mean(dims, keepdim=True)  # brute force: autograd of <G', h(x)>
+    brute = layer_gradient(*torch.autograd.grad((centred * layer(x)).sum(),
+                                                (layer.weight, layer.bias)))
+    assert torch.allclose(fast, brute, atol=1e-12)
+    assert fast[:, -1].abs().max() < 1e-12  # the bias column: a shift BatchNorm cancels
+    plain = dm.feedback_direction(layer, x, g, c)
+    assert plain[:, -1].abs().max() > 1e-3 and (plain - fast).abs().max() > 1e-3
+
+
+def _bn_chain(track=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 6),  # stage 0 has dx = 0
+                         nn.BatchNorm1d(6, track_running_stats=track), nn.Tanh(),
+                         nn.Linear(6, 4)).double()
+
+
+def _one_step(model, **hp):
+    """The layers' weights and biases after one SGD-base step of a copy of ``model``."""
+    model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # BatchNorm: no policy
+        opt = DDPNOpt(model, lr=0.1, **hp)
+    x, y = _toy(dtype=F64)
+    _step(model, opt, x[:16], y[:16])
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_center_bn_takes_the_batchnorm_shift_out_of_the_feedback_in_training_mode_only():
+    model = _bn_chain()
+    off, centred, plain = (_one_step(model, feedback=False), _one_step(model),
+                           _one_step(model, center_bn=False))
+    # the bias before the BatchNorm: its feedback is exactly the cancelled shift
+    assert torch.allclose(centred[3], off[3], atol=1e-14)
+    assert (plain[3] - off[3]).abs().max() > 1e-4
+    assert (centred[2] - off[2]).abs().max() > 1e-4  # the weight still gets feedback
+    assert (centred[2] - plain[2]).abs().max() > 1e-6
+    model.eval()  # running statistics: the BatchNorm cancels no shift, nothing is centred
+    assert all(torch.equal(a, b) for a, b in zip(_one_step(model),
+                                                   _one_step(model, center_bn=False)))
+    untracked = _bn_chain(track=False).eval()  # batch statistics even in eval mode
+    assert torch.allclose(_one_step(untracked)[3], _one_step(untracked, feedback=False)[3],
+                          atol=1e-14)
+
+
+def test_each_stage_knows_the_batchnorm_that_takes_its_layer_output():
+    with pytest.warns(UserWarning, match="no feedback policy"):
+        opt = DGNOpt(_bn_net(), lr=0.05)
+    found = {s.name: type(s.normaliser).__name__ if s.normaliser is not None else None
+             for s in opt.stages if s.layer is not None}
+    assert found == {"1": None, "3.body.0": "BatchNorm2d", "3.body.3": "BatchNorm2d",
+                     "5.body.0": "BatchNorm2d", "5.body.3": None,
+                     "5.shortcut.0": "BatchNorm2d", "9": None}
+    folded = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, affine=False), nn.Tanh(),
+                           nn.Linear(3, 2))  # a BatchNorm without parameters: a follower
+    stages = DDPNOpt(folded, lr=0.1).stages
+    assert stages[0].normaliser is folded[1] and stages[1].normaliser is None
+
+
 # ----------------------------------------------------------------------------- torch contract
 
 

@@ -229,19 +229,34 @@ def weight_gradient(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
     return layer_gradient(g.t() @ z, g.sum(0) if bias else None)
 
 
-def feedback_direction(module: nn.Module, x: Tensor, grad_out: Tensor, c: Tensor) -> Tensor:
+def feedback_direction(module: nn.Module, x: Tensor, grad_out: Tensor, c: Tensor,
+                       centre: bool = False) -> Tensor:
     """E[Q_ux dx] = (1/B) sum_i c_i q_u^(i): one weight gradient with grad_out scaled per sample.
 
     Since q_u^(i) = B * (sample i's part of the weight gradient of L), the B's cancel.
 
+    With ``centre`` (the layer's output goes straight into a BatchNorm that normalises with
+    the batch's statistics), the scaled output gradient is first centred per channel (over
+    every dimension but 1, as BatchNorm averages). Such a BatchNorm cancels any per-channel
+    shift of its input, so the gradients it passes back sum to zero per channel; the
+    per-sample weights c break that sum. The per-channel constant they add is, at the
+    layer's output, a shift the BatchNorm cancels; in the weights it is a step along the
+    layer's mean input (times the bias's share), which moves the channel's mean far more
+    than anything the training loss sees, and the running statistics must trail it.
+    Centring drops it (a bias then gets no feedback at all).
+
     Args:
         module: the stage's layer. x: its input (B, ...). grad_out: dL/dh at its output.
         c: (B,) the per-sample weights (:func:`feedback_weights`, times the V_xx factor).
+        centre: centre the scaled output gradient per channel first.
 
     Returns:
         (d_out, d_in [+1]).
     """
-    return weight_gradient(module, x, grad_out * _per_sample(c, grad_out))
+    scaled = grad_out * _per_sample(c, grad_out)
+    if centre:
+        scaled = scaled - scaled.mean([d for d in range(scaled.dim()) if d != 1], keepdim=True)
+    return weight_gradient(module, x, scaled)
 
 
 def per_sample_gradients(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:

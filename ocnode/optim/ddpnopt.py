@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.hooks import RemovableHandle
 
@@ -62,12 +63,15 @@ class Stage:
             optimizer trains), or None: the stage takes the base step only.
         stochastic: the stage has dropout/RReLU (its random draws are replayed in the
             update pass).
+        normaliser: the BatchNorm that takes the layer's output as its input (the stage's
+            next module, or the next stage's first), or None.
     """
 
     modules: tuple[nn.Module, ...]
     name: str
     layer: CoveredLayer | None
     stochastic: bool
+    normaliser: _BatchNorm | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -176,13 +180,17 @@ def group_stages(entries: Iterable[tuple[str, nn.Module]], owned: set[int],
         _check_entry(name, m, seen, message)
         groups.append((name, [m]))
     stages, unsupported = [], []
-    for name, mods in groups:
+    for k, (name, mods) in enumerate(groups):
         layer = _feedback_layer(mods[0], owned)
         trained = any(id(p) in owned and p.requires_grad for p in mods[0].parameters())
         if layer is None and trained:
             unsupported.append(f"{name} ({type(mods[0]).__name__})")
+        after = mods[1] if len(mods) > 1 else groups[k + 1][1][0] if k + 1 < len(groups) \
+            else None
         stages.append(Stage(tuple(mods), name, layer,
-                            any(isinstance(m, _STOCHASTIC) for m in mods)))
+                            any(isinstance(m, _STOCHASTIC) for m in mods),
+                            after if isinstance(after, _BatchNorm)
+                            else None))
     return Chain(tuple(prefix), stages, unsupported)
 
 
@@ -433,6 +441,12 @@ class DDPNOpt(torch.optim.Optimizer):
             step is scaled down to at most this multiple of its base step's norm. None (the
             default): the paper's update exactly; 1 keeps deep ReLU CNNs stable (see
             docs/ddpnopt.md).
+        center_bn: centre the feedback of a layer whose output goes straight into a
+            BatchNorm normalising with batch statistics (training mode), per channel: the
+            shift such a BatchNorm cancels is taken out of the step, so the feedback no
+            longer moves the channels' means, which the running statistics trail (see
+            :func:`ddp_math.feedback_direction` and docs/ddpnopt.md). False: the feedback as
+            derived, uncentred.
         params: parameters or parameter groups (default ``model.parameters()``).
 
     Attributes:
@@ -454,7 +468,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  eps: float = 1e-8, alpha: float | None = None, eps_ekfac: float = 0.05,
                  update_freq: int = 100, eps_vxx: float = 0.0, vxx_correction: bool = False,
                  feedback: bool = True, second_order: bool = False,
-                 max_feedback_ratio: float | None = None,
+                 max_feedback_ratio: float | None = None, center_bn: bool = True,
                  params: Iterable | None = None) -> None:
         name = type(self).__name__
         if not isinstance(model, nn.Module):
@@ -475,7 +489,7 @@ class DDPNOpt(torch.optim.Optimizer):
         self.model, self.base, self.update_freq = model, base, update_freq
         self.eps_vxx, self.vxx_correction = float(eps_vxx), bool(vxx_correction)
         self.feedback, self.second_order = bool(feedback), bool(second_order)
-        self.max_feedback_ratio = max_feedback_ratio
+        self.max_feedback_ratio, self.center_bn = max_feedback_ratio, bool(center_bn)
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         self.stages, unsupported = self._structure(model, owned)
         if unsupported:
@@ -775,7 +789,7 @@ class DDPNOpt(torch.optim.Optimizer):
         """(1/B) sum_i c_i q_u^(i), plus the eps_vxx and second-order terms along dx."""
         stage, rec = self.stages[t], records[t]
         layer, x = cast(CoveredLayer, stage.layer), cast(Tensor, rec.x)
-        out = ddp_math.feedback_direction(layer.module, x, cast(Tensor, rec.g), c)
+        out = self._layer_direction(t, records, c)
         if not (self.eps_vxx or self.second_order):
             return out
         fn = ddp_math.stage_function(stage.modules, stage.names)
@@ -788,6 +802,15 @@ class DDPNOpt(torch.optim.Optimizer):
                 gy = cast(Tensor, self._grad_at_output(records, t))
                 out = out + _as_matrix(ddp_math.mixed_direction(fn, params, x, dx, gy))
         return out
+
+    def _layer_direction(self, t: int, records: list[_Record], c: Tensor) -> Tensor:
+        """(1/B) sum_i c_i q_u^(i) of stage t's layer, centred per channel (``center_bn``)
+        when a BatchNorm in batch-statistics mode takes the layer's output."""
+        bn, rec = self.stages[t].normaliser, records[t]
+        centre = self.center_bn and bn is not None and (
+            bn.training or (bn.running_mean is None and bn.running_var is None))
+        return ddp_math.feedback_direction(cast(CoveredLayer, self.stages[t].layer).module,
+                                           cast(Tensor, rec.x), cast(Tensor, rec.g), c, centre)
 
     def _apply_feedback(self, layer: CoveredLayer, step: Tensor,
                         new: dict[Tensor, Tensor]) -> None:

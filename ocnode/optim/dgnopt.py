@@ -313,7 +313,7 @@ class DGNOpt(DDPNOpt):
             'chain' (FNE without the skip terms: DDPNOpt's rule on each layer's own input,
             the skips ignored; a baseline).
         momentum, weight_decay, betas, eps, alpha, eps_ekfac, update_freq, eps_vxx,
-            vxx_correction, feedback, second_order, max_feedback_ratio, params: as
+            vxx_correction, feedback, second_order, max_feedback_ratio, center_bn, params: as
             :class:`~ocnode.optim.DDPNOpt` (eps_vxx and second_order act on a layer's own
             input in FNE and on the whole block in GR).
 
@@ -336,7 +336,7 @@ class DGNOpt(DDPNOpt):
                  alpha: float | None = None, eps_ekfac: float = 0.05, update_freq: int = 100,
                  eps_vxx: float = 0.0, vxx_correction: bool = False, feedback: bool = True,
                  second_order: bool = False, max_feedback_ratio: float | None = None,
-                 params: Iterable | None = None) -> None:
+                 center_bn: bool = True, params: Iterable | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be 'fne' (feedback Nash: each layer a player), 'gr' "
                              "(group rationality: a block's layers cooperate) or 'chain' (the "
@@ -344,7 +344,7 @@ class DGNOpt(DDPNOpt):
         self.mode = mode
         super().__init__(model, lr, base, momentum, weight_decay, betas, eps, alpha, eps_ekfac,
                          update_freq, eps_vxx, vxx_correction, feedback, second_order,
-                         max_feedback_ratio, params)
+                         max_feedback_ratio, center_bn, params)
 
     # ---- structure -----------------------------------------------------------------------
 
@@ -483,9 +483,8 @@ class DGNOpt(DDPNOpt):
                 c = c * r2[layers[0]]
             extras = self._group_terms(block, records, layers, d_r)
             for t, extra in zip(layers, extras):
-                layer, rec = cast(CoveredLayer, self.stages[t].layer), records[t]
-                direction = ddp_math.feedback_direction(layer.module, cast(Tensor, rec.x),
-                                                        cast(Tensor, rec.g), c)
+                layer = cast(CoveredLayer, self.stages[t].layer)
+                direction = self._layer_direction(t, records, c)
                 direction = self._global_direction(direction if extra is None
                                                    else direction + extra)
                 self._apply_feedback(layer, maps[t](direction), new)
