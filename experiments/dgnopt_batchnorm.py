@@ -1,11 +1,11 @@
 """Why the feedback columns of the ResNet rows scored near chance: BatchNorm's running
-statistics, not the weights; and what centring the feedback (``center_bn``) changes.
+statistics, not the weights; and what projecting the feedback (``project_bn``) changes.
 
 The ResNet rows of ``ddpnopt_table.py`` (``resnet-mnist5k``, ``resnet-fmnist32``) evaluate
 in eval mode, where BatchNorm normalises with its running statistics. This script trains one
 seed of the row's net with three columns of the same optimizer class, DGNOpt ``mode="chain"``
-on the EKFAC base: the feedback on (the DDPNOpt column, at the row's chosen rate), centred
-before each BatchNorm (the default) and uncentred (``center_bn=False``, the feedback as first
+on the EKFAC base: the feedback on (the DDPNOpt column, at the row's chosen rate), projected
+before each BatchNorm (the default) and unprojected (``project_bn=False``, the feedback as first
 derived), and off (the EKFAC column), and every ``--eval-every`` iterations reports the mean
 training loss and the test accuracy three ways: eval mode with the running statistics (what
 the table reports), train mode (each test batch's own statistics), and eval mode after recalibrating
@@ -20,7 +20,7 @@ lag (the weights' population means in the window against the final one) and the 
 how far one step moves the population means (the largest channel's jump per step), and the
 test accuracy with only the means, or only the variances, recomputed. Then
 (:func:`attribute_jumps`) each feedback column goes on for ``--attribution`` iterations, each
-step taken three times from the same state, with the feedback off, centred and uncentred:
+step taken three times from the same state, with the feedback off, projected and unprojected:
 which part of the step makes the jumps, and how much each changes the train-mode function.
 
 Usage:
@@ -46,14 +46,14 @@ from ocnode.training import build_optimizer, train_step
 from ocnode.training.compare import build_model
 from ocnode.training.records import machine_info
 
-COLUMNS = {"DDPNOpt (centred feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01},
-           "DDPNOpt (uncentred feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01,
-                                            "center_bn": False},
+COLUMNS = {"DDPNOpt (projected feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01},
+           "DDPNOpt (unprojected feedback)": {"base": "ekfac", "mode": "chain", "lr": 0.01,
+                                            "project_bn": False},
            "EKFAC (feedback off)": {"base": "ekfac", "mode": "chain", "feedback": False,
                                     "lr": 0.03}}
 #: the steps :func:`attribute_jumps` takes from the same state: optimizer attributes
-STEPS = {"off": {"feedback": False}, "centred": {"feedback": True, "center_bn": True},
-         "uncentred": {"feedback": True, "center_bn": False}}
+STEPS = {"off": {"feedback": False}, "projected": {"feedback": True, "project_bn": True},
+         "unprojected": {"feedback": True, "project_bn": False}}
 
 
 def accuracies(task: Any, model: torch.nn.Module, batches: Any, recalibrate: int
@@ -182,13 +182,13 @@ def attribute_jumps(task: Any, run: dict[str, Any], batches: list[Any], n: int
                     ) -> dict[str, dict[str, float]]:
     """Continue a feedback run for ``n`` iterations; before each, take the same step from the
     same state (model and optimizer state_dict) each way of :data:`STEPS` (feedback off,
-    centred, uncentred), and measure for each: the worst channel's jump of the population
+    projected, unprojected), and measure for each: the worst channel's jump of the population
     means (in population sd), the relative change of the train-mode logits on a fixed batch,
     the step's norm, and the training loss on the step's batch after it (train mode, a
     copy). The run goes on with its own kind of step (the last taken). Medians and maxima
     over the ``n`` iterations."""
     model, opt, probe = run["model"], run["opt"], batches[0][0]
-    own = "centred" if opt.center_bn else "uncentred"
+    own = "projected" if opt.project_bn else "unprojected"
     order = [k for k in STEPS if k != own] + [own]
     rows: dict[str, list[tuple[float, ...]]] = {k: [] for k in STEPS}
     before, var = population(model, batches)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="iterations at the end whose weights the lag report replays")
     parser.add_argument("--attribution", type=int, default=40,
                         help="iterations the feedback column goes on for, each step taken "
-                             "with the feedback off, centred and uncentred from the same state")
+                             "with the feedback off, projected and unprojected from the same state")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "dgnopt-batchnorm")
     args = parser.parse_args(argv)
@@ -326,8 +326,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{100 * g['acc_vars_recomputed']:.1f} |")
     for col, parts in result["attribution"].items():
         lines += ["", f"Whose jumps: {col}, {result['args']['attribution']} more iterations, "
-                  "each step taken from the same state with the feedback off, centred and "
-                  "uncentred:", "",
+                  "each step taken from the same state with the feedback off, projected and "
+                  "unprojected:", "",
                   "| step | population-mean jump (median, max) | train-mode logit change "
                   "(median, relative) | step norm (median) | training loss after the step "
                   "(median) |", "|---|---|---|---|---|"]

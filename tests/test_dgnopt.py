@@ -449,25 +449,33 @@ def test_dropout_in_a_body_is_replayed_in_the_update_pass():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
 
 
-# ----------------------------------------------------------------------------- BatchNorm centring
+# ----------------------------------------------------------------------------- BatchNorm projection
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_centred_direction_is_the_gradient_of_the_channel_centred_output_gradient(kind):
+def test_projected_direction_is_the_gradient_of_the_part_batchnorm_passes_on(kind):
     torch.manual_seed(0)
     layer = (nn.Linear(5, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, padding=1)).double()
     x = torch.randn(6, 5, dtype=F64) if kind == "linear" else torch.randn(6, 3, 5, 5, dtype=F64)
-    g, c = torch.randn_like(layer(x)), torch.randn(6, dtype=F64)
-    fast = dm.feedback_direction(layer, x, g, c, centre=True)
-    scaled = g * c.reshape(-1, *[1] * (g.dim() - 1))
-    dims = [d for d in range(g.dim()) if d != 1]
-    centred = scaled - scaled.mean(dims, keepdim=True)  # brute force: autograd of <G', h(x)>
-    brute = layer_gradient(*torch.autograd.grad((centred * layer(x)).sum(),
+    h = layer(x).detach()
+    g, c = torch.randn_like(h), torch.randn(6, dtype=F64)
+    fast = dm.feedback_direction(layer, x, g, c, normalised=h)
+    scaled = (g * c.reshape(-1, *[1] * (g.dim() - 1))).movedim(1, -1).reshape(-1, 4)
+    rows = h.movedim(1, -1).reshape(-1, 4)
+    kept = torch.empty_like(scaled)
+    for k in range(4):  # brute force: the least-squares residual of g_k on [1, h_k]
+        design = torch.stack([torch.ones_like(rows[:, k]), rows[:, k]], 1)
+        coef = torch.linalg.lstsq(design, scaled[:, k:k + 1]).solution
+        kept[:, k] = scaled[:, k] - (design @ coef)[:, 0]
+    kept = kept.reshape(h.movedim(1, -1).shape).movedim(-1, 1)
+    brute = layer_gradient(*torch.autograd.grad((kept * layer(x)).sum(),
                                                 (layer.weight, layer.bias)))
     assert torch.allclose(fast, brute, atol=1e-12)
-    assert fast[:, -1].abs().max() < 1e-12  # the bias column: a shift BatchNorm cancels
+    w = layer.weight.detach().reshape(4, -1)
+    assert fast[:, -1].abs().max() < 1e-12  # the shift BatchNorm cancels: no bias step
+    assert ((fast[:, :-1] * w).sum(1).abs() < 1e-12).all()  # nor a scaling of any row
     plain = dm.feedback_direction(layer, x, g, c)
-    assert plain[:, -1].abs().max() > 1e-3 and (plain - fast).abs().max() > 1e-3
+    assert plain[:, -1].abs().max() > 1e-3 and (plain[:, :-1] * w).sum(1).abs().max() > 1e-3
 
 
 def _bn_chain(track=True):
@@ -478,7 +486,7 @@ def _bn_chain(track=True):
 
 
 def _one_step(model, **hp):
-    """The layers' weights and biases after one SGD-base step of a copy of ``model``."""
+    """The parameters after one SGD-base step of a copy of ``model``."""
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # BatchNorm: no policy
@@ -488,18 +496,20 @@ def _one_step(model, **hp):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_center_bn_takes_the_batchnorm_shift_out_of_the_feedback_in_training_mode_only():
+def test_project_bn_takes_the_batchnorm_invariances_out_of_the_feedback_in_training_mode():
     model = _bn_chain()
-    off, centred, plain = (_one_step(model, feedback=False), _one_step(model),
-                           _one_step(model, center_bn=False))
-    # the bias before the BatchNorm: its feedback is exactly the cancelled shift
-    assert torch.allclose(centred[3], off[3], atol=1e-14)
+    off, projected, plain = (_one_step(model, feedback=False), _one_step(model),
+                             _one_step(model, project_bn=False))
+    w = model[2].weight.detach()
+    # the layer before the BatchNorm: with SGD the feedback is -lr * the projected direction
+    assert torch.allclose(projected[3], off[3], atol=1e-14)  # no shift of its output
+    assert ((projected[2] - off[2]) * w).sum(1).abs().max() < 1e-14  # no scaling
+    assert (projected[2] - off[2]).abs().max() > 1e-4  # but feedback all the same
     assert (plain[3] - off[3]).abs().max() > 1e-4
-    assert (centred[2] - off[2]).abs().max() > 1e-4  # the weight still gets feedback
-    assert (centred[2] - plain[2]).abs().max() > 1e-6
-    model.eval()  # running statistics: the BatchNorm cancels no shift, nothing is centred
+    assert ((plain[2] - off[2]) * w).sum(1).abs().max() > 1e-4
+    model.eval()  # running statistics: the BatchNorm cancels nothing, nothing is projected
     assert all(torch.equal(a, b) for a, b in zip(_one_step(model),
-                                                   _one_step(model, center_bn=False)))
+                                                   _one_step(model, project_bn=False)))
     untracked = _bn_chain(track=False).eval()  # batch statistics even in eval mode
     assert torch.allclose(_one_step(untracked)[3], _one_step(untracked, feedback=False)[3],
                           atol=1e-14)

@@ -16,7 +16,7 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
                    "--recalibrate", "2", "--attribution", "2", "--out", str(tmp_path),
                    timeout=300)
     result = json.loads((tmp_path / "summary.json").read_text())
-    assert set(result["rows"]) == {"DDPNOpt (centred feedback)", "DDPNOpt (uncentred feedback)",
+    assert set(result["rows"]) == {"DDPNOpt (projected feedback)", "DDPNOpt (unprojected feedback)",
                                    "EKFAC (feedback off)"}
     for rows in result["rows"].values():
         assert [r["iteration"] for r in rows] == [2, 4]
@@ -35,17 +35,17 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
         assert 0 <= g["jump_median"] <= g["jump_max"] and g["jump_last"] <= g["jump_max"]
         for k in ("acc_running", "acc_means_recomputed", "acc_vars_recomputed"):
             assert 0.0 <= g[k] <= 1.0
-    assert "| DDPNOpt (centred feedback) | " in md.split("Why the running means")[1]
+    assert "| DDPNOpt (projected feedback) | " in md.split("Why the running means")[1]
     # only the feedback columns are attributed; each of the three steps is a real, other one
-    assert list(result["attribution"]) == ["DDPNOpt (centred feedback)",
-                                           "DDPNOpt (uncentred feedback)"]
+    assert list(result["attribution"]) == ["DDPNOpt (projected feedback)",
+                                           "DDPNOpt (unprojected feedback)"]
     for parts in result["attribution"].values():
-        assert set(parts) == {"off", "centred", "uncentred"}
+        assert set(parts) == {"off", "projected", "unprojected"}
         for g in parts.values():
             assert 0 <= g["jump_median"] <= g["jump_max"] and g["step_norm_median"] > 0
             assert g["logit_change_median"] > 0 and g["loss_after_median"] > 0
         assert len({json.dumps(g) for g in parts.values()}) == 3
-    assert all(f"| feedback {k} |" in md for k in ("off", "centred", "uncentred"))
+    assert all(f"| feedback {k} |" in md for k in ("off", "projected", "unprojected"))
 
 
 def test_decompose_splits_the_running_mean_misfit_exactly() -> None:

@@ -230,33 +230,50 @@ def weight_gradient(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
 
 
 def feedback_direction(module: nn.Module, x: Tensor, grad_out: Tensor, c: Tensor,
-                       centre: bool = False) -> Tensor:
+                       normalised: Tensor | None = None) -> Tensor:
     """E[Q_ux dx] = (1/B) sum_i c_i q_u^(i): one weight gradient with grad_out scaled per sample.
 
     Since q_u^(i) = B * (sample i's part of the weight gradient of L), the B's cancel.
 
-    With ``centre`` (the layer's output goes straight into a BatchNorm that normalises with
-    the batch's statistics), the scaled output gradient is first centred per channel (over
-    every dimension but 1, as BatchNorm averages). Such a BatchNorm cancels any per-channel
-    shift of its input, so the gradients it passes back sum to zero per channel; the
-    per-sample weights c break that sum. The per-channel constant they add is, at the
-    layer's output, a shift the BatchNorm cancels; in the weights it is a step along the
-    layer's mean input (times the bias's share), which moves the channel's mean far more
-    than anything the training loss sees, and the running statistics must trail it.
-    Centring drops it (a bias then gets no feedback at all).
+    ``normalised``: the layer's output h, when it goes straight into a BatchNorm that
+    normalises with the batch's statistics. Such a BatchNorm cancels a per-channel shift and
+    a per-channel scaling of h, so the gradients it passes back are orthogonal, per channel,
+    to the constant and to h itself (the step leaves the bias and each weight row's length
+    alone, to first order). The per-sample weights c break both; the scaled output gradient
+    is then projected back, per channel (over every dimension but 1, as BatchNorm averages),
+    onto the complement of {1, h}: see :func:`batchnorm_projection`.
 
     Args:
         module: the stage's layer. x: its input (B, ...). grad_out: dL/dh at its output.
         c: (B,) the per-sample weights (:func:`feedback_weights`, times the V_xx factor).
-        centre: centre the scaled output gradient per channel first.
+        normalised: h (grad_out's shape), or None (no projection).
 
     Returns:
         (d_out, d_in [+1]).
     """
     scaled = grad_out * _per_sample(c, grad_out)
-    if centre:
-        scaled = scaled - scaled.mean([d for d in range(scaled.dim()) if d != 1], keepdim=True)
+    if normalised is not None:
+        scaled = batchnorm_projection(scaled, normalised)
     return weight_gradient(module, x, scaled)
+
+
+def batchnorm_projection(g: Tensor, h: Tensor) -> Tensor:
+    """g with its per-channel components along 1 and h removed: the part of an output
+    gradient that a training-mode BatchNorm on h does not cancel.
+
+    Per channel k (dimension 1), over the other dimensions: g_k - mean(g_k) - h~_k <g_k, h~_k> /
+    <h~_k, h~_k>, with h~ = h - mean(h). The result sums to zero and is orthogonal to h on
+    each channel, so the weight step it makes, G = sum g z^T, satisfies <G_k, W_k> = 0 and
+    leaves the bias unchanged (h = W z + b).
+
+    Args:
+        g, h: the same shape (B, C, ...).
+    """
+    dims = [d for d in range(g.dim()) if d != 1]
+    gc, hc = g - g.mean(dims, keepdim=True), h - h.mean(dims, keepdim=True)
+    scale = (gc * hc).sum(dims, keepdim=True) / (hc * hc).sum(dims, keepdim=True).clamp_min(
+        torch.finfo(hc.dtype).tiny)
+    return gc - hc * scale
 
 
 def per_sample_gradients(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:

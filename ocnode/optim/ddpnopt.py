@@ -204,6 +204,7 @@ class _Record:
     x: Tensor | None = None  # stage input x_t (= the layer's input), (B, ...)
     gx: Tensor | None = None  # dL/dx_t
     g: Tensor | None = None  # dL/dh at the layer's output
+    h: Tensor | None = None  # the layer's output h (stages whose output a BatchNorm takes)
     gy: Tensor | None = None  # dL/dx_T at the model's output (last stage, second order)
     rng: tuple[Tensor, Tensor | None, torch.device] | None = None
 
@@ -271,7 +272,8 @@ class _Recorder:
             first = stage.modules[0]
             self._handles.append(first.register_forward_pre_hook(self._pre_hook(t)))
             if stage.layer is not None:
-                self._handles.append(first.register_forward_hook(self._out_hook(first, t, "g")))
+                self._handles.append(first.register_forward_hook(
+                    self._out_hook(first, t, "g", keep=stage.normaliser is not None)))
         if want_gy and stages:
             self._handles.append(model.register_forward_hook(
                 self._out_hook(model, len(stages) - 1, "gy")))
@@ -326,12 +328,16 @@ class _Recorder:
             return owner.register_forward_pre_hook(on_input)
         return owner.register_forward_hook(on_output)
 
-    def _out_hook(self, owner: nn.Module, t: int,
-                  field: str) -> Callable[[nn.Module, tuple, Any], None]:
+    def _out_hook(self, owner: nn.Module, t: int, field: str,
+                  keep: bool = False) -> Callable[[nn.Module, tuple, Any], None]:
+        """Record the gradient at ``owner``'s output in ``field`` (and, with ``keep``, the
+        output itself in ``h``)."""
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if module is owner and self._recording() and isinstance(output, Tensor) \
                     and output.requires_grad:
                 output.register_hook(self._grad_hook(t, field))
+                if keep and self.records is not None:
+                    self.records[t].h = output.detach()
         return hook
 
     def _grad_hook(self, t: int, field: str) -> Callable[[Tensor], None]:
@@ -441,12 +447,12 @@ class DDPNOpt(torch.optim.Optimizer):
             step is scaled down to at most this multiple of its base step's norm. None (the
             default): the paper's update exactly; 1 keeps deep ReLU CNNs stable (see
             docs/ddpnopt.md).
-        center_bn: centre the feedback of a layer whose output goes straight into a
-            BatchNorm normalising with batch statistics (training mode), per channel: the
-            shift such a BatchNorm cancels is taken out of the step, so the feedback no
-            longer moves the channels' means, which the running statistics trail (see
-            :func:`ddp_math.feedback_direction` and docs/ddpnopt.md). False: the feedback as
-            derived, uncentred.
+        project_bn: for a layer whose output goes straight into a BatchNorm normalising
+            with batch statistics (training mode), project the feedback, per channel, off
+            the shift and the scaling such a BatchNorm cancels (as its own backward does for
+            the gradient), so the feedback no longer moves the channels' means and scales,
+            which the running statistics trail (:func:`ddp_math.batchnorm_projection`,
+            docs/ddpnopt.md). False: the feedback as derived.
         params: parameters or parameter groups (default ``model.parameters()``).
 
     Attributes:
@@ -468,7 +474,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  eps: float = 1e-8, alpha: float | None = None, eps_ekfac: float = 0.05,
                  update_freq: int = 100, eps_vxx: float = 0.0, vxx_correction: bool = False,
                  feedback: bool = True, second_order: bool = False,
-                 max_feedback_ratio: float | None = None, center_bn: bool = True,
+                 max_feedback_ratio: float | None = None, project_bn: bool = True,
                  params: Iterable | None = None) -> None:
         name = type(self).__name__
         if not isinstance(model, nn.Module):
@@ -489,7 +495,7 @@ class DDPNOpt(torch.optim.Optimizer):
         self.model, self.base, self.update_freq = model, base, update_freq
         self.eps_vxx, self.vxx_correction = float(eps_vxx), bool(vxx_correction)
         self.feedback, self.second_order = bool(feedback), bool(second_order)
-        self.max_feedback_ratio, self.center_bn = max_feedback_ratio, bool(center_bn)
+        self.max_feedback_ratio, self.project_bn = max_feedback_ratio, bool(project_bn)
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         self.stages, unsupported = self._structure(model, owned)
         if unsupported:
@@ -804,13 +810,14 @@ class DDPNOpt(torch.optim.Optimizer):
         return out
 
     def _layer_direction(self, t: int, records: list[_Record], c: Tensor) -> Tensor:
-        """(1/B) sum_i c_i q_u^(i) of stage t's layer, centred per channel (``center_bn``)
-        when a BatchNorm in batch-statistics mode takes the layer's output."""
+        """(1/B) sum_i c_i q_u^(i) of stage t's layer, projected (``project_bn``) when a
+        BatchNorm in batch-statistics mode takes the layer's output."""
         bn, rec = self.stages[t].normaliser, records[t]
-        centre = self.center_bn and bn is not None and (
+        project = self.project_bn and bn is not None and rec.h is not None and (
             bn.training or (bn.running_mean is None and bn.running_var is None))
         return ddp_math.feedback_direction(cast(CoveredLayer, self.stages[t].layer).module,
-                                           cast(Tensor, rec.x), cast(Tensor, rec.g), c, centre)
+                                           cast(Tensor, rec.x), cast(Tensor, rec.g), c,
+                                           rec.h if project else None)
 
     def _apply_feedback(self, layer: CoveredLayer, step: Tensor,
                         new: dict[Tensor, Tensor]) -> None:

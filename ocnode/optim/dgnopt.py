@@ -313,7 +313,7 @@ class DGNOpt(DDPNOpt):
             'chain' (FNE without the skip terms: DDPNOpt's rule on each layer's own input,
             the skips ignored; a baseline).
         momentum, weight_decay, betas, eps, alpha, eps_ekfac, update_freq, eps_vxx,
-            vxx_correction, feedback, second_order, max_feedback_ratio, center_bn, params: as
+            vxx_correction, feedback, second_order, max_feedback_ratio, project_bn, params: as
             :class:`~ocnode.optim.DDPNOpt` (eps_vxx and second_order act on a layer's own
             input in FNE and on the whole block in GR).
 
@@ -336,7 +336,7 @@ class DGNOpt(DDPNOpt):
                  alpha: float | None = None, eps_ekfac: float = 0.05, update_freq: int = 100,
                  eps_vxx: float = 0.0, vxx_correction: bool = False, feedback: bool = True,
                  second_order: bool = False, max_feedback_ratio: float | None = None,
-                 center_bn: bool = True, params: Iterable | None = None) -> None:
+                 project_bn: bool = True, params: Iterable | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be 'fne' (feedback Nash: each layer a player), 'gr' "
                              "(group rationality: a block's layers cooperate) or 'chain' (the "
@@ -344,7 +344,7 @@ class DGNOpt(DDPNOpt):
         self.mode = mode
         super().__init__(model, lr, base, momentum, weight_decay, betas, eps, alpha, eps_ekfac,
                          update_freq, eps_vxx, vxx_correction, feedback, second_order,
-                         max_feedback_ratio, center_bn, params)
+                         max_feedback_ratio, project_bn, params)
 
     # ---- structure -----------------------------------------------------------------------
 

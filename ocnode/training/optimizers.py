@@ -89,7 +89,7 @@ _DDPNOPT_DEFAULTS: dict[str, Any] = {
     "lr": None, "base": "sgd", "momentum": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
     "eps": 1e-8, "alpha": None, "eps_ekfac": 0.05, "update_freq": 100, "eps_vxx": 0.0,
     "vxx_correction": False, "feedback": True, "second_order": False,
-    "max_feedback_ratio": None, "center_bn": True}
+    "max_feedback_ratio": None, "project_bn": True}
 
 
 #: DDPNOpt's learning rate when none is given: its base optimizer's usual one.
