@@ -185,12 +185,12 @@ def group_stages(entries: Iterable[tuple[str, nn.Module]], owned: set[int],
         trained = any(id(p) in owned and p.requires_grad for p in mods[0].parameters())
         if layer is None and trained:
             unsupported.append(f"{name} ({type(mods[0]).__name__})")
+        # the module that takes the layer's output: its follower, or the next stage's layer
         after = mods[1] if len(mods) > 1 else groups[k + 1][1][0] if k + 1 < len(groups) \
             else None
         stages.append(Stage(tuple(mods), name, layer,
                             any(isinstance(m, _STOCHASTIC) for m in mods),
-                            after if isinstance(after, _BatchNorm)
-                            else None))
+                            after if isinstance(after, _BatchNorm) else None))
     return Chain(tuple(prefix), stages, unsupported)
 
 
