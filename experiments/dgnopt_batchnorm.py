@@ -285,8 +285,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     attribution = {col: attribute_jumps(task, run, lag_batches, args.attribution)
                    for col, run in runs.items() if run["opt"].feedback and args.attribution}
     print(attribution, flush=True)
-    result = {"command": "python experiments/dgnopt_batchnorm.py", "args": vars(args) | {
-        "out": "experiments/results/dgnopt-batchnorm"}, "columns": COLUMNS,
+    changed = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                      if k != "out" and v != parser.get_default(k))
+    result = {"command": f"python experiments/dgnopt_batchnorm.py{changed}",
+              "args": vars(args) | {"out": args.out.name}, "columns": COLUMNS,
         "machine": machine_info(), "wall_s": time.perf_counter() - start,
         "rows": {col: run["rows"] for col, run in runs.items()}, "lag": lag,
         "attribution": attribution}
