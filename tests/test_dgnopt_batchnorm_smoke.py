@@ -16,6 +16,8 @@ def test_dgnopt_batchnorm_quick_writes_three_accuracies_per_column(tmp_path: Pat
                    "--recalibrate", "2", "--attribution", "2", "--out", str(tmp_path),
                    timeout=300)
     result = json.loads((tmp_path / "summary.json").read_text())
+    assert result["command"] == ("python experiments/dgnopt_batchnorm.py --iterations 4 "
+                                 "--eval-every 2 --recalibrate 2 --attribution 2")
     assert set(result["rows"]) == {"DDPNOpt (projected feedback)", "DDPNOpt (unprojected feedback)",
                                    "EKFAC (feedback off)"}
     for rows in result["rows"].values():
