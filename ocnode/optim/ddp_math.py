@@ -19,9 +19,10 @@ column, conv weights flattened to C_in*kh*kw columns.
 
 Sections: the base optimizers' steps (torch's arithmetic, so that DDPNOpt without feedback
 is its base optimizer), the layer maps P, the feedback directions (no per-sample gradient is
-materialised), the V_xx correction, and a dense reference: per-sample Jacobians, the
-practical recursion with explicit gains (the test oracle) and vanilla DDP on the batch's
-augmented state (a baseline for tiny nets).
+materialised; before a training-mode BatchNorm projected off the shift and scaling it
+cancels, ours, not the paper's), the V_xx correction, and a dense reference: per-sample
+Jacobians, the practical recursion with explicit gains (the test oracle) and vanilla DDP on
+the batch's augmented state (a baseline for tiny nets).
 """
 
 from __future__ import annotations
