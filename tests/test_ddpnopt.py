@@ -447,6 +447,40 @@ def test_vanilla_ddp_on_one_linear_stage_is_a_damped_newton_step():
     assert torch.allclose(got, expected, atol=1e-10)
 
 
+def _dense_vanilla_gains(f_x, f_u, v_x, v_xx, damping):
+    """The augmented-state recursion with every matrix formed: F_X = blockdiag(f_x^(i)),
+    F_u stacked, V_XX dense, two LU solves (the oracle of the blockwise implementation)."""
+    batch = v_x.shape[0]
+    vx, vxx = v_x.reshape(-1) / batch, torch.block_diag(*v_xx) / batch
+    ks, gains = [None] * len(f_x), [None] * len(f_x)
+    for t in reversed(range(len(f_x))):
+        big_fx, fu = torch.block_diag(*f_x[t]), f_u[t].reshape(-1, f_u[t].shape[-1])
+        q_uu = fu.t() @ vxx @ fu + damping * torch.eye(fu.shape[1], dtype=F64)
+        q_ux = fu.t() @ vxx @ big_fx
+        k = -torch.linalg.solve(q_uu, fu.t() @ vx)
+        gain = -torch.linalg.solve(q_uu, q_ux)
+        vx = big_fx.t() @ vx + q_ux.t() @ k
+        vxx = big_fx.t() @ vxx @ big_fx + q_ux.t() @ gain
+        ks[t], gains[t] = k, gain.reshape(gain.shape[0], batch, -1).transpose(0, 1)
+    return ks, gains
+
+
+def test_vanilla_ddp_gains_equal_the_dense_augmented_state_recursion():
+    gen = torch.Generator().manual_seed(3)
+    batch, dims = 5, [4, 6, 3, 2]  # three stages of different widths
+    f_x = [torch.randn(batch, o, i, generator=gen, dtype=F64) for i, o in zip(dims, dims[1:])]
+    f_u = [torch.randn(batch, o, o * (i + 1), generator=gen, dtype=F64)
+           for i, o in zip(dims, dims[1:])]
+    v_x = torch.randn(batch, dims[-1], generator=gen, dtype=F64)
+    h = torch.randn(batch, dims[-1], dims[-1], generator=gen, dtype=F64)
+    v_xx = h @ h.transpose(1, 2)
+    ks, gains = dm.vanilla_ddp_gains(f_x, f_u, v_x, v_xx, damping=0.3)
+    ks_ref, gains_ref = _dense_vanilla_gains(f_x, f_u, v_x, v_xx, damping=0.3)
+    for got, ref in zip(ks + gains, ks_ref + gains_ref):
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+
+
 def test_vanilla_ddp_lowers_the_loss_of_a_tiny_fcn():
     model = _fcn((4, 5, 5, 3))
     x, y = _batch(0, n=8)

@@ -1003,10 +1003,8 @@ def _write_controls(chain: Chain, controls: Sequence[Tensor]) -> None:
 def _loss_derivatives(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor,
                       shape: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Per-sample gradient (B, n) and Hessian (B, n, n) of phi_i at the flat outputs."""
-    grads, hessians = [], []
-    for i in range(out.shape[0]):
-        def phi(o: Tensor, i: int = i) -> Tensor:
-            return loss_fn(o.reshape(1, *shape), target[i:i + 1])[0]
-        grads.append(torch.func.grad(phi)(out[i]))
-        hessians.append(torch.func.hessian(phi)(out[i]))
-    return torch.stack(grads), torch.stack(hessians)
+    def phi(o: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(o.reshape(1, *shape), y.unsqueeze(0))[0]
+
+    grad = torch.func.vmap(torch.func.grad(phi))(out, target)
+    return grad, torch.func.vmap(torch.func.hessian(phi))(out, target)
