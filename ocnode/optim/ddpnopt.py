@@ -958,7 +958,8 @@ def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
         model: an ``nn.Sequential`` chain whose stages all start with a Linear/Conv2d.
         x: the batch (B, ...). target: the targets (B, ...).
         loss_fn: ``loss_fn(outputs, targets)`` -> the per-sample losses (B,), e.g.
-            ``lambda o, y: F.cross_entropy(o, y, reduction="none")``.
+            ``lambda o, y: F.cross_entropy(o, y, reduction="none")``; it is differentiated
+            per sample under ``torch.func.vmap`` (no ``.item()`` or data-dependent branching).
         damping: Tikhonov on Q_uu (> 0). lr: the step on the feedforward term k.
 
     Returns:
