@@ -479,6 +479,11 @@ def test_vanilla_ddp_gains_equal_the_dense_augmented_state_recursion():
     for got, ref in zip(ks + gains, ks_ref + gains_ref):
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+    # without the first stage's gain (its input is the data): the same steps, K_0 = 0
+    ks, gains = dm.vanilla_ddp_gains(f_x, f_u, v_x, v_xx, damping=0.3, input_gain=False)
+    for got, ref in zip(ks + gains[1:], ks_ref + gains_ref[1:]):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+    assert gains[0].shape == gains_ref[0].shape and not gains[0].any()
 
 
 def test_vanilla_ddp_lowers_the_loss_of_a_tiny_fcn():

@@ -471,7 +471,8 @@ def gauss_newton_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], z: Tensor,
 
 
 def vanilla_ddp_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], v_x: Tensor,
-                      v_xx: Tensor, damping: float) -> tuple[list[Tensor], list[Tensor]]:
+                      v_xx: Tensor, damping: float,
+                      input_gain: bool = True) -> tuple[list[Tensor], list[Tensor]]:
     """Vanilla DDP on the batch's augmented state X = [x^(1); ...; x^(B)].
 
     The loss (1/B) sum_i phi(x_T^(i)) has the value V_X = [v_x^(i)] / B and the exact
@@ -486,6 +487,9 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], v_x: Tensor,
     Args:
         f_x, f_u: per stage (B, n', n), (B, n', m). v_x: (B, n_T) per-sample gradients of
             phi_i. v_xx: (B, n_T, n_T) their Hessians. damping: Tikhonov on Q_uu (> 0).
+        input_gain: False skips the first stage's K (returned as zeros) and the last V_XX
+            update: its input is the data, so dX_0 = 0 and K_0 never acts (the largest
+            stage's two biggest products saved).
 
     Returns:
         (k per stage (m,), K per stage (B, m, n)).
@@ -500,9 +504,13 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], v_x: Tensor,
         fu_vxx = fu.t() @ vxx  # (m, B n')
         q_uu = fu_vxx @ fu
         q_uu.diagonal().add_(damping)
+        chol = torch.linalg.cholesky(0.5 * (q_uu + q_uu.t()))
+        if t == 0 and not input_gain:
+            ks[0] = -torch.cholesky_solve((fu.t() @ vx).unsqueeze(1), chol)[:, 0]
+            gains[0] = fx.new_zeros(batch, fu.shape[1], fx.shape[2])
+            break
         q_ux = torch.einsum("mbo,boi->mbi", fu_vxx.reshape(-1, batch, n_out), fx)
         q_ux = q_ux.reshape(q_ux.shape[0], -1)  # (m, B n)
-        chol = torch.linalg.cholesky(0.5 * (q_uu + q_uu.t()))
         sol = torch.cholesky_solve(torch.cat([(fu.t() @ vx).unsqueeze(1), q_ux], 1), chol)
         k, gain = -sol[:, 0], -sol[:, 1:]
         vx = torch.einsum("bo,boi->bi", vx.reshape(batch, n_out), fx).reshape(-1) + q_ux.t() @ k

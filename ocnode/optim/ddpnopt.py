@@ -984,7 +984,7 @@ def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
     v_x, v_xx = _loss_derivatives(loss_fn, out.flatten(1).detach(), target, out.shape[1:])
     jacs = [ddp_math.dense_jacobians(fn, xt, u) for fn, xt, u in zip(fns, xs, us)]
     ks, gains = ddp_math.vanilla_ddp_gains([j[0] for j in jacs], [j[1] for j in jacs], v_x,
-                                           v_xx, damping)
+                                           v_xx, damping, input_gain=False)
     _write_controls(chain, ddp_math.dense_update_pass(fns, us, xs, [lr * k for k in ks], gains))
     return float(loss_fn(out, target).mean())
 
