@@ -467,23 +467,40 @@ def _dense_vanilla_gains(f_x, f_u, v_x, v_xx, damping):
 
 def test_vanilla_ddp_gains_equal_the_dense_augmented_state_recursion():
     gen = torch.Generator().manual_seed(3)
-    batch, dims = 5, [4, 6, 3, 2]  # three stages of different widths
-    f_x = [torch.randn(batch, o, i, generator=gen, dtype=F64) for i, o in zip(dims, dims[1:])]
-    f_u = [torch.randn(batch, o, o * (i + 1), generator=gen, dtype=F64)
-           for i, o in zip(dims, dims[1:])]
-    v_x = torch.randn(batch, dims[-1], generator=gen, dtype=F64)
-    h = torch.randn(batch, dims[-1], dims[-1], generator=gen, dtype=F64)
+    batch = 5
+    # three Linear stages n -> d -> n' (the middle one's follower changes the width: d != n')
+    shapes = [(4, 6, 6), (6, 5, 3), (3, 2, 2)]
+    f_x, jac_z, inputs, f_u = [], [], [], []
+    for n, d, n_out in shapes:
+        jz = torch.randn(batch, n_out, d, generator=gen, dtype=F64)
+        x_tilde = torch.cat([torch.randn(batch, n, generator=gen, dtype=F64),
+                             torch.ones(batch, 1, dtype=F64)], 1)
+        f_x.append(jz @ torch.randn(d, n, generator=gen, dtype=F64))
+        jac_z.append(jz)
+        inputs.append(x_tilde)
+        # f_u^(i)[p, (a, k)] = J^(i)[p, a] x~_i[k]: u = vec([W | b]) row-major
+        f_u.append(torch.einsum("ipa,ik->ipak", jz, x_tilde).reshape(batch, n_out, -1))
+    v_x = torch.randn(batch, 2, generator=gen, dtype=F64)
+    h = torch.randn(batch, 2, 2, generator=gen, dtype=F64)
     v_xx = h @ h.transpose(1, 2)
-    ks, gains = dm.vanilla_ddp_gains(f_x, f_u, v_x, v_xx, damping=0.3)
+    ks, gains = dm.vanilla_ddp_gains(f_x, jac_z, inputs, v_x, v_xx, damping=0.3)
     ks_ref, gains_ref = _dense_vanilla_gains(f_x, f_u, v_x, v_xx, damping=0.3)
     for got, ref in zip(ks + gains, ks_ref + gains_ref):
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-10, rtol=0)
     # without the first stage's gain (its input is the data): the same steps, K_0 = 0
-    ks, gains = dm.vanilla_ddp_gains(f_x, f_u, v_x, v_xx, damping=0.3, input_gain=False)
+    ks, gains = dm.vanilla_ddp_gains(f_x, jac_z, inputs, v_x, v_xx, damping=0.3,
+                                     input_gain=False)
     for got, ref in zip(ks + gains[1:], ks_ref + gains_ref[1:]):
         assert torch.allclose(got, ref, atol=1e-10, rtol=0)
     assert gains[0].shape == gains_ref[0].shape and not gains[0].any()
+
+
+def test_vanilla_ddp_refuses_a_cnn():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="fully connected"):
+        vanilla_ddp_step(model, x, y, lambda o, t: F.cross_entropy(o, t, reduction="none"))
 
 
 def test_vanilla_ddp_lowers_the_loss_of_a_tiny_fcn():

@@ -470,53 +470,59 @@ def gauss_newton_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], z: Tensor,
     return gains
 
 
-def vanilla_ddp_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], v_x: Tensor,
-                      v_xx: Tensor, damping: float,
+def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Sequence[Tensor],
+                      v_x: Tensor, v_xx: Tensor, damping: float,
                       input_gain: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-    """Vanilla DDP on the batch's augmented state X = [x^(1); ...; x^(B)].
+    """Vanilla DDP on the batch's augmented state X = [x^(1); ...; x^(B)], for Linear stages.
 
     The loss (1/B) sum_i phi(x_T^(i)) has the value V_X = [v_x^(i)] / B and the exact
     V_XX = blockdiag(nabla^2 phi_i) / B; with F_X = blockdiag(f_x^(i)), F_u = [f_u^(i)],
     Q_uu = F_u^T V'_XX F_u + damping I, Q_uX = F_u^T V'_XX F_X, Q_u = F_u^T V'_X:
     k = -Q_uu^-1 Q_u, K = -Q_uu^-1 Q_uX, V_X = Q_X + Q_uX^T k, V_XX = Q_XX + Q_uX^T K
-    (Gauss-Newton in the dynamics: no second derivatives of f). V_XX is dense after the
-    first stage (the shared control couples the samples), so memory is (B n)^2 per stage;
-    F_X is applied block by block (never formed) and Q_uu is factored once (Cholesky).
-    Flops per stage ~ 6 m (B n)^2 + 2 m^2 B n for m controls and B n states.
+    (Gauss-Newton in the dynamics: no second derivatives of f). A Linear stage
+    x' = s(z), z = [W | b] x~ has f_u^(i) = J^(i) (x) x~_i^T with J^(i) = ds/dz, so F_u is
+    never formed: its products contract J and x~ separately. V_XX is dense after the first
+    stage (the shared weights couple the samples): memory (B n)^2 per stage; Q_uu is
+    factored once (Cholesky), and a stage costs about 2 m (B n)^2 + 2 m^2 B n + m^3 / 3 flops
+    for m weights and B n states.
 
     Args:
-        f_x, f_u: per stage (B, n', n), (B, n', m). v_x: (B, n_T) per-sample gradients of
-            phi_i. v_xx: (B, n_T, n_T) their Hessians. damping: Tikhonov on Q_uu (> 0).
+        f_x: per stage (B, n', n) the state Jacobians J^(i) W.
+        jac_z: per stage (B, n', d) the Jacobians of the stage output by the layer output z.
+        inputs: per stage (B, q) the layer inputs x~ (with a column of ones for a bias), so
+            m = d q and u = vec([W | b]) row-major.
+        v_x: (B, n_T) per-sample gradients of phi_i. v_xx: (B, n_T, n_T) their Hessians.
+        damping: Tikhonov on Q_uu (> 0).
         input_gain: False skips the first stage's K (returned as zeros) and the last V_XX
-            update: its input is the data, so dX_0 = 0 and K_0 never acts (the largest
-            stage's two biggest products saved).
+            update: its input is the data, so dX_0 = 0 and K_0 never acts.
 
     Returns:
         (k per stage (m,), K per stage (B, m, n)).
     """
     batch = v_x.shape[0]
-    vx, vxx = v_x.reshape(-1) / batch, torch.block_diag(*v_xx) / batch
+    vx, vxx = v_x / batch, torch.block_diag(*v_xx) / batch
     ks: list[Tensor] = [torch.empty(0)] * len(f_x)
     gains: list[Tensor] = [torch.empty(0)] * len(f_x)
     for t in reversed(range(len(f_x))):
-        fx, fu = f_x[t], f_u[t].reshape(-1, f_u[t].shape[-1])
-        n_out = fx.shape[1]
-        fu_vxx = fu.t() @ vxx  # (m, B n')
-        q_uu = fu_vxx @ fu
+        fx, jz, xt = f_x[t], jac_z[t], inputs[t]
+        (n_out, n_in), m = fx.shape[1:], jz.shape[2] * xt.shape[1]
+        # J^T V'_XX per sample pair: (B, d, B, n'); F_u^T V'_XX = its rows times x~
+        jt_v = torch.einsum("ipa,ipjc->iajc", jz, vxx.reshape(batch, n_out, batch, n_out))
+        q_u = torch.einsum("ipa,ip,ik->ak", jz, vx, xt).reshape(-1)
+        m_ij = torch.einsum("iajc,jcb->iajb", jt_v, jz)
+        q_uu = torch.einsum("ik,iajb,jl->akbl", xt, m_ij, xt).reshape(m, m)
         q_uu.diagonal().add_(damping)
-        chol = torch.linalg.cholesky(0.5 * (q_uu + q_uu.t()))
+        chol = torch.linalg.cholesky(q_uu)  # reads the lower triangle only
         if t == 0 and not input_gain:
-            ks[0] = -torch.cholesky_solve((fu.t() @ vx).unsqueeze(1), chol)[:, 0]
-            gains[0] = fx.new_zeros(batch, fu.shape[1], fx.shape[2])
+            ks[0] = -torch.cholesky_solve(q_u.unsqueeze(1), chol)[:, 0]
+            gains[0] = fx.new_zeros(batch, m, n_in)
             break
-        q_ux = torch.einsum("mbo,boi->mbi", fu_vxx.reshape(-1, batch, n_out), fx)
-        q_ux = q_ux.reshape(q_ux.shape[0], -1)  # (m, B n)
-        sol = torch.cholesky_solve(torch.cat([(fu.t() @ vx).unsqueeze(1), q_ux], 1), chol)
+        q_ux = torch.einsum("ik,iajc,jcd->akjd", xt, jt_v, fx).reshape(m, batch * n_in)
+        sol = torch.cholesky_solve(torch.cat([q_u.unsqueeze(1), q_ux], 1), chol)
         k, gain = -sol[:, 0], -sol[:, 1:]
-        vx = torch.einsum("bo,boi->bi", vx.reshape(batch, n_out), fx).reshape(-1) + q_ux.t() @ k
-        vxx = _block_congruence(vxx, fx) + q_ux.t() @ gain
-        vxx = 0.5 * (vxx + vxx.t())
-        ks[t], gains[t] = k, gain.reshape(gain.shape[0], batch, -1).transpose(0, 1)
+        vx = torch.einsum("bo,boi->bi", vx, fx) + (q_ux.t() @ k).reshape(batch, n_in)
+        vxx = torch.addmm(_block_congruence(vxx, fx), q_ux.t(), gain)
+        ks[t], gains[t] = k, gain.reshape(m, batch, n_in).transpose(0, 1)
     return ks, gains
 
 

@@ -944,6 +944,24 @@ def _flat_stages(chain: Chain, x0: Tensor) -> tuple[list[Callable], list[Tensor]
     return fns, us, xs
 
 
+def _linear_factors(stage: Stage, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A Linear stage's per-sample factors at its inputs x (B, n): f_x (B, n', n), the
+    Jacobians of the stage output by the layer output z (B, n', d) and the layer inputs
+    x~ = [x | 1] (B, n [+1])."""
+    layer = cast(nn.Linear, cast(CoveredLayer, stage.layer).module)
+    followers = stage.modules[1:]
+
+    def after_layer(z: Tensor) -> Tensor:
+        y = z.unsqueeze(0)
+        for m in followers:
+            y = m(y)
+        return y.reshape(-1)
+
+    jac_z = torch.func.vmap(torch.func.jacrev(after_layer))(layer(x))
+    x_tilde = x if layer.bias is None else torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+    return jac_z @ layer.weight.detach(), jac_z, x_tilde
+
+
 def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
                      loss_fn: Callable[[Tensor, Tensor], Tensor], damping: float = 1e-3,
                      lr: float = 1.0) -> float:
@@ -955,7 +973,8 @@ def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
     (B n)^2 per stage: for nets of a few dozen units and small batches only.
 
     Args:
-        model: an ``nn.Sequential`` chain whose stages all start with a Linear/Conv2d.
+        model: an ``nn.Sequential`` chain whose stages all start with a Linear layer (an
+            FCN; a Flatten before the first is allowed).
         x: the batch (B, ...). target: the targets (B, ...).
         loss_fn: ``loss_fn(outputs, targets)`` -> the per-sample losses (B,), e.g.
             ``lambda o, y: F.cross_entropy(o, y, reduction="none")``; it is differentiated
@@ -966,25 +985,28 @@ def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
         The mean loss before the step.
 
     Raises:
-        ValueError: a model that is not a chain of Linear/Conv2d stages, or damping <= 0.
+        ValueError: a model that is not a chain of Linear stages, or damping <= 0.
     """
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (Q_uu is singular for small batches), got "
                          f"{damping}")
     chain = chain_stages(model, {id(p) for p in model.parameters()})
-    if chain.unsupported or any(s.layer is None for s in chain.stages):
-        raise ValueError("vanilla_ddp_step needs every stage to start with a Linear or Conv2d; "
-                         f"unsupported: {', '.join(chain.unsupported) or 'frozen layers'}")
+    if chain.unsupported or any(s.layer is None or not isinstance(s.layer.module, nn.Linear)
+                                for s in chain.stages):
+        raise ValueError("vanilla_ddp_step is for fully connected nets: every stage must start "
+                         "with a trainable Linear layer (its dense Q matrices over the batch "
+                         "would not fit for a CNN; use DDPNOpt there); unsupported: "
+                         f"{', '.join(chain.unsupported) or 'a frozen or non-Linear layer'}")
     with torch.no_grad():
         x0 = x
         for m in chain.prefix:
             x0 = m(x0)
         fns, us, xs = _flat_stages(chain, x0)
         out = model(x)
+        f_x, jac_z, inputs = zip(*(_linear_factors(s, xt) for s, xt in zip(chain.stages, xs)))
     v_x, v_xx = _loss_derivatives(loss_fn, out.flatten(1).detach(), target, out.shape[1:])
-    jacs = [ddp_math.dense_jacobians(fn, xt, u) for fn, xt, u in zip(fns, xs, us)]
-    ks, gains = ddp_math.vanilla_ddp_gains([j[0] for j in jacs], [j[1] for j in jacs], v_x,
-                                           v_xx, damping, input_gain=False)
+    ks, gains = ddp_math.vanilla_ddp_gains(f_x, jac_z, inputs, v_x, v_xx, damping,
+                                           input_gain=False)
     _write_controls(chain, ddp_math.dense_update_pass(fns, us, xs, [lr * k for k in ks], gains))
     return float(loss_fn(out, target).mean())
 
