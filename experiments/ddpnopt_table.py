@@ -98,8 +98,9 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     # the DGNOpt paper's rows (residual nets)
     "DGNOpt-FNE": ("dgnopt", {"base": "rmsprop", "mode": "fne"}),
     "DGNOpt-GR": ("dgnopt", {"base": "rmsprop", "mode": "gr"}),
-    # dense per-sample Q matrices (ocnode.optim.vanilla_ddp_step): WINE and DIGITS only, and
-    # only when asked for (--columns): a DIGITS iteration at batch 32 takes ~2 s
+    # dense per-sample Q matrices (ocnode.optim.vanilla_ddp_step): the FCN rows only, and
+    # only when asked for (--columns): an iteration takes 0.4 s (DIGITS, batch 32) to
+    # 0.7 s (MNIST-5k, batch 64)
     "vanilla DDP": (VANILLA, {"lr": 1.0}),
 }
 #: the DDPNOpt paper's columns (the default of a row without its own list).
@@ -181,8 +182,9 @@ DATASETS: dict[str, dict[str, Any]] = {
                         "model": "resnet", "dataset": "fmnist32",
                         "columns": [c for c in RESIDUAL_ROW["columns"] if c != "E-MSA"]},
 }
-#: the rows that may run the vanilla DDP column (its memory grows as (batch x width)^2).
-VANILLA_ROWS = ("wine", "digits")
+#: the rows that may run the vanilla DDP column (the FCNs: its memory grows as
+#: (batch x width)^2).
+VANILLA_ROWS = ("wine", "digits", "mnist5k", "fashion-mnist")
 #: the rows the script runs by default (fashion-mnist and cnn-fmnist32 read the system
 #: package's files; the CNN rows take an hour or more each on one core).
 DEFAULT_ROWS = ["wine", "digits", "mnist5k"]

@@ -472,7 +472,7 @@ def gauss_newton_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], z: Tensor,
 
 def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Sequence[Tensor],
                       v_x: Tensor, v_xx: Tensor, damping: float,
-                      input_gain: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+                      input_gain: bool = True) -> tuple[list[Tensor], list[Tensor | None]]:
     """Vanilla DDP on the batch's augmented state X = [x^(1); ...; x^(B)], for Linear stages.
 
     The loss (1/B) sum_i phi(x_T^(i)) has the value V_X = [v_x^(i)] / B and the exact
@@ -482,9 +482,12 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Se
     (Gauss-Newton in the dynamics: no second derivatives of f). A Linear stage
     x' = s(z), z = [W | b] x~ has f_u^(i) = J^(i) (x) x~_i^T with J^(i) = ds/dz, so F_u is
     never formed: its products contract J and x~ separately. V_XX is dense after the first
-    stage (the shared weights couple the samples): memory (B n)^2 per stage; Q_uu is
-    factored once (Cholesky), and a stage costs about 2 m (B n)^2 + 2 m^2 B n + m^3 / 3 flops
-    for m weights and B n states.
+    stage (the shared weights couple the samples): memory (B n)^2 per stage.
+
+    A stage with more weights m than rows R = B n' of F_u (a wide first layer: 784 inputs
+    give m = 25k) is solved in the R-dimensional row space instead (:func:`_row_form`), so
+    no m x m matrix is formed; otherwise Q_uu is factored once (Cholesky) and the stage
+    costs about 2 m (B n)^2 + 2 m^2 B n + m^3 / 3 flops.
 
     Args:
         f_x: per stage (B, n', n) the state Jacobians J^(i) W.
@@ -493,37 +496,82 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Se
             m = d q and u = vec([W | b]) row-major.
         v_x: (B, n_T) per-sample gradients of phi_i. v_xx: (B, n_T, n_T) their Hessians.
         damping: Tikhonov on Q_uu (> 0).
-        input_gain: False skips the first stage's K (returned as zeros) and the last V_XX
+        input_gain: False skips the first stage's K (returned as None) and the last V_XX
             update: its input is the data, so dX_0 = 0 and K_0 never acts.
 
     Returns:
-        (k per stage (m,), K per stage (B, m, n)).
+        (k per stage (m,), K per stage (B, m, n) or None).
     """
     batch = v_x.shape[0]
     vx, vxx = v_x / batch, torch.block_diag(*v_xx) / batch
     ks: list[Tensor] = [torch.empty(0)] * len(f_x)
-    gains: list[Tensor] = [torch.empty(0)] * len(f_x)
+    gains: list[Tensor | None] = [None] * len(f_x)
     for t in reversed(range(len(f_x))):
         fx, jz, xt = f_x[t], jac_z[t], inputs[t]
-        (n_out, n_in), m = fx.shape[1:], jz.shape[2] * xt.shape[1]
-        # J^T V'_XX per sample pair: (B, d, B, n'); F_u^T V'_XX = its rows times x~
-        jt_v = torch.einsum("ipa,ipjc->iajc", jz, vxx.reshape(batch, n_out, batch, n_out))
-        q_u = torch.einsum("ipa,ip,ik->ak", jz, vx, xt).reshape(-1)
-        m_ij = torch.einsum("iajc,jcb->iajb", jt_v, jz)
-        q_uu = torch.einsum("ik,iajb,jl->akbl", xt, m_ij, xt).reshape(m, m)
-        q_uu.diagonal().add_(damping)
-        chol = torch.linalg.cholesky(q_uu)  # reads the lower triangle only
-        if t == 0 and not input_gain:
-            ks[0] = -torch.cholesky_solve(q_u.unsqueeze(1), chol)[:, 0]
-            gains[0] = fx.new_zeros(batch, m, n_in)
-            break
-        q_ux = torch.einsum("ik,iajc,jcd->akjd", xt, jt_v, fx).reshape(m, batch * n_in)
-        sol = torch.cholesky_solve(torch.cat([q_u.unsqueeze(1), q_ux], 1), chol)
-        k, gain = -sol[:, 0], -sol[:, 1:]
-        vx = torch.einsum("bo,boi->bi", vx, fx) + (q_ux.t() @ k).reshape(batch, n_in)
-        vxx = torch.addmm(_block_congruence(vxx, fx), q_ux.t(), gain)
-        ks[t], gains[t] = k, gain.reshape(m, batch, n_in).transpose(0, 1)
+        only_k = t == 0 and not input_gain
+        solve = _row_form if jz.shape[2] * xt.shape[1] > batch * fx.shape[1] else _column_form
+        ks[t], gains[t], vx, vxx = solve(fx, jz, xt, vx, vxx, damping, only_k)
     return ks, gains
+
+
+def _column_form(fx: Tensor, jz: Tensor, xt: Tensor, vx: Tensor, vxx: Tensor, damping: float,
+                 only_k: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One stage of :func:`vanilla_ddp_gains` with Q_uu (m, m) formed and Cholesky-factored.
+
+    Args:
+        fx: (B, n', n). jz: (B, n', d). xt: (B, q). vx: (B, n') V'_X. vxx: (B n', B n').
+        only_k: return k alone (K and the new V_X, V_XX as None / unchanged).
+
+    Returns:
+        (k (m,), K (B, m, n) or None, V_X (B, n), V_XX (B n, B n)).
+    """
+    (batch, n_out, n_in), m = fx.shape, jz.shape[2] * xt.shape[1]
+    # J^T V'_XX per sample pair: (B, d, B, n'); F_u^T V'_XX = its rows times x~
+    jt_v = torch.einsum("ipa,ipjc->iajc", jz, vxx.reshape(batch, n_out, batch, n_out))
+    q_u = torch.einsum("ipa,ip,ik->ak", jz, vx, xt).reshape(-1)
+    m_ij = torch.einsum("iajc,jcb->iajb", jt_v, jz)
+    q_uu = torch.einsum("ik,iajb,jl->akbl", xt, m_ij, xt).reshape(m, m)
+    q_uu.diagonal().add_(damping)
+    chol = torch.linalg.cholesky(q_uu)  # reads the lower triangle only
+    if only_k:
+        return -torch.cholesky_solve(q_u.unsqueeze(1), chol)[:, 0], None, vx, vxx
+    q_ux = torch.einsum("ik,iajc,jcd->akjd", xt, jt_v, fx).reshape(m, batch * n_in)
+    sol = torch.cholesky_solve(torch.cat([q_u.unsqueeze(1), q_ux], 1), chol)
+    k, gain = -sol[:, 0], -sol[:, 1:]
+    vx = torch.einsum("bo,boi->bi", vx, fx) + (q_ux.t() @ k).reshape(batch, n_in)
+    vxx = torch.addmm(_block_congruence(vxx, fx), q_ux.t(), gain)
+    return k, gain.reshape(m, batch, n_in).transpose(0, 1), vx, vxx
+
+
+def _row_form(fx: Tensor, jz: Tensor, xt: Tensor, vx: Tensor, vxx: Tensor, damping: float,
+              only_k: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One stage of :func:`vanilla_ddp_gains` in the row space of F_u (R = B n' rows).
+
+    With G = F_u F_u^T (R, R) and M = damping I + V'_XX G, the push-through identity
+    (damping I + F_u^T V' F_u)^-1 F_u^T = F_u^T M^-1 gives k = -F_u^T M^-1 V'_X and
+    K = -F_u^T M^-1 V'_XX F_X, and since V'_XX G M^-1 = I - damping M^-1 the new values are
+    V_X = damping F_X^T M^-1 V'_X and V_XX = damping F_X^T M^-1 V'_XX F_X: one R x R LU
+    instead of an m x m Cholesky. G's blocks are (J^(i) J^(j)T) <x~_i, x~_j>.
+
+    Args and returns: as :func:`_column_form`.
+    """
+    (batch, n_out, n_in), m = fx.shape, jz.shape[2] * xt.shape[1]
+    rows = batch * n_out
+    gram = torch.einsum("ipa,jca->ipjc", jz, jz) * (xt @ xt.t())[:, None, :, None]
+    m_rows = vxx @ gram.reshape(rows, rows)
+    m_rows.diagonal().add_(damping)
+    lu = torch.linalg.lu_factor(m_rows)
+    rhs = vx.reshape(rows, 1) if only_k else torch.cat([vx.reshape(rows, 1), vxx], 1)
+    sol = torch.linalg.lu_solve(*lu, rhs)
+    k = -torch.einsum("ipa,ip,ik->ak", jz, sol[:, 0].reshape(batch, n_out), xt).reshape(-1)
+    if only_k:
+        return k, None, vx, vxx
+    s_v = sol[:, 1:]  # M^-1 V'_XX, symmetric
+    s_fx = torch.einsum("rjc,jcd->rjd", s_v.reshape(rows, batch, n_out), fx)
+    gain = -torch.einsum("ipa,ik,ipx->akx", jz, xt, s_fx.reshape(batch, n_out, -1))
+    vx = damping * torch.einsum("bo,boi->bi", sol[:, 0].reshape(batch, n_out), fx)
+    vxx = damping * _block_congruence(s_v, fx)
+    return k, gain.reshape(m, batch, n_in).transpose(0, 1), vx, vxx
 
 
 def _block_congruence(a: Tensor, f: Tensor) -> Tensor:
@@ -543,20 +591,23 @@ def _block_congruence(a: Tensor, f: Tensor) -> Tensor:
 
 def dense_update_pass(fns: Sequence[Callable[[Tensor, Tensor], Tensor]], us: Sequence[Tensor],
                       xs: Sequence[Tensor], ks: Sequence[Tensor],
-                      gains: Sequence[Tensor]) -> list[Tensor]:
+                      gains: Sequence[Tensor | None]) -> list[Tensor]:
     """The update pass: u_t <- u_t + k_t + sum_i K_t^(i) (x_hat_t^(i) - x_t^(i)), stage by stage.
 
     Args:
         fns: per stage the flat per-sample function (:func:`per_sample_stage`).
         us: per stage the nominal control (m,). xs: per stage the nominal inputs (B, n).
-        ks: per stage the feedforward step (m,). gains: per stage (B, m, n).
+        ks: per stage the feedforward step (m,). gains: per stage (B, m, n), or None for
+            a stage whose feedback never acts (the first: its input is the data).
 
     Returns:
         The new controls, per stage (m,).
     """
     x_hat, out = xs[0], []
     for t, fn in enumerate(fns):
-        u = us[t] + ks[t] + torch.einsum("bmn,bn->m", gains[t], x_hat - xs[t])
+        u, gain = us[t] + ks[t], gains[t]
+        if gain is not None:
+            u = u + torch.einsum("bmn,bn->m", gain, x_hat - xs[t])
         out.append(u)
         if t + 1 < len(fns):
             x_hat = torch.func.vmap(fn, in_dims=(0, None))(x_hat, u)
