@@ -465,14 +465,15 @@ def _dense_vanilla_gains(f_x, f_u, v_x, v_xx, damping):
     return ks, gains
 
 
-@pytest.mark.parametrize("n_in", [4, 9])
+@pytest.mark.parametrize("n_in", [4, 25])
 def test_vanilla_ddp_gains_equal_the_dense_augmented_state_recursion(n_in):
     gen = torch.Generator().manual_seed(3)
     batch = 5
     # three Linear stages n -> d -> n' (the middle one's follower changes the width: d != n');
-    # the middle stage has more weights m = 35 than rows B n' = 15 (solved in the row space),
-    # the last fewer (8 < 10), the first 30 = 30 (n_in = 4) or 60 > 30 (n_in = 9)
-    shapes = [(n_in, 6, 6), (6, 5, 3), (3, 2, 2)]
+    # the middle stage has over 4x more weights (m = 91) than rows (B n' = 15): solved in the
+    # row space; the last fewer (8 < 10); the first 30 = 30 (n_in = 4) or 156 > 4 x 30 (n_in
+    # = 25: with input_gain=False, the row space without a gain)
+    shapes = [(n_in, 6, 6), (6, 13, 3), (3, 2, 2)]
     f_x, jac_z, inputs, f_u = [], [], [], []
     for n, d, n_out in shapes:
         jz = torch.randn(batch, n_out, d, generator=gen, dtype=F64)

@@ -470,6 +470,11 @@ def gauss_newton_gains(f_x: Sequence[Tensor], f_u: Sequence[Tensor], z: Tensor,
     return gains
 
 
+#: vanilla DDP solves a stage in F_u's row space when its weights outnumber the rows this
+#: many times (:func:`vanilla_ddp_gains`).
+ROW_FORM_RATIO = 4
+
+
 def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Sequence[Tensor],
                       v_x: Tensor, v_xx: Tensor, damping: float,
                       input_gain: bool = True) -> tuple[list[Tensor], list[Tensor | None]]:
@@ -484,10 +489,11 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Se
     never formed: its products contract J and x~ separately. V_XX is dense after the first
     stage (the shared weights couple the samples): memory (B n)^2 per stage.
 
-    A stage with more weights m than rows R = B n' of F_u (a wide first layer: 784 inputs
-    give m = 25k) is solved in the R-dimensional row space instead (:func:`_row_form`), so
-    no m x m matrix is formed; otherwise Q_uu is factored once (Cholesky) and the stage
-    costs about 2 m (B n)^2 + 2 m^2 B n + m^3 / 3 flops.
+    A stage with several times more weights m than rows R = B n' of F_u (m > 4 R: a wide
+    first layer, 784 inputs give m = 25k) is solved in the R-dimensional row space instead
+    (:func:`_row_form`), so no m x m matrix is formed; otherwise Q_uu is factored once
+    (Cholesky, the more robust of the two in float32) and the stage costs about
+    2 m (B n)^2 + 2 m^2 B n + m^3 / 3 flops.
 
     Args:
         f_x: per stage (B, n', n) the state Jacobians J^(i) W.
@@ -509,7 +515,8 @@ def vanilla_ddp_gains(f_x: Sequence[Tensor], jac_z: Sequence[Tensor], inputs: Se
     for t in reversed(range(len(f_x))):
         fx, jz, xt = f_x[t], jac_z[t], inputs[t]
         only_k = t == 0 and not input_gain
-        solve = _row_form if jz.shape[2] * xt.shape[1] > batch * fx.shape[1] else _column_form
+        wide = jz.shape[2] * xt.shape[1] > ROW_FORM_RATIO * batch * fx.shape[1]
+        solve = _row_form if wide else _column_form
         ks[t], gains[t], vx, vxx = solve(fx, jz, xt, vx, vxx, damping, only_k)
     return ks, gains
 
