@@ -486,7 +486,7 @@ def _bn_chain(track=True):
 
 
 def _one_step(model, **hp):
-    """The parameters after one SGD-base step of a copy of ``model``."""
+    """The parameters after one step of a copy of ``model`` (SGD base unless ``base``)."""
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # BatchNorm: no policy
@@ -496,23 +496,26 @@ def _one_step(model, **hp):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_project_bn_takes_the_batchnorm_invariances_out_of_the_feedback_in_training_mode():
+@pytest.mark.parametrize("base", ["sgd", "rmsprop", "adam", "ekfac"])
+def test_project_bn_takes_the_batchnorm_invariances_out_of_the_feedback_in_training_mode(base):
     model = _bn_chain()
-    off, projected, plain = (_one_step(model, feedback=False), _one_step(model),
-                             _one_step(model, project_bn=False))
+    off, projected, plain = (_one_step(model, feedback=False, base=base),
+                             _one_step(model, base=base),
+                             _one_step(model, project_bn=False, base=base))
     w = model[2].weight.detach()
-    # the layer before the BatchNorm: with SGD the feedback is -lr * the projected direction
+    # the layer before the BatchNorm: the feedback step, after the base's map, neither
+    # shifts nor scales its output (the map alone would mix both back into the direction)
     assert torch.allclose(projected[3], off[3], atol=1e-14)  # no shift of its output
     assert ((projected[2] - off[2]) * w).sum(1).abs().max() < 1e-14  # no scaling
     assert (projected[2] - off[2]).abs().max() > 1e-4  # but feedback all the same
-    assert (plain[3] - off[3]).abs().max() > 1e-4
+    assert (plain[3] - off[3]).abs().max() > 1e-6
     assert ((plain[2] - off[2]) * w).sum(1).abs().max() > 1e-4
     model.eval()  # running statistics: the BatchNorm cancels nothing, nothing is projected
-    assert all(torch.equal(a, b) for a, b in zip(_one_step(model),
-                                                   _one_step(model, project_bn=False)))
+    assert all(torch.equal(a, b) for a, b in zip(_one_step(model, base=base),
+                                                   _one_step(model, project_bn=False, base=base)))
     untracked = _bn_chain(track=False).eval()  # batch statistics even in eval mode
-    assert torch.allclose(_one_step(untracked)[3], _one_step(untracked, feedback=False)[3],
-                          atol=1e-14)
+    assert torch.allclose(_one_step(untracked, base=base)[3],
+                          _one_step(untracked, feedback=False, base=base)[3], atol=1e-14)
 
 
 def test_each_stage_knows_the_batchnorm_that_takes_its_layer_output():

@@ -277,6 +277,31 @@ def batchnorm_projection(g: Tensor, h: Tensor) -> Tensor:
     return gc - hc * scale
 
 
+def batchnorm_step_projection(step: Tensor, weight: Tensor, has_bias: bool) -> Tensor:
+    """A layer's step without the parts a training-mode BatchNorm on its output cancels.
+
+    Per output channel k: no bias entry (a shift of h_k) and no component along the weight
+    row W_k (a scaling of h_k). :func:`batchnorm_projection` gives a feedback direction
+    free of both; a base map other than SGD's (RMSprop's or Adam's diagonal, EKFAC's
+    Kronecker eigenbasis) mixes them back in, so the mapped step is projected again. The
+    removed directions are the ones the BatchNorm cancels: the training-mode function
+    changes the same to first order, the BatchNorm's statistics do not follow.
+
+    Args:
+        step: (d_out, d_in [+1]) the layer's step, its bias in the last column if
+            ``has_bias``. weight: the layer's weight (d_out, ...), the point of the step.
+
+    Returns:
+        The projected step, like ``step``.
+    """
+    w = weight.detach().reshape(weight.shape[0], -1)
+    sw = step[:, :w.shape[1]]
+    radial = (sw * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(
+        torch.finfo(w.dtype).tiny)
+    out = sw - radial * w
+    return torch.cat([out, out.new_zeros(out.shape[0], 1)], 1) if has_bias else out
+
+
 def per_sample_gradients(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
     """The per-sample gradients q_u^(i) (per-sample scale: B times the mean loss's part).
 

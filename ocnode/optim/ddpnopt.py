@@ -451,8 +451,10 @@ class DDPNOpt(torch.optim.Optimizer):
             with batch statistics (training mode), project the feedback, per channel, off
             the shift and the scaling such a BatchNorm cancels (as its own backward does for
             the gradient), so the feedback no longer moves the channels' means and scales,
-            which the running statistics trail (:func:`ddp_math.batchnorm_projection`,
-            docs/ddpnopt.md). False: the feedback as derived.
+            which the running statistics trail: the direction before the base map
+            (:func:`ddp_math.batchnorm_projection`) and the step after it
+            (:func:`ddp_math.batchnorm_step_projection`; docs/ddpnopt.md). False: the
+            feedback as derived.
         params: parameters or parameter groups (default ``model.parameters()``).
 
     Attributes:
@@ -764,8 +766,7 @@ class DDPNOpt(torch.optim.Optimizer):
             dx = x_hat - cast(Tensor, records[t].x)
             direction = self._global_direction(self._direction(t, records, dx, r2.get(t),
                                                                extra))
-            self._apply_feedback(cast(CoveredLayer, self.stages[t].layer), maps[t](direction),
-                                 new)
+            self._apply_feedback(t, records, maps[t](direction), new)
         return self._run_stage(t, records, x_hat) if run else x_hat
 
     def _run_stage(self, t: int, records: list[_Record], x: Tensor) -> Tensor:
@@ -812,16 +813,25 @@ class DDPNOpt(torch.optim.Optimizer):
     def _layer_direction(self, t: int, records: list[_Record], c: Tensor) -> Tensor:
         """(1/B) sum_i c_i q_u^(i) of stage t's layer, projected (``project_bn``) when a
         BatchNorm in batch-statistics mode takes the layer's output."""
-        bn, rec = self.stages[t].normaliser, records[t]
-        project = self.project_bn and bn is not None and rec.h is not None and (
-            bn.training or (bn.running_mean is None and bn.running_var is None))
+        rec = records[t]
         return ddp_math.feedback_direction(cast(CoveredLayer, self.stages[t].layer).module,
                                            cast(Tensor, rec.x), cast(Tensor, rec.g), c,
-                                           rec.h if project else None)
+                                           rec.h if self._projects(t, records) else None)
 
-    def _apply_feedback(self, layer: CoveredLayer, step: Tensor,
+    def _projects(self, t: int, records: list[_Record]) -> bool:
+        """``project_bn`` applies to stage t: a BatchNorm normalising with the batch's
+        statistics takes its layer's output (and the output was recorded)."""
+        bn = self.stages[t].normaliser
+        return self.project_bn and bn is not None and records[t].h is not None and (
+            bn.training or (bn.running_mean is None and bn.running_var is None))
+
+    def _apply_feedback(self, t: int, records: list[_Record], step: Tensor,
                         new: dict[Tensor, Tensor]) -> None:
-        """p <- base value - P E[Q_ux dx] for the layer's weight and (trained) bias."""
+        """p <- base value - P E[Q_ux dx] for stage t's layer's weight and (trained) bias;
+        with ``project_bn``, P E[Q_ux dx] projected again after the base map P."""
+        layer = cast(CoveredLayer, self.stages[t].layer)
+        if self._projects(t, records):
+            step = ddp_math.batchnorm_step_projection(step, layer.weight, layer.has_bias)
         if self.max_feedback_ratio is not None:
             base = [new[layer.weight] - layer.weight]
             if layer.has_bias:

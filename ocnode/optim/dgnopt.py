@@ -483,11 +483,10 @@ class DGNOpt(DDPNOpt):
                 c = c * r2[layers[0]]
             extras = self._group_terms(block, records, layers, d_r)
             for t, extra in zip(layers, extras):
-                layer = cast(CoveredLayer, self.stages[t].layer)
                 direction = self._layer_direction(t, records, c)
                 direction = self._global_direction(direction if extra is None
                                                    else direction + extra)
-                self._apply_feedback(layer, maps[t](direction), new)
+                self._apply_feedback(t, records, maps[t](direction), new)
             self._write_base(block, layers, new)
 
         def run(t: int, x: Tensor) -> Tensor:
