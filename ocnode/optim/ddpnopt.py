@@ -981,7 +981,7 @@ def vanilla_ddp_step(model: nn.Module, x: Tensor, target: Tensor,
     the loss at the output, and dense Q matrices (:func:`ddp_math.vanilla_ddp_gains`) give
     k_t and K_t; the update pass applies u_t <- u_t + lr k_t + K_t dX_t. Memory grows as
     (B n)^2 per stage (n a hidden width; the data's width only enters the first stage,
-    which is solved in its row space): for a few dozen hidden units and small batches only.
+    solved in its row space when wide): for a few dozen hidden units and small batches only.
 
     Args:
         model: an ``nn.Sequential`` chain whose stages all start with a Linear layer (an
