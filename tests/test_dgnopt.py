@@ -518,6 +518,37 @@ def test_project_bn_takes_the_batchnorm_invariances_out_of_the_feedback_in_train
                           _one_step(untracked, feedback=False, base=base)[3], atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["fne", "gr"])
+def test_dgnopt_feedback_step_on_the_ekfac_base_does_not_scale_a_batchnorm_input(mode):
+    net = _bn_net().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 32, generator=g, dtype=F64), torch.randint(0, 4, (32,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # BatchNorm: no policy
+        opt = DGNOpt(net, lr=0.05, mode=mode, base="ekfac")
+    _step(net, opt, x[:16], y[:16])  # the first step refreshes: EKFAC's map from here on
+    start = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    after = {}
+    for feedback in (False, True):  # the same second step from the same state
+        net.load_state_dict(start[0])
+        opt.load_state_dict(start[1])
+        opt.feedback = feedback
+        _step(net, opt, x[16:], y[16:])
+        after[feedback] = {name: net.get_submodule(name).weight.detach().clone()
+                           for name in _FED_TO_BATCHNORM}
+    moved = 0.0
+    for name in _FED_TO_BATCHNORM:
+        w = start[0][name + ".weight"].reshape(after[True][name].shape[0], -1)
+        d = (after[True][name] - after[False][name]).reshape(w.shape)  # the feedback step
+        assert ((d * w).sum(1).abs() / (d.norm(dim=1) * w.norm(dim=1))).max() < 1e-10
+        moved = max(moved, float(d.abs().max()))
+    assert moved > 1e-6  # feedback all the same
+
+
+#: the conv layers of :func:`_bn_net` whose output a BatchNorm takes.
+_FED_TO_BATCHNORM = ("3.body.0", "3.body.3", "5.body.0", "5.shortcut.0")
+
+
 def test_each_stage_knows_the_batchnorm_that_takes_its_layer_output():
     with pytest.warns(UserWarning, match="no feedback policy"):
         opt = DGNOpt(_bn_net(), lr=0.05)
